@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from gpt2_scale.zoo import ModelConfig
 
@@ -90,6 +91,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.activation_checkpointing = False  # recompute each block in backward: memory for compute
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -112,7 +114,10 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
         logits = self.lm_head(self.transformer.ln_f(x))

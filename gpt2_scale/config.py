@@ -1,0 +1,287 @@
+"""The run configuration: one dataclass tree, loadable from YAML, overridable from the command line.
+
+Precedence: recipe defaults < ``--config file.yaml`` < ``--section.field=value`` and the shortcut flags
+(``--model``, ``--engine`` ...). Unknown keys are rejected with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+
+
+@dataclass
+class ModelSection:
+    name: str = "gpt2-124m"  # any zoo name (gpt2_scale.zoo)
+    pad_vocab: bool = True  # 50257 -> 50304 rows: faster matmuls, padded rows never predicted
+    init_from: str | None = None  # a Hugging Face GPT-2 directory or hub name to start from
+
+
+@dataclass
+class DataSection:
+    dir: str = "default"  # a shard directory from tools/prepare_data.py, or "default" (embedded corpus)
+    seed: int = 1337  # shard and window order
+    prepare_hint: str = ""  # the command that makes `dir`, printed when it is missing
+
+
+@dataclass
+class TrainSection:
+    micro_batch: int = 64
+    seq_len: int = 1024
+    total_batch_tokens: int = 524_288  # 2^19 tokens per optimizer step, as GPT-3 Small
+    max_steps: int = 19_073  # 10B tokens at 2^19 tokens/step
+    seed: int = 1337
+    deterministic: bool = False  # deterministic algorithms where PyTorch has them (slower on GPU)
+
+
+@dataclass
+class OptimSection:
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 715  # 375M tokens / 2^19, as GPT-3
+    decay_steps: int | None = None  # cosine length; defaults to train.max_steps
+    weight_decay: float = 0.1  # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm, across shards; 0 disables
+
+
+@dataclass
+class EngineSection:
+    name: str = "ddp"  # ddp | fsdp | zero1 | zero2 | zero3
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    compile: bool | None = None  # torch.compile each block; None = on CUDA only
+    offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
+    activation_checkpointing: bool = False
+    ds_config: str | None = None  # DeepSpeed JSON; default ds_configs/zero{1,2,3}[_offload].json
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class LogSection:
+    run_dir: str = "runs/latest"
+    log_every: int = 1
+    val_every: int = 250
+    val_tokens: int = 20 * 64 * 1024  # fixed amount, so val loss is comparable across runs
+    sample_every: int = 250
+    sample_prompt: str = "Hello, I'm a language model,"
+    num_samples: int = 4
+    sample_tokens: int = 32
+    hellaswag_every: int = 0  # 0 = off
+    hellaswag_data: str | None = None  # hellaswag_val.jsonl; None downloads it (needs network)
+    hellaswag_limit: int | None = None
+    tensorboard: bool = True
+    peak_tflops: float | None = None  # for MFU; None = detect the GPU (none on CPU)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 5000  # steps; 0 = only at the end
+    keep: int = 2  # newest checkpoints kept
+    resume: str | None = None  # a run directory to continue
+
+
+@dataclass
+class Config:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    log: LogSection = field(default_factory=LogSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# The command-line contract's shortcut flags.
+SHORTCUTS = {
+    "model": "model.name",
+    "data": "data.dir",
+    "engine": "engine.name",
+    "max-steps": "train.max_steps",
+    "micro-batch": "train.micro_batch",
+    "seq-len": "train.seq_len",
+    "total-batch-tokens": "train.total_batch_tokens",
+    "run-dir": "log.run_dir",
+    "resume": "checkpoint.resume",
+    "lr": "optim.lr",
+    "seed": "train.seed",
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _field_types(section) -> dict[str, type]:
+    hints = typing.get_type_hints(type(section))
+    return {f.name: hints[f.name] for f in dataclasses.fields(section)}
+
+
+def _parse_string(text: str, annotation, where: str):
+    """Command-line text to a typed value: "3e-4" -> 0.0003, "true" -> True, "null" -> None."""
+    if text.lower() in ("null", "none", "~"):
+        return None
+    if annotation is bool:
+        if text.lower() in ("true", "yes", "1", "on"):
+            return True
+        if text.lower() in ("false", "no", "0", "off"):
+            return False
+    else:
+        try:
+            return annotation(text)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where} must be {annotation.__name__}, got {text!r}")
+
+
+def _coerce(value, annotation, where: str):
+    """Check and convert one value against a field's annotation (str | None, int, bool ...)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        annotation = next(a for a in args if a is not type(None))
+    if isinstance(value, str) and annotation is not str:
+        value = _parse_string(value, annotation, where)
+    if value is None:
+        raise ConfigError(f"{where} must not be empty")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    ok = isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where} must be {annotation.__name__}, got {value!r}")
+    return value
+
+
+def set_value(cfg: Config, dotted: str, value) -> None:
+    section_name, _, key = dotted.partition(".")
+    sections = [f.name for f in dataclasses.fields(cfg)]
+    if section_name not in sections or not key:
+        raise ConfigError(f"unknown config key {dotted!r}; sections are: {', '.join(sections)}")
+    section = getattr(cfg, section_name)
+    types_ = _field_types(section)
+    if key not in types_:
+        valid = ", ".join(f"{section_name}.{k}" for k in types_)
+        raise ConfigError(f"unknown config key {dotted!r}; valid keys: {valid}")
+    setattr(section, key, _coerce(value, types_[key], dotted))
+
+
+def apply_dict(cfg: Config, data: dict, source: str = "config") -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    for section_name, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
+        for key, value in values.items():
+            set_value(cfg, f"{section_name}.{key}", value)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+
+
+def parse_args(defaults: Config, argv: list[str]) -> Config:
+    """Apply ``--config FILE``, shortcut flags and ``--section.field=value`` overrides to the defaults."""
+    cfg = dataclasses.replace(defaults, **{f.name: dataclasses.replace(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)})
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; use --section.field=value (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        if key in ("local_rank", "local-rank"):  # added by the deepspeed launcher; LOCAL_RANK is read from the env
+            i += 1 if eq else 2
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        pairs.append((key, value))
+        i += 1
+    for key, value in pairs:
+        if key == "config":
+            apply_dict(cfg, load_yaml(value), value)
+    for key, value in pairs:
+        if key == "config":
+            continue
+        dotted = SHORTCUTS.get(key, key.replace("-", "_") if "." in key else None)
+        if dotted is None:
+            flags = ", ".join(f"--{k}" for k in SHORTCUTS)
+            raise ConfigError(f"unknown flag --{key}; valid flags: --config, {flags}, or --section.field=value")
+        set_value(cfg, dotted, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from gpt2_scale.zoo import ModelConfig
+
+    ModelConfig.from_name(cfg.model.name)  # unknown names list the valid ones
+    if cfg.engine.name not in ENGINES:
+        raise ConfigError(f"engine.name must be one of {', '.join(ENGINES)}, got {cfg.engine.name!r}")
+    if cfg.engine.dtype not in ("auto", "bf16", "fp32"):
+        raise ConfigError(f"engine.dtype must be auto, bf16 or fp32, got {cfg.engine.dtype!r}")
+    if cfg.engine.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"engine.device must be auto, cpu or cuda, got {cfg.engine.device!r}")
+    positive = {
+        "train.micro_batch": cfg.train.micro_batch,
+        "train.seq_len": cfg.train.seq_len,
+        "train.total_batch_tokens": cfg.train.total_batch_tokens,
+        "train.max_steps": cfg.train.max_steps,
+        "optim.lr": cfg.optim.lr,
+        "log.log_every": cfg.log.log_every,
+        "log.val_tokens": cfg.log.val_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    for key in ("optim.warmup_steps", "log.val_every", "log.sample_every", "log.hellaswag_every", "checkpoint.every"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ConfigError(f"{key} must be >= 0")
+    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.keep must be >= 1")
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-steps per optimizer step: total batch / (micro-batch x sequence x ranks), which must divide."""
+    per_micro = cfg.train.micro_batch * cfg.train.seq_len * world_size
+    if cfg.train.total_batch_tokens % per_micro:
+        raise ConfigError(
+            f"train.total_batch_tokens ({cfg.train.total_batch_tokens}) is not divisible by micro_batch x seq_len x "
+            f"world_size = {cfg.train.micro_batch} x {cfg.train.seq_len} x {world_size} = {per_micro}; "
+            f"use a multiple of {per_micro} (e.g. --total-batch-tokens {max(1, cfg.train.total_batch_tokens // per_micro) * per_micro})"
+        )
+    return cfg.train.total_batch_tokens // per_micro
+
+
+def config_from_yaml_file(path: str | Path) -> Config:
+    """The resolved config a run saved (``RUN_DIR/config.yaml``)."""
+    cfg = Config()
+    apply_dict(cfg, load_yaml(path), str(path))
+    return cfg

@@ -1,0 +1,80 @@
+"""What a run reports: one stdout line per step, ``metrics.jsonl`` and TensorBoard scalars (rank 0 only).
+
+MFU (model FLOPs utilization) = achieved training FLOP/s per GPU / the GPU's peak, where the training
+FLOPs per token are 6·N + 12·n_layer·n_embd·T (N = parameters without position embeddings; the second
+term is attention's score and value matmuls; PaLM paper, appendix B).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
+
+
+def detect_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: int, peak_tflops: float | None) -> float | None:
+    if not peak_tflops:
+        return None
+    return tokens_per_s_per_device * flops_per_token / (peak_tflops * 1e12)
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    h, rem = divmod(int(seconds), 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
+
+
+class MetricsLogger:
+    """Appends one JSON object per record to run_dir/metrics.jsonl and mirrors numbers to TensorBoard."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def step_line(r: dict, max_steps: int, eta_s: float) -> str:
+    parts = [f"step {r['step']:>6}/{max_steps}", f"loss {r['train_loss']:.4f}", f"lr {r['lr']:.2e}", f"norm {r['grad_norm']:.3f}"]
+    parts += [f"{r['ms_per_step']:.0f} ms", f"{r['tokens_per_s']:,.0f} tok/s"]
+    if r.get("mfu") is not None:
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    parts.append(f"eta {format_eta(eta_s)}")
+    return " | ".join(parts)

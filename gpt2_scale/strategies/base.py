@@ -1,0 +1,95 @@
+"""The Strategy interface the training loop talks to; engines differ only behind it."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from gpt2_scale.config import Config
+from gpt2_scale.distributed import DistEnv
+from gpt2_scale.model import GPT
+
+
+def use_bf16(cfg: Config, env: DistEnv) -> bool:
+    return cfg.engine.dtype == "bf16" or (cfg.engine.dtype == "auto" and env.device.type == "cuda")
+
+
+def prepare_blocks(model: GPT, cfg: Config, env: DistEnv) -> None:
+    """Activation checkpointing and per-block torch.compile, applied before any engine wraps the model."""
+    model.activation_checkpointing = cfg.engine.activation_checkpointing
+    if cfg.engine.compile or (cfg.engine.compile is None and env.device.type == "cuda"):
+        for block in model.transformer.h:
+            block.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
+
+
+class Strategy(ABC):
+    """Wraps a model and its optimizer for one engine.
+
+    The loop calls ``micro_step`` once per micro-batch (``sync`` only on the last one of an optimizer
+    step) and ``step`` once per optimizer step.
+    """
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        self.bf16 = use_bf16(cfg, env)
+        self.model: nn.Module  # what the loop calls forward on
+        self.module: GPT  # the GPT inside (sharded for fsdp/zero3), for evaluation and sampling
+        self.optimizer: torch.optim.Optimizer
+
+    @abstractmethod
+    def setup(self, model: GPT) -> None:
+        """Wrap the model (already on env.device) and build its optimizer."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The context forward passes run in (bf16 autocast where the engine does not cast itself)."""
+        return contextlib.nullcontext()
+
+    def micro_step(self, x: torch.Tensor, y: torch.Tensor, loss_scale: float, sync: bool) -> torch.Tensor:
+        """Forward and backward one micro-batch; gradients are reduced across ranks only when ``sync``."""
+        self._set_sync(sync)
+        with self.autocast():
+            _, loss = self.model(x, y)
+        self._backward(loss * loss_scale)
+        return loss.detach()
+
+    @abstractmethod
+    def _set_sync(self, sync: bool) -> None: ...
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> torch.Tensor:
+        """Clip to cfg.optim.grad_clip (global norm across shards), step, zero grads; returns the norm before clipping."""
+        max_norm = self.cfg.optim.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Write model and optimizer state under ``path`` in the engine's own format (every rank calls)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Restore what ``save`` wrote (every rank calls)."""
+
+    @abstractmethod
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded fp32 weights by parameter name, on CPU (every rank calls; complete on rank 0)."""
+
+
+def adamw(params, cfg: Config, device: torch.device) -> torch.optim.AdamW:
+    """torch AdamW with GPT-3's betas/eps; the fused kernel on CUDA."""
+    o = cfg.optim
+    return torch.optim.AdamW(
+        params, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=device.type == "cuda" or None
+    )

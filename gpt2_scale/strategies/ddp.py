@@ -1,0 +1,47 @@
+"""DistributedDataParallel: full replicas, gradients all-reduced on the last micro-step only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from gpt2_scale.model import GPT
+from gpt2_scale.optim import param_groups
+from gpt2_scale.strategies.base import Strategy, adamw, prepare_blocks
+
+CHECKPOINT_FILE = "model_optim.pt"
+
+
+class DDPStrategy(Strategy):
+    def setup(self, model: GPT) -> None:
+        prepare_blocks(model, self.cfg, self.env)
+        self.module = model
+        device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
+        self.model = DDP(model, device_ids=device_ids)
+        self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, self.env.device)
+
+    def autocast(self):
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _set_sync(self, sync: bool) -> None:
+        # What DDP.no_sync() sets, without a context manager spanning forward and backward.
+        self.model.require_backward_grad_sync = sync
+
+    def save(self, path: Path) -> None:
+        if self.env.is_main:
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+            torch.save(state, path / CHECKPOINT_FILE)
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path / CHECKPOINT_FILE, map_location=self.env.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+
+
+def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]

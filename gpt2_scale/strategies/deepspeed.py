@@ -1,0 +1,125 @@
+"""DeepSpeed ZeRO-1/2/3 (and ZeRO-Offload) through ``deepspeed.initialize`` and a JSON from ds_configs/.
+
+The JSON's "auto" fields are filled from our config, and a concrete value that disagrees with our
+config is an error: the batch, accumulation, clipping, precision and optimizer settings have one source.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from gpt2_scale.config import Config, ConfigError, grad_accum_steps
+from gpt2_scale.distributed import DistEnv
+from gpt2_scale.model import GPT
+from gpt2_scale.optim import param_groups
+from gpt2_scale.strategies.base import Strategy, prepare_blocks
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+TAG = "engine"  # sub-directory of a checkpoint that holds DeepSpeed's files
+
+
+def default_ds_config_path(cfg: Config) -> Path:
+    return DS_CONFIG_DIR / f"{cfg.engine.name}{'_offload' if cfg.engine.offload else ''}.json"
+
+
+def fill_auto(ds: dict, values: dict[str, object], where: str = "") -> dict:
+    """Replace "auto" by our value at the same dotted path; refuse a concrete value that differs."""
+    out = {}
+    for key, value in ds.items():
+        path = f"{where}{key}"
+        if isinstance(value, dict):
+            out[key] = fill_auto(value, values, path + ".")
+        elif value == "auto":
+            if path not in values:
+                raise ConfigError(f"DeepSpeed config field {path} is 'auto' but gpt2-scale has no value for it; set it explicitly")
+            out[key] = values[path]
+        else:
+            if path in values and _differs(value, values[path]):
+                raise ConfigError(
+                    f"DeepSpeed config sets {path}={value!r} but the run config implies {values[path]!r}; "
+                    f'set it to "auto" in the JSON, or change the run config'
+                )
+            out[key] = value
+    return out
+
+
+def _differs(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) != len(b) or any(_differs(x, y) for x, y in zip(a, b))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(a - b) > 1e-12 * max(1.0, abs(a), abs(b))
+    return a != b
+
+
+def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
+    path = Path(cfg.engine.ds_config) if cfg.engine.ds_config else default_ds_config_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass --engine.ds_config=PATH or use a file in {DS_CONFIG_DIR}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    accum = grad_accum_steps(cfg, env.world_size)
+    o = cfg.optim
+    values = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.train.micro_batch * accum * env.world_size,
+        "gradient_clipping": o.grad_clip,
+        "bf16.enabled": bf16,
+        "optimizer.type": "AdamW",
+        "optimizer.params.lr": o.lr,
+        "optimizer.params.betas": [o.beta1, o.beta2],
+        "optimizer.params.eps": o.eps,
+        "optimizer.params.weight_decay": o.weight_decay,
+        "optimizer.params.torch_adam": env.device.type != "cuda",  # FusedAdam on CUDA
+        "zero_optimization.stage": int(cfg.engine.name.removeprefix("zero")),
+    }
+    return fill_auto(ds, values)
+
+
+class DeepSpeedStrategy(Strategy):
+    def setup(self, model: GPT) -> None:
+        import deepspeed
+
+        prepare_blocks(model, self.cfg, self.env)
+        ds_config = build_ds_config(self.cfg, self.env, self.bf16)
+        groups = param_groups(model, self.cfg.optim.weight_decay)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        self.module = self.model.module
+
+    def _set_sync(self, sync: bool) -> None:
+        self.model.set_gradient_accumulation_boundary(sync)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.model.backward(loss, scale_wrt_gas=False)  # the loop already scaled by 1/accumulation
+
+    def step(self) -> torch.Tensor:
+        self.model.step()  # clips to gradient_clipping, steps and zeroes at the accumulation boundary
+        norm = self.model.get_global_grad_norm()
+        return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm if norm is not None else "nan"))
+
+    def save(self, path: Path) -> None:
+        self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
+
+    def load(self, path: Path) -> None:
+        load_path, _ = self.model.load_checkpoint(str(path), tag=TAG)
+        if load_path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        sd = {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: named_parameters yields it once
+        return sd
+
+
+def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from the ZeRO shards of every rank, by DeepSpeed's own utility."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)

@@ -1,0 +1,69 @@
+"""FSDP2: each transformer block and the root sharded with ``fully_shard``; DCP checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from gpt2_scale.model import GPT
+from gpt2_scale.optim import param_groups
+from gpt2_scale.strategies.base import Strategy, adamw, prepare_blocks
+
+
+class FSDPStrategy(Strategy):
+    def setup(self, model: GPT) -> None:
+        prepare_blocks(model, self.cfg, self.env)
+        # bf16 compute with fp32 gradient reduction; fp32 sharded master weights either way.
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        kwargs = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cfg.engine.offload else None)
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for block in model.transformer.h:
+            fully_shard(block, **kwargs)
+        # The root owns wte and lm_head: the tied weight is one sharded parameter, so tying holds.
+        fully_shard(model, **kwargs)
+        self.model = self.module = model
+        device = torch.device("cpu") if self.cfg.engine.offload else self.env.device
+        self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, device)
+
+    def _set_sync(self, sync: bool) -> None:
+        self.model.set_requires_gradient_sync(sync)
+
+    def step(self) -> torch.Tensor:
+        norm = super().step()
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def save(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
+
+    def load(self, path: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {k: v.float() for k, v in get_model_state_dict(self.model, options=options).items()}
+
+
+def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model half of a DCP checkpoint, in one process (DCP reads only the keys asked for)."""
+    from gpt2_scale.model import GPT
+    from gpt2_scale.zoo import ModelConfig
+
+    meta = json.loads((path / "meta.json").read_text())
+    template = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta["pad_vocab"])).state_dict()
+    state = {"model": template}
+    dcp.load(state, checkpoint_id=path)
+    return state["model"]

@@ -1,0 +1,272 @@
+"""The one training loop: accumulate, clip, step, log, evaluate, checkpoint, for every engine.
+
+A recipe builds a Config and calls ``main(config)``; the command line overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpt2_scale import checkpoint, distributed, strategies
+from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps, parse_args
+from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
+from gpt2_scale.model import GPT
+from gpt2_scale.optim import lr_at
+from gpt2_scale.zoo import ModelConfig
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def resolve_config(defaults: Config, argv: list[str]) -> Config:
+    """Recipe defaults + argv; with --resume, the resumed run's saved config + argv instead."""
+    cfg = parse_args(defaults, argv)
+    if cfg.checkpoint.resume:
+        run_dir = Path(cfg.checkpoint.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = parse_args(config_from_yaml_file(run_dir / "config.yaml"), argv)
+        cfg.log.run_dir = str(run_dir)
+    return cfg
+
+
+def main(defaults: Config, argv: list[str] | None = None) -> None:
+    """Entry point of every recipe: bad input ends with a one-line error and exit code 2."""
+    try:
+        cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv)
+        train(cfg)
+    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def build_model(cfg: Config) -> GPT:
+    model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab)
+    if cfg.train.seq_len > model_cfg.block_size:
+        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model_cfg.name}'s context length {model_cfg.block_size}")
+    if cfg.model.init_from:
+        from gpt2_scale.hf import load_hf
+
+        model = load_hf(cfg.model.init_from, pad_vocab=cfg.model.pad_vocab)
+        if model.config.n_embd != model_cfg.n_embd or model.config.n_layer != model_cfg.n_layer:
+            raise ConfigError(f"model.init_from {cfg.model.init_from} is not a {cfg.model.name}; set --model to its size")
+        return model
+    return GPT(model_cfg)
+
+
+def open_data(cfg: Config, env: distributed.DistEnv):
+    from gpt2_scale.data import TokenLoader, ensure_default_corpus, read_manifest
+
+    data_dir = ensure_default_corpus() if cfg.data.dir == "default" else Path(cfg.data.dir)
+    try:
+        read_manifest(data_dir)
+    except FileNotFoundError as e:
+        hint = f"\nprepare it with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
+        raise FileNotFoundError(f"{e}{hint}") from e
+    B, T = cfg.train.micro_batch, cfg.train.seq_len
+    train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    return train_loader, val_loader
+
+
+def prepare_run_dir(cfg: Config, env: distributed.DistEnv) -> Path:
+    run_dir = Path(cfg.log.run_dir)
+    if not cfg.checkpoint.resume and checkpoint.checkpoints_root(run_dir).exists():
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass another --run-dir")
+    if env.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    distributed.barrier()
+    return run_dir
+
+
+@torch.no_grad()
+def validation_loss(strategy, loader, cfg: Config, env) -> float:
+    """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
+    per_batch = cfg.train.micro_batch * cfg.train.seq_len * env.world_size
+    n_batches = max(1, cfg.log.val_tokens // per_batch)
+    loader.reset()
+    strategy.model.eval()
+    total = torch.zeros((), device=env.device)
+    for _ in range(n_batches):
+        x, y = (t.to(env.device) for t in loader.next_batch())
+        with strategy.autocast():
+            _, loss = strategy.model(x, y)
+        total += loss.float()
+    strategy.model.train()
+    return distributed.all_reduce_mean(total / n_batches).item()
+
+
+def print_samples(strategy, cfg: Config, env, log: MetricsLogger) -> None:
+    from gpt2_scale.generate import generate
+    from gpt2_scale.tokenizer import decode, encode
+
+    # Every rank generates (sharded engines gather weights inside forward), with the same seed.
+    prompt = torch.tensor([encode(cfg.log.sample_prompt)] * cfg.log.num_samples, device=env.device)
+    gen = torch.Generator(device=env.device).manual_seed(cfg.train.seed)
+    with strategy.autocast():
+        out = generate(strategy.module, prompt, cfg.log.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    for i, row in enumerate(out.tolist()):
+        log.print(f"sample {i}: {decode(row)!r}")
+
+
+def hellaswag(strategy, cfg: Config, env, examples) -> dict:
+    from gpt2_scale.eval.hellaswag import evaluate
+
+    return evaluate(strategy.module, examples, env.device, env.rank, env.world_size)
+
+
+class StopFlag:
+    """SIGTERM / Ctrl-C ask the loop to checkpoint and leave at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor(float(self.requested), device=device)
+        return distributed.all_reduce_mean(flag).item() > 0
+
+
+def due(step: int, every: int, last: bool) -> bool:
+    return every > 0 and (step % every == 0 or last)
+
+
+def train(cfg: Config) -> dict:
+    env = distributed.init(cfg.engine.device)
+    try:
+        return _train(cfg, env)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg: Config, env: distributed.DistEnv) -> dict:
+    accum = grad_accum_steps(cfg, env.world_size)
+    run_dir = Path(cfg.log.run_dir)
+    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_from is None:
+        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; start it again without --resume")
+    if resume_from is not None:
+        checkpoint.check_compatible(checkpoint.read_meta(resume_from), resume_from, cfg.model.name, cfg.engine.name, env.world_size)
+    if cfg.train.deterministic:
+        from gpt2_scale.determinism import make_deterministic
+
+        make_deterministic(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    train_loader, val_loader = open_data(cfg, env)
+    run_dir = prepare_run_dir(cfg, env)
+    model = build_model(cfg).to(env.device)
+    strategy = strategies.build(cfg, env)
+    strategy.setup(model)
+
+    log = MetricsLogger(run_dir, env.is_main, cfg.log.tensorboard)
+    log.print(f"gpt2-scale: {cfg.model.name} ({model.num_params():,} parameters), engine {cfg.engine.name}, "
+              f"{env.world_size} rank(s) on {env.device.type}, {accum} micro-step(s) per step\n{cfg.to_yaml()}")
+    start_step, tokens = 0, 0
+    if resume_from is not None:
+        state = checkpoint.load(strategy, resume_from, env)
+        train_loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        start_step, tokens = state["step"], state["tokens"]
+        log.print(f"resumed from {resume_from} at step {start_step}")
+
+    examples = None
+    if cfg.log.hellaswag_every:
+        from gpt2_scale.eval.hellaswag import load_examples
+
+        examples = load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
+
+    meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name}
+
+    def save(step: int) -> Path:
+        trainer_state = {"step": step, "tokens": tokens, "loader": train_loader.state_dict(), "rng": checkpoint.rng_state()}
+        path = checkpoint.save(strategy, run_dir, step, meta, trainer_state, env, cfg.checkpoint.keep)
+        log.print(f"checkpoint: {path}")
+        return path
+
+    stop = StopFlag()
+    max_steps = cfg.train.max_steps
+    flops_per_token = model.config.flops_per_token(cfg.train.seq_len)
+    peak = cfg.log.peak_tflops or detect_peak_tflops(env.device)
+    avg_dt, t_start = None, time.time()
+    last_record: dict = {}
+    for step in range(start_step, max_steps):
+        last = step == max_steps - 1
+        if due(step, cfg.log.val_every, last):
+            val = validation_loss(strategy, val_loader, cfg, env)
+            log.log({"step": step, "tokens": tokens, "val_loss": val})
+            log.print(f"step {step:>6} | val loss {val:.4f}")
+        if examples is not None and due(step, cfg.log.hellaswag_every, last):
+            hs = hellaswag(strategy, cfg, env, examples)
+            log.log({"step": step, "tokens": tokens, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+            log.print(f"step {step:>6} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})")
+        if step > start_step and due(step, cfg.log.sample_every, last):
+            print_samples(strategy, cfg, env, log)
+
+        t0 = time.time()
+        lr = lr_at(step, cfg.optim, max_steps)
+        strategy.set_lr(lr)
+        loss_sum = torch.zeros((), device=env.device)
+        for micro in range(accum):
+            x, y = (t.to(env.device, non_blocking=True) for t in train_loader.next_batch())
+            loss_sum += strategy.micro_step(x, y, 1.0 / accum, sync=micro == accum - 1)
+        norm = strategy.step()
+        tokens += cfg.train.total_batch_tokens
+        if (step + 1) % cfg.log.log_every == 0 or last:
+            loss = distributed.all_reduce_mean(loss_sum / accum).item()  # the host waits for the GPU only here
+            if not math.isfinite(loss):
+                kept = checkpoint.latest(run_dir)
+                raise TrainingError(
+                    f"non-finite loss ({loss}) at step {step}; stopped without saving. "
+                    + (f"The last good checkpoint is {kept}: resume with --resume {run_dir} and a lower --lr." if kept else "No checkpoint was written yet.")
+                )
+            dt = time.time() - t0
+            avg_dt = dt if avg_dt is None or step == start_step + 1 else 0.9 * avg_dt + 0.1 * dt
+            tps = cfg.train.total_batch_tokens / dt
+            record = {
+                "step": step, "tokens": tokens, "train_loss": loss, "lr": lr, "grad_norm": float(norm),
+                "ms_per_step": 1000 * dt, "tokens_per_s": tps,
+                "mfu": mfu(tps / env.world_size, flops_per_token, peak), "peak_mem_gb": peak_memory_gb(env.device),
+            }
+            log.log({k: v for k, v in record.items() if v is not None})
+            log.print(step_line(record, max_steps, avg_dt * (max_steps - step - 1)))
+            last_record = record
+        stopping = stop.any_rank(env.device)
+        if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            save(step + 1)
+        if stopping:
+            log.print(f"stopped by signal after step {step}; continue with --resume {run_dir}")
+            break
+
+    summary = {"step": last_record.get("step"), "tokens": tokens, "train_loss": last_record.get("train_loss"),
+               "finished": not stop.requested, "seconds": time.time() - t_start}
+    if env.is_main and summary["finished"]:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.close()
+    return summary
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
