@@ -1,0 +1,203 @@
+"""Token shards to (x, y) batches: deterministic, resumable and rank-aware.
+
+A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T, so a sequence never
+crosses a shard boundary (each shard's last < T tokens are never a target). An epoch is every
+window of the split once. For the train split each epoch draws, from (seed, epoch), a shard order
+and then a window order inside each shard; the validation split is read in file order, always the
+same. A global step takes the next B * world_size windows of the epoch and rank r reads the r-th
+block of B, so ranks never overlap and together cover the epoch; the last < B * world_size windows
+of an epoch are dropped so every rank takes the same number of steps.
+
+The state is (epoch, step) and is the same on every rank: rank 0's copy resumes them all.
+Memory is O(windows of one shard) for the permutations plus page cache for the memmaps, whatever
+the corpus size.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt2_scale import tokenizer
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+DTYPE = "uint16"
+SPLITS = ("train", "val")
+PREPARE_HINT = (
+    "prepare it first, e.g. `python tools/prepare_data.py default --out {dir}` (embedded corpus, no download), "
+    "`python tools/prepare_data.py text FILE.txt --out {dir}` or "
+    "`python tools/prepare_data.py fineweb-edu --out {dir}`"
+)
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a finished preparation, with its shards checked to exist at the stated size."""
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
+    if not path.is_file():
+        missing = "directory" if not data_dir.is_dir() else f"{MANIFEST} in directory"
+        raise FileNotFoundError(f"no token shards: {missing} {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete {data_dir} and prepare it again") from e
+    if manifest.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT_VERSION}; prepare it again")
+    if not manifest.get("complete"):
+        raise ValueError(
+            f"the preparation of {data_dir} did not finish; run `{manifest.get('command', 'the same command')}` "
+            "again to resume it"
+        )
+    tok = manifest.get("tokenizer", {})
+    if tok.get("hash") != tokenizer.HASH:
+        raise ValueError(
+            f"{data_dir} was tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), not this package's "
+            f"{tokenizer.NAME!r} (hash {tokenizer.HASH}); prepare it again with tools/prepare_data.py"
+        )
+    if manifest.get("dtype") != DTYPE:
+        raise ValueError(f"{path} says dtype {manifest.get('dtype')!r}; only {DTYPE} shards are supported")
+    for split in SPLITS:
+        for shard in manifest["shards"][split]:
+            file = data_dir / shard["file"]
+            if not file.is_file():
+                raise FileNotFoundError(f"shard {file} listed in {path} is missing; prepare {data_dir} again")
+            expected = shard["tokens"] * np.dtype(DTYPE).itemsize
+            if file.stat().st_size != expected:
+                raise ValueError(
+                    f"shard {file} has {file.stat().st_size} bytes but {path} says {expected}: it is truncated or "
+                    f"was overwritten; prepare {data_dir} again"
+                )
+    return manifest
+
+
+def windows_per_shard(tokens: int, seq_len: int) -> int:
+    """Windows of seq_len + 1 tokens at stride seq_len that fit in a shard."""
+    return max(0, (tokens - 1) // seq_len)
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_layout(seed: int, epoch: int, counts: tuple[int, ...], shuffle: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(shard order, cumulative windows in that order) of an epoch."""
+    order = np.arange(len(counts))
+    if shuffle:
+        order = np.random.default_rng([seed, epoch]).permutation(order)
+    return order, np.cumsum(np.asarray(counts, dtype=np.int64)[order])
+
+
+@functools.lru_cache(maxsize=8)
+def _window_order(seed: int, epoch: int, shard: int, n: int) -> np.ndarray:
+    # One shard's permutation: 100M tokens / T=1024 is ~100K windows, under 1 MB of int64.
+    return np.random.default_rng([seed, epoch, shard]).permutation(n)
+
+
+class TokenLoader:
+    """(x, y) int64 batches of shape (B, T) from the shards of one split; y is x shifted by one."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        batch_size: int = 8,
+        seq_len: int = 1024,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 1337,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+        self.data_dir = Path(data_dir)
+        self.manifest = read_manifest(self.data_dir)
+        self.split, self.B, self.T = split, batch_size, seq_len
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle = split == "train"  # validation is read in a fixed order, comparable across evals
+        shards = self.manifest["shards"][split]
+        self.files = [self.data_dir / s["file"] for s in shards]
+        self.counts = tuple(windows_per_shard(s["tokens"], seq_len) for s in shards)
+        self.num_windows = sum(self.counts)
+        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            tokens = sum(s["tokens"] for s in shards)
+            raise ValueError(
+                f"the {split} split of {self.data_dir} has {tokens} tokens in {len(shards)} shard(s), "
+                f"{self.num_windows} windows of T+1={seq_len + 1}; one batch on each of {world_size} rank(s) needs "
+                f"{batch_size * world_size} windows (B*T+1 = {batch_size * seq_len + 1} tokens per rank): lower "
+                "--batch-size/--seq-len or prepare more data (--val-tokens for the validation split)"
+            )
+        self._memmaps: dict[int, np.memmap] = {}
+        self.epoch, self.step = 0, 0
+
+    def _shard(self, i: int) -> np.memmap:
+        if i not in self._memmaps:
+            self._memmaps[i] = np.memmap(self.files[i], dtype=DTYPE, mode="r")
+        return self._memmaps[i]
+
+    def _locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
+        """Epoch positions to (shard, window within shard)."""
+        order, cum = _epoch_layout(self.seed, self.epoch, self.counts, self.shuffle)
+        slots = np.searchsorted(cum, positions, side="right")
+        out = []
+        for pos, slot in zip(positions.tolist(), slots.tolist()):
+            shard = int(order[slot])
+            local = pos - (int(cum[slot - 1]) if slot else 0)
+            if self.shuffle:
+                local = int(_window_order(self.seed, self.epoch, shard, self.counts[shard])[local])
+            out.append((shard, local))
+        return out
+
+    def window_ids(self) -> list[tuple[int, int]]:
+        """(shard, window) of each row of the next batch, without consuming it (for tests and debugging)."""
+        start = (self.step * self.world_size + self.rank) * self.B
+        return self._locate(np.arange(start, start + self.B))
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for shard, w in self.window_ids():
+            row = self._shard(shard)[w * self.T : w * self.T + self.T + 1]
+            if int(row.max()) >= tokenizer.VOCAB_SIZE:
+                raise ValueError(
+                    f"shard {self.files[shard]} holds token id {int(row.max())} >= the vocabulary size "
+                    f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
+                )
+            rows.append(row)
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        self.step += 1
+        if self.step == self.batches_per_epoch:  # the train split reshuffles; val starts over in the same order
+            self.epoch, self.step = self.epoch + 1, 0
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def reset(self) -> None:
+        """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""
+        self.epoch, self.step = 0, 0
+
+    def state_dict(self) -> dict:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "split": self.split,
+            "batch_size": self.B,
+            "seq_len": self.T,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("split", "batch_size", "seq_len", "world_size", "seed", "num_windows"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; resume with the "
+                    "same data, batch size, sequence length, world size and seed (or start the data afresh)"
+                )
+        if not 0 <= state["step"] < self.batches_per_epoch or state["epoch"] < 0:
+            raise ValueError(f"loader state epoch={state['epoch']} step={state['step']} is out of range")
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])

@@ -1,0 +1,354 @@
+"""Documents to uint16 token shards plus a manifest.json, resumable and never half-written.
+
+Every document is tokenized as ``<|endoftext|>`` + its GPT-2 ids, in worker processes, and the
+stream is cut into shards of a fixed token count; documents run across shard boundaries. The
+first shard (or the first ``val_tokens``) is the validation split; when the whole corpus fits in
+one shard, its first 10% is. A shard is written under a temporary name and renamed when complete,
+and after each shard the manifest records where in the document stream it ended, so a re-run
+resumes there. The manifest says ``complete: true`` only at the very end, and the loader accepts
+nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gpt2_scale import tokenizer
+from gpt2_scale.data.loader import DTYPE, FORMAT_VERSION, MANIFEST, read_manifest
+
+DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+FINEWEB_EDU_COLUMNS = (
+    "text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score",
+)  # fmt: skip
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+Source = tuple[dict, Iterator[str]]  # (description stored in the manifest, the documents)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def _list_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[Path]:
+    """Files, and the files under directories (sorted, so the order and the shards are reproducible)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+            if not found:
+                raise FileNotFoundError(f"directory {p} holds no {'/'.join(suffixes)} files")
+            files += found
+        elif not p.is_file():
+            raise FileNotFoundError(f"input file {p} not found")
+        elif p.suffix not in suffixes:
+            raise ValueError(f"{p}: unsupported file type {p.suffix!r}; give {', '.join(suffixes)} files")
+        else:
+            files.append(p)
+    if not files:
+        raise ValueError("no input files given")
+    return files
+
+
+def _check_field(path: Path, field: str) -> None:
+    """Fail before any work when a file lacks the text field (a parquet schema, a jsonl first record)."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(path).names
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
+        names = list(_json_record(first, path, 1))
+    else:
+        return
+    if field not in names:
+        raise ValueError(f"{path} has no {field!r} field (it has {', '.join(names) or 'none'}); pass --field NAME")
+
+
+def _json_record(line: str, path: Path, lineno: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}:{lineno} is not a JSON object")
+    return record
+
+
+def _iter_documents(files: list[Path], field: str) -> Iterator[str]:
+    """A document per .txt file, per .jsonl record, per .parquet row."""
+    for path in files:
+        if path.suffix == ".txt":
+            yield path.read_text(encoding="utf-8")
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if line.strip():
+                        text = _json_record(line, path, lineno).get(field)
+                        if not isinstance(text, str):
+                            raise ValueError(f"{path}:{lineno} has no {field!r} string; pass --field NAME")
+                        yield text
+        else:
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
+                for text in batch.column(0).to_pylist():
+                    if not isinstance(text, str):
+                        raise ValueError(f"{path}: a row has no {field!r} string; pass --field NAME")
+                    yield text
+
+
+def text_source(paths: Iterable[str | Path], field: str = "text") -> Source:
+    """Local .txt / .jsonl / .parquet files or directories of them."""
+    files = _list_files(paths, TEXT_SUFFIXES)
+    for f in files:
+        _check_field(f, field)
+    description = {"kind": "text", "files": [str(f.resolve()) for f in files], "field": field}
+    return description, _iter_documents(files, field)
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _iter_hub(config: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        rows = datasets.load_dataset(FINEWEB_EDU, name=config, split="train", streaming=True)
+    except ConnectionError as e:
+        raise ConnectionError(f"cannot stream {FINEWEB_EDU} ({e}); use --from-dir with local parquet files") from e
+    for row in rows:
+        yield row["text"]
+
+
+def fineweb_edu_source(config: str = "sample-10BT", from_dir: str | Path | None = None) -> Source:
+    """FineWeb-Edu streamed from the Hugging Face hub, or its parquet/jsonl files from a local directory."""
+    if from_dir is not None:
+        files = _list_files([from_dir], (".parquet", ".jsonl"))
+        for f in files:
+            _check_field(f, "text")
+        return {"kind": "fineweb-edu", "files": [str(f.resolve()) for f in files]}, _iter_documents(files, "text")
+    if not _hub_reachable():
+        raise ConnectionError(
+            f"the Hugging Face hub is unreachable from this machine, so {FINEWEB_EDU} cannot be streamed; download "
+            f"its parquet files elsewhere (columns {', '.join(FINEWEB_EDU_COLUMNS)}) and pass --from-dir DIR"
+        )
+    return {"kind": "fineweb-edu", "dataset": FINEWEB_EDU, "config": config}, _iter_hub(config)
+
+
+def default_source() -> Source:
+    """CPython's own documentation (pydoc_data.topics): ~465K characters of English that ship with Python."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise FileNotFoundError(
+            "this Python has no pydoc_data module (some distributions strip it); prepare a text file instead: "
+            "`python tools/prepare_data.py text FILE.txt --out DIR`"
+        ) from e
+    python = ".".join(map(str, sys.version_info[:3]))
+    description = {"kind": "default", "origin": "pydoc_data.topics", "python": python}
+    return description, (topics[k] for k in sorted(topics))
+
+
+# --- tokenization and shards ---------------------------------------------------------------------
+
+
+def tokenize_document(text: str) -> np.ndarray:
+    """<|endoftext|> then the document's ids, as uint16 (the vocabulary is under 2**16)."""
+    ids = tokenizer.encode(text)
+    out = np.empty(len(ids) + 1, dtype=DTYPE)
+    out[0] = tokenizer.EOT
+    out[1:] = ids
+    return out
+
+
+@contextlib.contextmanager
+def _tokenized(documents: Iterable[str], workers: int) -> Iterator[Iterator[np.ndarray]]:
+    if workers == 1:
+        yield map(tokenize_document, documents)
+        return
+    tokenizer.get_tokenizer()  # load once here; forked workers inherit it
+    with multiprocessing.Pool(workers) as pool:
+        yield pool.imap(tokenize_document, documents, chunksize=16)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _save(out_dir: Path, manifest: dict) -> None:
+    _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def _settings(source: dict, shard_tokens: int, val_tokens: int | None) -> dict:
+    """What must match for a re-run to resume an earlier one."""
+    return {
+        "source": source,
+        "tokenizer": {"name": tokenizer.NAME, "hash": tokenizer.HASH, "vocab_size": tokenizer.VOCAB_SIZE},
+        "dtype": DTYPE,
+        "shard_tokens": shard_tokens,
+        "val_tokens": val_tokens,
+    }
+
+
+def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict:
+    path = out_dir / MANIFEST
+    if path.is_file():
+        manifest = json.loads(path.read_text())
+        differing = [k for k in settings if manifest.get(k) != settings[k]]
+        if differing:
+            raise ValueError(
+                f"{out_dir} already holds a preparation with other {', '.join(differing)}; choose another --out "
+                "(or delete that directory to replace it)"
+            )
+        if not manifest["complete"]:
+            for split in ("val", "train"):
+                for shard in manifest["shards"][split]:
+                    file = out_dir / shard["file"]
+                    if not file.is_file() or file.stat().st_size != shard["tokens"] * np.dtype(DTYPE).itemsize:
+                        raise ValueError(f"{file} is missing or damaged; delete {out_dir} and prepare it again")
+        return manifest
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST}; choose an empty or new --out directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "complete": False,
+        **settings,
+        "command": command or "",
+        "shards": {"val": [], "train": []},
+        "resume": {"documents": 0, "offset": 0},  # where in the document stream the last shard ended
+    }
+    _save(out_dir, manifest)
+    return manifest
+
+
+def prepare_shards(
+    source: Source,
+    out_dir: str | Path,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    val_tokens: int | None = None,
+    workers: int | None = None,
+    command: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokenize a source into shards under out_dir, resuming an interrupted run there; returns the manifest."""
+    if shard_tokens < 2:
+        raise ValueError(f"shard_tokens must be >= 2, got {shard_tokens}")
+    if val_tokens is not None and val_tokens < 1:
+        raise ValueError(f"val_tokens must be >= 1 (or None for the first shard), got {val_tokens}")
+    workers = workers or os.cpu_count() or 1
+    description, documents = source
+    out_dir = Path(out_dir)
+    manifest = _start_or_resume(out_dir, _settings(description, shard_tokens, val_tokens), command)
+    if manifest["complete"]:
+        return manifest
+    shards = manifest["shards"]
+
+    def split() -> str:
+        if val_tokens is None:
+            return "train" if shards["val"] else "val"
+        return "val" if sum(s["tokens"] for s in shards["val"]) < val_tokens else "train"
+
+    def capacity() -> int:
+        if split() == "val" and val_tokens is not None:
+            return min(shard_tokens, val_tokens - sum(s["tokens"] for s in shards["val"]))
+        return shard_tokens
+
+    def flush(tokens: np.ndarray, documents_done: int, offset: int) -> None:
+        name = split()
+        file = f"{name}_{len(shards[name]):06d}.bin"
+        _write_atomic(out_dir / file, tokens.tobytes())
+        shards[name].append({"file": file, "tokens": len(tokens), "documents": int((tokens == tokenizer.EOT).sum())})
+        manifest["resume"] = {"documents": documents_done, "offset": offset}
+        _save(out_dir, manifest)
+
+    buf = np.empty(shard_tokens, dtype=DTYPE)
+    fill = 0
+    doc, offset = manifest["resume"]["documents"], manifest["resume"]["offset"]
+    remaining = itertools.islice(documents, doc, None)
+    bar = tqdm(desc=f"tokenizing into {out_dir}", unit="tok", unit_scale=True, disable=not progress)
+    with _tokenized(remaining, workers) as stream, bar:
+        for tokens in stream:
+            pos, offset = offset, 0
+            while pos < len(tokens):
+                if fill == capacity():  # flush only once more tokens exist, so "fits in one shard" is known
+                    flush(buf[:fill], doc, pos)
+                    fill = 0
+                n = min(len(tokens) - pos, capacity() - fill)
+                buf[fill : fill + n] = tokens[pos : pos + n]
+                fill, pos = fill + n, pos + n
+            doc += 1
+            bar.update(len(tokens))
+
+    if val_tokens is None and not shards["val"] and fill:  # the corpus fits in one shard: 10% is validation
+        n_val = max(1, fill // 10)
+        eots = np.flatnonzero(buf[:n_val] == tokenizer.EOT)  # the buffer starts at document 0, offset 0
+        flush(buf[:n_val], len(eots) - 1, n_val - int(eots[-1]))
+        buf, fill = buf[n_val:fill], fill - n_val
+    if fill:
+        flush(buf[:fill], doc, 0)
+    if not shards["train"]:
+        total = sum(s["tokens"] for s in shards["val"])
+        raise ValueError(
+            f"the source gave only {total} tokens, all taken by the validation split; lower --val-tokens "
+            f"and prepare into a new --out (or delete {out_dir})"
+        )
+    manifest["tokens"] = {k: sum(s["tokens"] for s in v) for k, v in shards.items()}
+    manifest["documents"] = doc
+    manifest["complete"] = True
+    _save(out_dir, manifest)
+    return manifest
+
+
+# --- the embedded default corpus -----------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale")
+
+
+def ensure_default_corpus(root: str | Path | None = None) -> Path:
+    """Shards of the embedded corpus under root/default, prepared once (atomically) and then reused."""
+    out = Path(root or default_cache_dir()) / "default"
+    if out.exists():
+        read_manifest(out)  # anything but a finished preparation is an error, never silently replaced
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".default.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        prepare_shards(default_source(), tmp, workers=1, progress=False, command="ensure_default_corpus()")
+        os.rename(tmp, out)  # all or nothing; fails if another process got there first
+    except OSError:
+        if not (out / MANIFEST).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    read_manifest(out)
+    return out
