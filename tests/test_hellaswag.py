@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import os
@@ -45,8 +46,9 @@ def write_examples(path, labels=(3, "0", 0, "2", 1), contexts=CONTEXTS, endings=
 
 
 def tiny_model(block_size=256, seed=0):
+    """Smaller than gpt2-tiny, so tests stay fast: the 50257-token output layer dominates the cost."""
     torch.manual_seed(seed)
-    return GPT(ModelConfig.from_name("gpt2-tiny", block_size=block_size))
+    return GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size))
 
 
 # --- data ---
@@ -151,7 +153,7 @@ def test_hand_computed_losses_and_acc_vs_acc_norm(tmp_path):
 
 def test_batched_losses_equal_one_candidate_at_a_time(tmp_path):
     """Padding and several examples per batch change nothing; long contexts are cut on the left."""
-    examples = hellaswag.load_examples(write_examples(tmp_path / "val.jsonl"))
+    examples = hellaswag.load_examples(write_examples(tmp_path / "val.jsonl"), limit=3)
     for block_size in (256, 12):
         model = tiny_model(block_size).eval()
         tokens, targets = hellaswag.collate([hellaswag.render(ex, block_size) for ex in examples])
@@ -200,41 +202,64 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world_size, port, data_path, out_dir):
+def _rank_main(rank, world_size, port, data_paths, out_dir):
+    torch.set_num_threads(1)  # two processes share the test machine's cores
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         model = tiny_model()
         forwards = []
         model.register_forward_pre_hook(lambda module, args: forwards.append(1))
-        result = hellaswag.evaluate(model, hellaswag.load_examples(data_path), "cpu", rank, world_size, batch_examples=2)
+        results = []
+        for path in data_paths:
+            forwards.clear()
+            result = hellaswag.evaluate(model, hellaswag.load_examples(path), "cpu", rank, world_size, batch_examples=2)
+            results.append({"result": result, "forwards": len(forwards)})
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"result": result, "forwards": len(forwards)}, f)
+            json.dump(results, f)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("n_examples", [5, 1])
-def test_two_ranks_equal_one_process(tmp_path, n_examples):
-    path = write_examples(tmp_path / "val.jsonl", contexts=CONTEXTS[:n_examples])
-    expected = hellaswag.evaluate(tiny_model(), hellaswag.load_examples(path), "cpu")
-    mp.spawn(_rank_main, args=(2, _free_port(), str(path), str(tmp_path)), nprocs=2)
+def test_two_ranks_equal_one_process(tmp_path):
+    sizes = (5, 1)  # odd: ranks hold 3 and 2 examples; fewer examples than ranks: rank 1 holds none
+    paths = [str(write_examples(tmp_path / f"val{n}.jsonl", contexts=CONTEXTS[:n])) for n in sizes]
+    mp.spawn(_rank_main, args=(2, _free_port(), paths, str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["result"] == ranks[1]["result"] == expected and expected["n"] == n_examples
-    # 5 examples: rank 0 holds 3 (2 batches of 2), rank 1 holds 2 and runs a dummy batch to match.
-    # 1 example: rank 1 holds none and still runs one (dummy) forward pass.
-    assert ranks[0]["forwards"] == ranks[1]["forwards"] == math.ceil(math.ceil(n_examples / 2) / 2)
+    for i, (n, path) in enumerate(zip(sizes, paths)):
+        expected = hellaswag.evaluate(tiny_model(), hellaswag.load_examples(path), "cpu")
+        assert ranks[0][i]["result"] == ranks[1][i]["result"] == expected and expected["n"] == n
+        # Every rank runs the same number of forward passes, dummy ones where it has no examples left:
+        # 5 examples: 2 batches of 2 on rank 0 (3 examples) and on rank 1 (2 + a dummy); 1 example: 1 each.
+        assert ranks[0][i]["forwards"] == ranks[1][i]["forwards"] == math.ceil(math.ceil(n / 2) / 2)
 
 
 # --- command line ---
 
 
-def test_command_line_errors_exit_2_without_traceback(tmp_path):
-    tool = os.path.join(ROOT, "tools", "eval_hellaswag.py")
-    for args, message in [
-        (["--pretrained", "gpt2", "--data", str(tmp_path / "nope.jsonl")], "does not exist"),
-        (["--ckpt", str(tmp_path), "--data", str(write_examples(tmp_path / "v.jsonl")), "--limit", "0"], "limit"),
-    ]:
-        proc = subprocess.run([sys.executable, tool, *args], capture_output=True, text=True, cwd=tmp_path)
-        assert proc.returncode == 2, proc.stderr
-        assert message in proc.stderr and "Traceback" not in proc.stderr
+TOOL = os.path.join(ROOT, "tools", "eval_hellaswag.py")
+
+
+def load_tool():
+    """The command line's module, to call its main() in this process (no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location("eval_hellaswag", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_command_line_errors_exit_2_without_traceback(tmp_path, capsys):
+    args = ["--pretrained", "gpt2", "--data", str(tmp_path / "nope.jsonl")]
+    proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    data = str(write_examples(tmp_path / "v.jsonl"))
+    assert load_tool().main(["--ckpt", str(tmp_path), "--data", data, "--limit", "0"]) == 2
+    assert "limit must be >= 1" in capsys.readouterr().err
+
+
+def test_command_line_evaluates_a_model(tmp_path, capsys, monkeypatch):
+    tool = load_tool()
+    monkeypatch.setattr(tool, "load_model", lambda ckpt, pretrained: tiny_model())
+    path = write_examples(tmp_path / "val.jsonl")
+    assert tool.main(["--ckpt", str(tmp_path), "--data", str(path), "--limit", "3", "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == hellaswag.evaluate(tiny_model(), hellaswag.load_examples(path, 3), "cpu")
