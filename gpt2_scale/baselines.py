@@ -28,7 +28,7 @@ SEED_HELLASWAG = "karpathy/build-nanogpt hellaswag.py, module docstring (complet
 SEED_PLOT = "karpathy/build-nanogpt play.ipynb, hella2_baseline (same values: karpathy/llm.c dev/vislog.ipynb)"
 SEED_LOSS = "karpathy/build-nanogpt play.ipynb, loss_baseline (FineWeb-Edu sample-10BT, first shard as val)"
 HARNESS = "EleutherAI lm-evaluation-harness (multiple-choice style), quoted in karpathy/build-nanogpt hellaswag.py"
-GPT3_PAPER = "Brown et al. 2020, Language Models are Few-Shot Learners (arXiv:2005.14165), Table H.1, HellaSwag zero-shot"
+GPT3_PAPER = "Brown et al. 2020, Language Models are Few-Shot Learners (arXiv:2005.14165), Table H.1, zero-shot"
 
 # metric -> True when lower is better; only these are compared with a run.
 COMPARED = {"val_loss": True, "hellaswag_acc_norm": False, "hellaswag_acc": False}
@@ -157,7 +157,9 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            why = "truncated, the run was probably killed mid-write" if lineno == len(lines) else "not a JSON record with a step"
+            why = "not a JSON record with a step"
+            if lineno == len(lines):
+                why = "truncated, the run was probably killed mid-write"
             warnings.warn(f"{path}:{lineno}: skipped ({why})", RuntimeWarning, stacklevel=2)
             continue
         records.append(record)
@@ -288,7 +290,8 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
         for ref in references:
             color = "r" if ref.name.startswith("OpenAI GPT-2") else "g"
             if "val_loss" in ref.numbers:
-                ax_loss.axhline(ref.numbers["val_loss"].value, color=color, linestyle=style, label=f"{ref.name} checkpoint val loss")
+                label = f"{ref.name} checkpoint val loss"
+                ax_loss.axhline(ref.numbers["val_loss"].value, color=color, linestyle=style, label=label)
             if "hellaswag_acc_norm" in ref.numbers:
                 ax_hella.axhline(ref.numbers["hellaswag_acc_norm"].value, color=color, linestyle=style, label=ref.name)
     for ax, title, ylabel in ((ax_loss, "Loss", "loss"), (ax_hella, "HellaSwag (acc_norm)", "accuracy")):

@@ -89,7 +89,7 @@ def load_examples(path: str | os.PathLike | None, limit: int | None = None) -> l
         raise ValueError(f"limit must be >= 1, got {limit}")
     path = download() if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"HellaSwag file {path} does not exist; pass the path of hellaswag_val.jsonl ({VAL_URL})")
+        raise FileNotFoundError(f"HellaSwag file {path} does not exist; pass the path of hellaswag_val.jsonl")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -127,7 +127,9 @@ def collate(rendered: list[list[tuple[list[int], int]]]) -> tuple[torch.Tensor, 
     return tokens, targets
 
 
-def candidate_losses(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def candidate_losses(
+    model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed and mean cross-entropy of each row's scored tokens, each of shape (rows,)."""
     logits, _ = model(tokens)
     # (rows·T, vocab), not (rows, vocab, T): on CPU the strided layout sums the softmax ~100x less precisely
@@ -140,9 +142,9 @@ def _block_size(model: torch.nn.Module) -> int:
     """The context length, looking through DDP/DeepSpeed (.module) and torch.compile (._orig_mod) wrappers."""
     inner = model
     while not hasattr(inner, "config"):
-        inner = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)
+        inner = getattr(inner, "module", getattr(inner, "_orig_mod", None))
         if inner is None:
-            raise ValueError(f"cannot find the context length of a {type(model).__name__}: pass a GPT or a wrapper of one")
+            raise ValueError(f"cannot find the context length of a {type(model).__name__}: pass a GPT or its wrapper")
     if inner.config.block_size < 2:
         raise ValueError("HellaSwag needs a context length of at least 2 tokens")
     return inner.config.block_size
@@ -162,7 +164,7 @@ def evaluate(
     if not examples:
         raise ValueError("no HellaSwag examples to evaluate")
     if not 0 <= rank < world_size or batch_examples < 1:
-        raise ValueError(f"need 0 <= rank < world_size and batch_examples >= 1, got {rank}, {world_size}, {batch_examples}")
+        raise ValueError(f"need 0 <= rank < world_size and batch_examples >= 1: {rank}, {world_size}, {batch_examples}")
     device = torch.device(device)
     block_size = _block_size(model)
     mine = examples[rank::world_size]
