@@ -1,0 +1,1 @@
+"""Downstream evaluations run during training and standalone (HellaSwag)."""

@@ -1,0 +1,63 @@
+"""HellaSwag accuracy of a trained run or a pretrained GPT-2.
+
+    python tools/eval_hellaswag.py --ckpt RUN_DIR [--limit N] [--data PATH] [--device cuda]
+    python tools/eval_hellaswag.py --pretrained gpt2 --data hellaswag_val.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from gpt2_scale.eval import hellaswag  # noqa: E402
+
+
+def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
+    """The model of a run directory or of a Hugging Face checkpoint (imported late: other parts of the build)."""
+    try:
+        if ckpt is not None:
+            from gpt2_scale.checkpoint import load_model as load_run_model
+
+            return load_run_model(ckpt)
+        from gpt2_scale import hf  # noqa: F401  (gives GPT.from_pretrained)
+        from gpt2_scale.model import GPT
+
+        return GPT.from_pretrained(pretrained)
+    except (ImportError, AttributeError) as e:
+        what = "--ckpt (gpt2_scale.checkpoint)" if ckpt is not None else "--pretrained (gpt2_scale.hf)"
+        raise RuntimeError(f"{what} is not available yet in this build ({e})") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt", metavar="RUN_DIR", help="a run directory written by the trainer")
+    source.add_argument("--pretrained", metavar="HF_DIR_OR_NAME", help="a Hugging Face GPT-2 directory or hub name")
+    parser.add_argument("--data", metavar="PATH", help="hellaswag_val.jsonl (default: download it into the cache)")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-examples", type=int, default=4, help="examples (4 candidates each) per forward pass")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    try:
+        examples = hellaswag.load_examples(args.data, limit=args.limit)  # before the model: fails fast
+        model = load_model(args.ckpt, args.pretrained).to(args.device)
+        result = hellaswag.evaluate(model, examples, args.device, batch_examples=args.batch_examples, progress=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"HellaSwag: {result['n']} examples  acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
