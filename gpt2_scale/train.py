@@ -127,6 +127,23 @@ def hellaswag(strategy, cfg: Config, env, examples) -> dict:
     return evaluate(strategy.module, examples, env.device, env.rank, env.world_size)
 
 
+def optimizer_step(strategy, batches, lr: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches: returns (loss averaged over micro-batches and
+    ranks, global gradient norm before clipping), both still on the device.
+
+    Each micro-batch loss is scaled by 1/accumulation so the summed gradients are the mean over the
+    whole batch; gradients are synchronized on the last micro-batch only.
+    """
+    batches = list(batches)
+    strategy.set_lr(lr)
+    loss_sum = torch.zeros((), device=device)
+    for i, (x, y) in enumerate(batches):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss_sum += strategy.micro_step(x, y, 1.0 / len(batches), sync=i == len(batches) - 1)
+    norm = strategy.step()
+    return distributed.all_reduce_mean(loss_sum / len(batches)), norm
+
+
 class StopFlag:
     """SIGTERM / Ctrl-C ask the loop to checkpoint and leave at the end of the current step."""
 
@@ -223,15 +240,11 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
 
         t0 = time.time()
         lr = lr_at(step, cfg.optim, max_steps)
-        strategy.set_lr(lr)
-        loss_sum = torch.zeros((), device=env.device)
-        for micro in range(accum):
-            x, y = (t.to(env.device, non_blocking=True) for t in train_loader.next_batch())
-            loss_sum += strategy.micro_step(x, y, 1.0 / accum, sync=micro == accum - 1)
-        norm = strategy.step()
+        batches = (train_loader.next_batch() for _ in range(accum))
+        loss_t, norm = optimizer_step(strategy, batches, lr, env.device)
         tokens += cfg.train.total_batch_tokens
         if (step + 1) % cfg.log.log_every == 0 or last:
-            loss = distributed.all_reduce_mean(loss_sum / accum).item()  # the host waits for the GPU only here
+            loss = loss_t.item()  # the host waits for the GPU only on log steps
             if not math.isfinite(loss):
                 kept = checkpoint.latest(run_dir)
                 raise TrainingError(
