@@ -180,7 +180,7 @@ def test_interrupted_preparation_resumes_to_the_same_shards(tmp_path, workers):
     finally:
         prepare_module.tokenize_document = real
     assert len(tokenized) <= len(texts) - partial["resume"]["documents"], "finished documents were re-tokenized"
-    assert {k: v for k, v in resumed.items() if k != "command"} == {k: v for k, v in reference.items() if k != "command"}
+    assert resumed == {**reference, "command": resumed["command"]}
     for f in reference["shards"]["val"] + reference["shards"]["train"]:
         assert (out / f["file"]).read_bytes() == (tmp_path / "ref" / f["file"]).read_bytes()
     for f, (data, mtime) in before.items():
@@ -239,6 +239,9 @@ def test_bad_sources(tmp_path, monkeypatch):
     pq.write_table(pa.table({"content": ["hi"]}), tmp_path / "a.parquet")
     with pytest.raises(ValueError, match="no 'text' field"):
         fineweb_edu_source(from_dir=tmp_path)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "w", 100, workers=0)
+    assert not (tmp_path / "w").exists()
     monkeypatch.setattr(prepare_module, "_hub_reachable", lambda: False)
     with pytest.raises(ConnectionError, match="--from-dir"):
         fineweb_edu_source("sample-10BT")
@@ -265,7 +268,8 @@ def test_ensure_default_corpus_prepares_once(tmp_path, monkeypatch):
 def test_cli_text_tinyshakespeare(tmp_path):
     out = tmp_path / "ts"
     cmd = [sys.executable, "tools/prepare_data.py", "text", str(SHAKESPEARE), "--out", str(out), "--quiet"]
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool must find the package itself
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     m = read_manifest(out)
     assert m["tokens"]["train"] + m["tokens"]["val"] == len(tokenizer.encode(SHAKESPEARE.read_text())) + 1

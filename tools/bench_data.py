@@ -2,10 +2,10 @@
 
     python tools/bench_data.py                       # B=16, T=1024, the embedded corpus repeated 40 times
 
-Both loaders read one epoch of the same train shards from fresh memory maps (best of 5, in turns). The
-ceiling is the simplest possible loader (nanoGPT's): one contiguous memmap slice per batch, cast
-to int64, x and y overlapping views of it. The loader passes when it is within 2x of that ceiling and at least 50x faster than
-a 124M training step on one H100 consumes tokens (~500K tokens/s).
+Both loaders read one epoch of the same train shards from fresh memory maps (best of 5, in turns).
+The ceiling is the simplest possible loader (nanoGPT's): one contiguous memmap slice per batch,
+cast to int64, x and y overlapping views of it. The loader passes when it is within 2x of that
+ceiling and at least 50x faster than a 124M training step on one H100 consumes tokens (~500K/s).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     need = 50 * H100_124M_TOKENS_PER_S
     print(f"tokenize, 1 worker:          {one / 1e6:8.2f} M tokens/s")
-    print(f"tokenize, {args.workers} workers:         {many / 1e6:8.2f} M tokens/s ({many / args.workers / 1e6:.2f} per worker)")
+    per_worker = many / args.workers / 1e6
+    print(f"tokenize, {args.workers} workers:         {many / 1e6:8.2f} M tokens/s ({per_worker:.2f} per worker)")
     print(f"TokenLoader B={B} T={T}:    {loader / 1e6:8.1f} M tokens/s")
     print(f"raw memmap copy (ceiling):   {ceiling / 1e6:8.1f} M tokens/s")
     print(f"loader / ceiling: {loader / ceiling:.2f} (target >= 0.5: {'ok' if loader >= ceiling / 2 else 'MISSED'})")
