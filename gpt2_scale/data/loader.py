@@ -122,6 +122,7 @@ class TokenLoader:
         shards = self.manifest["shards"][split]
         self.files = [self.data_dir / s["file"] for s in shards]
         self.counts = tuple(windows_per_shard(s["tokens"], seq_len) for s in shards)
+        self._counts = np.array(self.counts, dtype=np.int64)
         self.num_windows = sum(self.counts)
         self.batches_per_epoch = self.num_windows // (batch_size * world_size)
         if self.batches_per_epoch == 0:
@@ -132,47 +133,50 @@ class TokenLoader:
                 f"{batch_size * world_size} windows (B*T+1 = {batch_size * seq_len + 1} tokens per rank): lower "
                 "--batch-size/--seq-len or prepare more data (--val-tokens for the validation split)"
             )
-        self._memmaps: dict[int, np.memmap] = {}
+        self._memmaps: dict[int, np.ndarray] = {}
         self.epoch, self.step = 0, 0
 
-    def _shard(self, i: int) -> np.memmap:
-        if i not in self._memmaps:
-            self._memmaps[i] = np.memmap(self.files[i], dtype=DTYPE, mode="r")
+    def _shard(self, i: int) -> np.ndarray:
+        if i not in self._memmaps:  # a plain ndarray view of the memmap: slicing np.memmap itself is slow
+            self._memmaps[i] = np.memmap(self.files[i], dtype=DTYPE, mode="r").view(np.ndarray)
         return self._memmaps[i]
 
-    def _locate(self, positions: np.ndarray) -> list[tuple[int, int]]:
-        """Epoch positions to (shard, window within shard)."""
+    def _locate(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's windows start..start+B-1 as (shard, window within shard) arrays."""
         order, cum = _epoch_layout(self.seed, self.epoch, self.counts, self.shuffle)
+        positions = np.arange(start, start + self.B)
         slots = np.searchsorted(cum, positions, side="right")
-        out = []
-        for pos, slot in zip(positions.tolist(), slots.tolist()):
-            shard = int(order[slot])
-            local = pos - (int(cum[slot - 1]) if slot else 0)
-            if self.shuffle:
-                local = int(_window_order(self.seed, self.epoch, shard, self.counts[shard])[local])
-            out.append((shard, local))
-        return out
+        shards = order[slots]
+        windows = positions - (cum[slots] - self._counts[shards])
+        if self.shuffle:
+            for shard in [shards[0]] if shards[0] == shards[-1] else np.unique(shards).tolist():  # shards are blocks
+                mine = shards == shard
+                windows[mine] = _window_order(self.seed, self.epoch, shard, self.counts[shard])[windows[mine]]
+        return shards, windows
 
     def window_ids(self) -> list[tuple[int, int]]:
         """(shard, window) of each row of the next batch, without consuming it (for tests and debugging)."""
-        start = (self.step * self.world_size + self.rank) * self.B
-        return self._locate(np.arange(start, start + self.B))
+        return list(zip(*(a.tolist() for a in self._locate((self.step * self.world_size + self.rank) * self.B))))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = []
-        for shard, w in self.window_ids():
-            row = self._shard(shard)[w * self.T : w * self.T + self.T + 1]
-            if int(row.max()) >= tokenizer.VOCAB_SIZE:
-                raise ValueError(
-                    f"shard {self.files[shard]} holds token id {int(row.max())} >= the vocabulary size "
-                    f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
-                )
-            rows.append(row)
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        T = self.T
+        shards, windows = self._locate((self.step * self.world_size + self.rank) * self.B)
+        rows = np.empty((self.B, T + 1), dtype=DTYPE)
+        for i, (shard, w) in enumerate(zip(shards.tolist(), windows.tolist())):
+            rows[i] = self._shard(shard)[w * T : w * T + T + 1]
+        if int(rows.max()) >= tokenizer.VOCAB_SIZE:
+            shard = int(shards[rows.max(axis=1).argmax()])
+            raise ValueError(
+                f"shard {self.files[shard]} holds token id {int(rows.max())} >= the vocabulary size "
+                f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
+            )
+        xy = np.empty((2, self.B, T), dtype=np.int64)  # x and y cast straight from the uint16 rows
+        xy[0], xy[1] = rows[:, :-1], rows[:, 1:]
         self.step += 1
         if self.step == self.batches_per_epoch:  # the train split reshuffles; val starts over in the same order
             self.epoch, self.step = self.epoch + 1, 0
-        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+        xy = torch.from_numpy(xy)
+        return xy[0], xy[1]
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""

@@ -219,7 +219,10 @@ def _settings(source: dict, shard_tokens: int, val_tokens: int | None) -> dict:
 def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict:
     path = out_dir / MANIFEST
     if path.is_file():
-        manifest = json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); delete {out_dir} and prepare it again") from e
         differing = [k for k in settings if manifest.get(k) != settings[k]]
         if differing:
             raise ValueError(
@@ -262,6 +265,8 @@ def prepare_shards(
         raise ValueError(f"shard_tokens must be >= 2, got {shard_tokens}")
     if val_tokens is not None and val_tokens < 1:
         raise ValueError(f"val_tokens must be >= 1 (or None for the first shard), got {val_tokens}")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (or None for all cores), got {workers}")
     workers = workers or os.cpu_count() or 1
     description, documents = source
     out_dir = Path(out_dir)

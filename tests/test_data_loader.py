@@ -1,0 +1,265 @@
+"""TokenLoader: rank disjointness and coverage, determinism, resume, fixed validation order, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2_scale import tokenizer
+from gpt2_scale.data import TokenLoader, read_manifest
+from gpt2_scale.data.loader import FORMAT_VERSION, MANIFEST
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_shards(root: Path, train: list[int], val: list[int], seed: int = 0) -> Path:
+    """Shards of random token ids with the given lengths and a finished manifest in the real schema."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {}
+    for split, sizes in (("train", train), ("val", val)):
+        shards[split] = []
+        for i, n in enumerate(sizes):
+            file = f"{split}_{i:06d}.bin"
+            rng.integers(0, tokenizer.VOCAB_SIZE, n, dtype=np.uint16).tofile(root / file)
+            shards[split].append({"file": file, "tokens": n, "documents": 1})
+    manifest = {
+        "format": FORMAT_VERSION,
+        "complete": True,
+        "source": {"kind": "test"},
+        "tokenizer": {"name": tokenizer.NAME, "hash": tokenizer.HASH, "vocab_size": tokenizer.VOCAB_SIZE},
+        "dtype": "uint16",
+        "shard_tokens": max(train + val),
+        "val_tokens": None,
+        "command": "make_shards",
+        "shards": shards,
+        "tokens": {k: sum(s["tokens"] for s in v) for k, v in shards.items()},
+        "documents": len(train) + len(val),
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def shard_tokens(root: Path, split: str) -> list[np.ndarray]:
+    m = read_manifest(root)
+    return [np.fromfile(root / s["file"], dtype=np.uint16) for s in m["shards"][split]]
+
+
+def epoch_windows(loaders: list[TokenLoader]) -> list[tuple[int, int]]:
+    """Every window the ranks read in one epoch, checking each batch against the shard bytes."""
+    shards = shard_tokens(loaders[0].data_dir, loaders[0].split)
+    T = loaders[0].T
+    seen = []
+    for _ in range(loaders[0].batches_per_epoch):
+        for loader in loaders:
+            ids = loader.window_ids()
+            x, y = loader.next_batch()
+            expected = np.stack([shards[s][w * T : w * T + T + 1] for s, w in ids]).astype(np.int64)
+            assert torch.equal(x, torch.from_numpy(expected[:, :-1]))
+            assert torch.equal(y, torch.from_numpy(expected[:, 1:]))
+            seen += ids
+    return seen
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    world_size=st.integers(1, 4),
+    B=st.integers(1, 4),
+    T=st.integers(1, 12),
+    sizes=st.lists(st.integers(1, 120), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+)
+def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path_factory, world_size, B, T, sizes, seed):
+    root = make_shards(tmp_path_factory.mktemp("d"), train=sizes, val=[50], seed=seed)
+    all_windows = {(s, w) for s, n in enumerate(sizes) for w in range(max(0, (n - 1) // T))}
+    if len(all_windows) < B * world_size:
+        with pytest.raises(ValueError, match="one batch on each"):
+            TokenLoader(root, "train", B, T, rank=0, world_size=world_size, seed=seed)
+        return
+    loaders = [TokenLoader(root, "train", B, T, rank=r, world_size=world_size, seed=seed) for r in range(world_size)]
+    for epoch in range(2):
+        seen = epoch_windows(loaders)
+        assert len(seen) == len(set(seen)), "two ranks (or steps) read the same window"
+        assert set(seen) <= all_windows
+        # Only the epoch's tail that cannot fill one step on every rank is dropped.
+        assert len(all_windows) - len(seen) == len(all_windows) % (B * world_size)
+        assert all(loader.epoch == epoch + 1 and loader.step == 0 for loader in loaders)
+
+
+def test_exact_cover_when_windows_divide(tmp_path):
+    root = make_shards(tmp_path, train=[4 * 8 + 1, 8 * 8 + 1, 4 * 8 + 1], val=[100])  # 4 + 8 + 4 windows of T=8
+    loaders = [TokenLoader(root, "train", 2, 8, rank=r, world_size=4) for r in range(4)]
+    seen = epoch_windows(loaders)
+    assert sorted(seen) == [(s, w) for s, n in enumerate([4, 8, 4]) for w in range(n)]
+
+
+def test_same_seed_same_batches_and_epochs_reshuffle(tmp_path):
+    root = make_shards(tmp_path, train=[1000, 700, 900], val=[100])
+    a, b = (TokenLoader(root, "train", 4, 16, seed=7) for _ in range(2))
+    c = TokenLoader(root, "train", 4, 16, seed=8)
+    first = [a.next_batch()[0] for _ in range(a.batches_per_epoch)]
+    assert all(torch.equal(x, b.next_batch()[0]) for x in first)
+    assert not all(torch.equal(x, c.next_batch()[0]) for x in first), "the seed should change the order"
+    second = [a.next_batch()[0] for _ in range(a.batches_per_epoch)]
+    assert not all(torch.equal(x, y) for x, y in zip(first, second)), "epoch 1 should be reshuffled"
+
+
+def test_shard_order_is_shuffled(tmp_path):
+    root = make_shards(tmp_path, train=[65] * 8, val=[100])  # 8 shards of 4 windows of T=16
+    first_shards = {TokenLoader(root, "train", 1, 16, seed=s).window_ids()[0][0] for s in range(20)}
+    assert len(first_shards) > 1, "every seed starts with the same shard: shard order is not shuffled"
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_resume_gives_the_uninterrupted_batches(tmp_path, world_size):
+    root = make_shards(tmp_path, train=[500, 300, 800], val=[100])
+    make = lambda r: TokenLoader(root, "train", 3, 16, rank=r, world_size=world_size, seed=3)  # noqa: E731
+    for rank in range(world_size):
+        ref = make(rank)
+        expected = [ref.next_batch() for _ in range(2 * ref.batches_per_epoch + 3)]  # crosses epochs
+        run = make(rank)
+        for k in (0, 5, ref.batches_per_epoch, ref.batches_per_epoch + 1):
+            run.reset()
+            for _ in range(k):
+                run.next_batch()
+            state = json.loads(json.dumps(pickle.loads(pickle.dumps(run.state_dict()))))
+            resumed = make(rank)
+            resumed.load_state_dict(state)
+            for x_ref, y_ref in expected[k : k + 4]:
+                x, y = resumed.next_batch()
+                assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_resume_in_a_new_process(tmp_path):
+    root = make_shards(tmp_path, train=[600, 900], val=[100])
+    loader = TokenLoader(root, "train", 4, 32, seed=11)
+    for _ in range(loader.batches_per_epoch + 2):
+        loader.next_batch()
+    state = loader.state_dict()
+    expected = torch.stack([loader.next_batch()[0] for _ in range(3)])
+    script = (
+        "import json, sys, torch; from gpt2_scale.data import TokenLoader\n"
+        f"l = TokenLoader({str(root)!r}, 'train', 4, 32, seed=11); l.load_state_dict(json.loads(sys.argv[1]))\n"
+        "print(json.dumps(torch.stack([l.next_batch()[0] for _ in range(3)]).tolist()))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(state)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(torch.tensor(json.loads(out.stdout)), expected)
+
+
+def test_validation_order_is_fixed(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[170, 90])
+    val = shard_tokens(root, "val")
+    a = TokenLoader(root, "val", 2, 16, seed=1)
+    b = TokenLoader(root, "val", 2, 16, seed=99)  # the seed does not touch validation
+    assert a.batches_per_epoch == (10 + 5) // 2
+    x0, y0 = a.next_batch()
+    assert torch.equal(x0, torch.from_numpy(np.stack([val[0][0:16], val[0][16:32]]).astype(np.int64)))
+    assert torch.equal(y0, torch.from_numpy(np.stack([val[0][1:17], val[0][17:33]]).astype(np.int64)))
+    first = [x0] + [a.next_batch()[0] for _ in range(a.batches_per_epoch - 1)]
+    assert all(torch.equal(x, b.next_batch()[0]) for x in first)
+    assert all(torch.equal(x, a.next_batch()[0]) for x in first), "a second pass reads the same order"
+    a.next_batch()
+    a.reset()
+    assert torch.equal(a.next_batch()[0], x0)
+
+
+def test_ranks_split_validation_too(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[16 * 8 + 1])
+    r0, r1 = (TokenLoader(root, "val", 2, 16, rank=r, world_size=2) for r in range(2))
+    assert r0.batches_per_epoch == r1.batches_per_epoch == 2
+    assert sorted(w for _, w in epoch_windows([r0, r1])) == list(range(8))
+
+
+def test_batches_are_int64_of_shape_b_t(tmp_path):
+    root = make_shards(tmp_path, train=[2000], val=[300])
+    x, y = TokenLoader(root, "train", 5, 32).next_batch()
+    assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (5, 32)
+    assert x.is_contiguous() and y.is_contiguous()
+
+
+# --- bad inputs ----------------------------------------------------------------------------------
+
+
+def test_missing_directory_or_manifest_names_the_prepare_command(tmp_path):
+    for missing in (tmp_path / "nope", tmp_path):
+        with pytest.raises(FileNotFoundError, match=r"python tools/prepare_data\.py default --out"):
+            read_manifest(missing)
+
+
+def edit_manifest(root: Path, **changes) -> None:
+    m = json.loads((root / MANIFEST).read_text())
+    m.update(changes)
+    (root / MANIFEST).write_text(json.dumps(m))
+
+
+def test_unfinished_preparation_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    edit_manifest(root, complete=False, command="python tools/prepare_data.py text a.txt --out d")
+    with pytest.raises(ValueError, match=r"did not finish.*python tools/prepare_data\.py text a\.txt --out d"):
+        TokenLoader(root, "train", 2, 8)
+
+
+def test_other_tokenizer_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    edit_manifest(root, tokenizer={"name": "cl100k_base", "hash": "0123456789abcdef"})
+    with pytest.raises(ValueError, match="cl100k_base"):
+        read_manifest(root)
+
+
+def test_missing_or_truncated_shard_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500, 400], val=[100])
+    data = (root / "train_000001.bin").read_bytes()
+    (root / "train_000001.bin").write_bytes(data[:-2])
+    with pytest.raises(ValueError, match="truncated"):
+        TokenLoader(root, "train", 2, 8)
+    (root / "train_000001.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="train_000001.bin"):
+        TokenLoader(root, "train", 2, 8)
+
+
+def test_token_id_beyond_vocabulary_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[33], val=[100])
+    tokens = np.fromfile(root / "train_000000.bin", dtype=np.uint16)
+    tokens[5] = tokenizer.VOCAB_SIZE
+    tokens.tofile(root / "train_000000.bin")
+    loader = TokenLoader(root, "train", 1, 32)
+    with pytest.raises(ValueError, match=f"token id {tokenizer.VOCAB_SIZE} >= the vocabulary"):
+        loader.next_batch()
+    assert loader.step == 0
+
+
+def test_split_shorter_than_a_batch_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[5000], val=[16 * 4])  # 3 windows of T=16
+    TokenLoader(root, "val", 3, 16)
+    with pytest.raises(ValueError, match=r"B\*T\+1 = 65 tokens"):
+        TokenLoader(root, "val", 4, 16)
+    with pytest.raises(ValueError, match="one batch on each of 2 rank"):
+        TokenLoader(root, "val", 2, 16, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(split="test"), dict(batch_size=0), dict(seq_len=0), dict(rank=2, world_size=2), dict(rank=-1)]
+)
+def test_bad_arguments(tmp_path, kwargs):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    with pytest.raises(ValueError):
+        TokenLoader(root, **{"batch_size": 2, "seq_len": 8, **kwargs})
+
+
+def test_state_from_another_configuration_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    state = TokenLoader(root, "train", 2, 8, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="world_size=2"):
+        TokenLoader(root, "train", 2, 8).load_state_dict(state)

@@ -1,0 +1,289 @@
+"""Preparation: shards equal the tokenized documents, splits, resume after interruption, errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gpt2_scale import tokenizer
+from gpt2_scale.data import (
+    TokenLoader,
+    ensure_default_corpus,
+    fineweb_edu_source,
+    prepare_shards,
+    read_manifest,
+    text_source,
+    tokenize_document,
+)
+from gpt2_scale.data import prepare as prepare_module
+from gpt2_scale.data.loader import MANIFEST
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+sys.path.insert(0, str(REPO / "tools"))
+import prepare_data  # noqa: E402
+
+WORDS = "the of and to a in is was for that on with as by it he at from his an were are which this be".split()
+
+
+def documents(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(1, 60))).capitalize() + "." for _ in range(n)]
+
+
+def expected_tokens(texts: list[str]) -> np.ndarray:
+    return np.concatenate([tokenize_document(t) for t in texts])
+
+
+def read_back(root: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    m = read_manifest(root)
+    tokens = {}
+    for split in ("val", "train"):
+        parts = [np.fromfile(root / s["file"], dtype=np.uint16) for s in m["shards"][split]]
+        for part, s in zip(parts, m["shards"][split]):
+            assert len(part) == s["tokens"] and (part == tokenizer.EOT).sum() == s["documents"]
+        tokens[split] = np.concatenate(parts)
+    return m, tokens
+
+
+def write_fineweb_parquet(path: Path, texts: list[str]) -> None:
+    """A file in FineWeb-Edu's schema."""
+    n = len(texts)
+    table = pa.table(
+        {
+            "text": texts,
+            "id": [f"<urn:uuid:{i:08d}>" for i in range(n)],
+            "dump": ["CC-MAIN-2024-10"] * n,
+            "url": [f"https://example.org/{i}" for i in range(n)],
+            "file_path": ["s3://commoncrawl/crawl-data/x.warc.gz"] * n,
+            "language": ["en"] * n,
+            "language_score": pa.array([0.95] * n, pa.float64()),
+            "token_count": pa.array([len(tokenizer.encode(t)) for t in texts], pa.int64()),
+            "score": pa.array([3.1] * n, pa.float64()),
+            "int_score": pa.array([3] * n, pa.int64()),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_fineweb_edu_parquet_from_dir(tmp_path):
+    texts = documents(300)
+    (tmp_path / "fw").mkdir()
+    write_fineweb_parquet(tmp_path / "fw" / "000_00000.parquet", texts[:200])
+    write_fineweb_parquet(tmp_path / "fw" / "001_00000.parquet", texts[200:])
+    m = prepare_shards(
+        fineweb_edu_source(from_dir=tmp_path / "fw"), tmp_path / "out", shard_tokens=1000, workers=2,
+        command="python tools/prepare_data.py fineweb-edu --from-dir fw --out out", progress=False,
+    )  # fmt: skip
+    m2, tokens = read_back(tmp_path / "out")
+    assert m == m2
+    everything = expected_tokens(texts)
+    assert np.array_equal(np.concatenate([tokens["val"], tokens["train"]]), everything)
+    assert len(tokens["val"]) == 1000 and m["shards"]["val"] == [m["shards"]["val"][0]]  # the first shard
+    assert all(s["tokens"] == 1000 for s in m["shards"]["train"][:-1])
+    assert m["tokens"] == {"val": len(tokens["val"]), "train": len(tokens["train"])}
+    assert m["documents"] == 300 and m["source"]["kind"] == "fineweb-edu"
+    assert m["tokenizer"] == {"name": "gpt2", "hash": tokenizer.HASH, "vocab_size": 50257}
+    assert m["dtype"] == "uint16" and m["command"].startswith("python tools/prepare_data.py fineweb-edu")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [MANIFEST] + [s["file"] for split in ("val", "train") for s in m["shards"][split]]
+    )
+    TokenLoader(tmp_path / "out", "train", 4, 64).next_batch()
+
+
+def test_text_sources_one_document_per_file_or_record(tmp_path):
+    texts = documents(7, seed=1)
+    (tmp_path / "a.txt").write_text(texts[0])
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t, "n": 1}) + "\n" for t in texts[1:4]) + "\n")
+    pq.write_table(pa.table({"body": texts[4:]}), tmp_path / "c.parquet")
+    source = text_source([tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.parquet"], field="body")
+    m = prepare_shards(source, tmp_path / "out", shard_tokens=10_000, workers=1, progress=False)
+    _, tokens = read_back(tmp_path / "out")
+    assert np.array_equal(np.concatenate([tokens["val"], tokens["train"]]), expected_tokens(texts))
+    assert m["documents"] == 7 and len(tokens["val"]) == len(expected_tokens(texts)) // 10  # fits one shard: 10%
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n_docs=st.integers(1, 40),
+    shard_tokens=st.integers(16, 400),
+    val_tokens=st.one_of(st.none(), st.integers(1, 300)),
+    seed=st.integers(0, 1000),
+)
+def test_shards_are_the_token_stream_cut_in_order(tmp_path_factory, n_docs, shard_tokens, val_tokens, seed):
+    texts = documents(n_docs, seed)
+    everything = expected_tokens(texts)
+    out = tmp_path_factory.mktemp("p") / "out"
+    source = ({"kind": "test", "seed": seed}, iter(texts))
+    if val_tokens is not None and val_tokens >= len(everything):
+        with pytest.raises(ValueError, match="lower --val-tokens"):
+            prepare_shards(source, out, shard_tokens, val_tokens, workers=1, progress=False)
+        with pytest.raises(ValueError, match="did not finish"):
+            read_manifest(out)
+        return
+    m = prepare_shards(source, out, shard_tokens, val_tokens, workers=1, progress=False)
+    _, tokens = read_back(out)
+    assert np.array_equal(np.concatenate([tokens["val"], tokens["train"]]), everything)
+    if val_tokens is not None:
+        assert len(tokens["val"]) == val_tokens
+    elif len(everything) > shard_tokens:
+        assert len(tokens["val"]) == shard_tokens
+    else:
+        assert len(tokens["val"]) == max(1, len(everything) // 10)
+    assert all(s["tokens"] <= shard_tokens for split in m["shards"].values() for s in split)
+    assert sum(s["documents"] for split in m["shards"].values() for s in split) == m["documents"] == n_docs
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupted_after(texts: list[str], n: int):
+    yield from texts[:n]
+    raise Interrupted("the machine went away")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_interrupted_preparation_resumes_to_the_same_shards(tmp_path, workers):
+    texts = documents(120, seed=2)
+    reference = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "ref", 400, workers=1, progress=False)
+
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        prepare_shards(({"kind": "test"}, interrupted_after(texts, 70)), out, 400, workers=workers, progress=False)
+    with pytest.raises(ValueError, match="did not finish"):  # the loader accepts nothing yet
+        TokenLoader(out, "train", 1, 8)
+    partial = json.loads((out / MANIFEST).read_text())
+    done = [s["file"] for split in partial["shards"].values() for s in split]
+    assert done and partial["resume"]["documents"] < 70
+    before = {f: ((out / f).read_bytes(), (out / f).stat().st_mtime_ns) for f in done}
+    # What a kill during the next write would leave: a temporary file and a shard the manifest does not list.
+    (out / "train_000099.bin.tmp").write_bytes(b"\x00" * 10)
+    (out / f"train_{len(partial['shards']['train']):06d}.bin").write_bytes(b"\x01" * 10)
+
+    tokenized = []
+    real = prepare_module.tokenize_document
+    counting = lambda t: tokenized.append(t) or real(t)  # noqa: E731
+    prepare_module.tokenize_document = counting
+    try:
+        resumed = prepare_shards(({"kind": "test"}, iter(texts)), out, 400, workers=1, progress=False)
+    finally:
+        prepare_module.tokenize_document = real
+    assert len(tokenized) <= len(texts) - partial["resume"]["documents"], "finished documents were re-tokenized"
+    assert resumed == {**reference, "command": resumed["command"]}
+    for f in reference["shards"]["val"] + reference["shards"]["train"]:
+        assert (out / f["file"]).read_bytes() == (tmp_path / "ref" / f["file"]).read_bytes()
+    for f, (data, mtime) in before.items():
+        assert (out / f).read_bytes() == data and (out / f).stat().st_mtime_ns == mtime, f"{f} was rewritten"
+
+
+def test_small_corpus_resumes_between_its_val_and_train_shards(tmp_path, monkeypatch):
+    texts = documents(40, seed=3)
+    reference = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "ref", 10**6, workers=1, progress=False)
+    real = prepare_module._write_atomic
+
+    def disk_full_for_train(path: Path, data: bytes) -> None:
+        if path.name.startswith("train_"):
+            raise OSError("No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(prepare_module, "_write_atomic", disk_full_for_train)
+    with pytest.raises(OSError):
+        prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "out", 10**6, workers=1, progress=False)
+    monkeypatch.setattr(prepare_module, "_write_atomic", real)
+    resumed = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "out", 10**6, workers=1, progress=False)
+    assert resumed == reference
+    assert (tmp_path / "out" / "train_000000.bin").read_bytes() == (tmp_path / "ref" / "train_000000.bin").read_bytes()
+
+
+def test_rerun_of_a_finished_preparation_changes_nothing(tmp_path):
+    texts = documents(30)
+    m = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path, 300, workers=1, progress=False)
+    stamp = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert prepare_shards(({"kind": "test"}, iter(texts)), tmp_path, 300, workers=1, progress=False) == m
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == stamp
+
+
+def test_other_settings_or_foreign_directory_are_refused(tmp_path):
+    prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path / "a", 300, workers=1, progress=False)
+    manifest = (tmp_path / "a" / MANIFEST).read_bytes()
+    with pytest.raises(ValueError, match="other shard_tokens.*choose another --out"):
+        prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path / "a", 500, workers=1, progress=False)
+    assert (tmp_path / "a" / MANIFEST).read_bytes() == manifest
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        prepare_shards(({"kind": "test"}, iter(documents(3))), tmp_path / "b", 300, workers=1, progress=False)
+    assert os.listdir(tmp_path / "b") == ["notes.txt"]
+
+
+def test_bad_sources(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        text_source([tmp_path / "missing.txt"])
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+        text_source([tmp_path / "a.csv"])
+    (tmp_path / "a.jsonl").write_text('{"content": "hi"}\n')
+    with pytest.raises(ValueError, match="no 'text' field.*--field"):
+        text_source([tmp_path / "a.jsonl"])
+    pq.write_table(pa.table({"content": ["hi"]}), tmp_path / "a.parquet")
+    with pytest.raises(ValueError, match="no 'text' field"):
+        fineweb_edu_source(from_dir=tmp_path)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "w", 100, workers=0)
+    assert not (tmp_path / "w").exists()
+    monkeypatch.setattr(prepare_module, "_hub_reachable", lambda: False)
+    with pytest.raises(ConnectionError, match="--from-dir"):
+        fineweb_edu_source("sample-10BT")
+
+
+def test_ensure_default_corpus_prepares_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path))
+    out = ensure_default_corpus()
+    assert out == tmp_path / "default" and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    m = read_manifest(out)
+    assert m["tokens"]["val"] >= 5000 and m["tokens"]["train"] >= 100_000
+    stamp = (out / MANIFEST).stat().st_mtime_ns
+    assert ensure_default_corpus(tmp_path) == out and (out / MANIFEST).stat().st_mtime_ns == stamp
+    TokenLoader(out, "val", 16, 256).next_batch()  # the tiny recipe's shapes fit the validation split
+    (out / "train_000000.bin").unlink()
+    with pytest.raises(FileNotFoundError, match="train_000000.bin"):  # reported, never silently replaced
+        ensure_default_corpus(tmp_path)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="the shared tinyshakespeare corpus is absent")
+def test_cli_text_tinyshakespeare(tmp_path):
+    out = tmp_path / "ts"
+    cmd = [sys.executable, "tools/prepare_data.py", "text", str(SHAKESPEARE), "--out", str(out), "--quiet"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool must find the package itself
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    m = read_manifest(out)
+    assert m["tokens"]["train"] + m["tokens"]["val"] == len(tokenizer.encode(SHAKESPEARE.read_text())) + 1
+    assert m["documents"] == 1
+
+
+def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
+    assert prepare_data.main(["text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: input file") and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_default_into_a_directory(tmp_path, capsys):
+    assert prepare_data.main(["default", "--out", str(tmp_path / "d"), "--quiet", "--workers", "1"]) == 0
+    assert "train and" in capsys.readouterr().out
+    assert read_manifest(tmp_path / "d")["source"]["kind"] == "default"
