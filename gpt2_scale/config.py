@@ -239,7 +239,10 @@ def parse_args(defaults: Config, argv: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     from gpt2_scale.zoo import ModelConfig
 
-    ModelConfig.from_name(cfg.model.name)  # unknown names list the valid ones
+    try:
+        ModelConfig.from_name(cfg.model.name)
+    except ValueError as e:  # unknown names list the valid ones
+        raise ConfigError(f"model.name: {e}") from None
     if cfg.engine.name not in ENGINES:
         raise ConfigError(f"engine.name must be one of {', '.join(ENGINES)}, got {cfg.engine.name!r}")
     if cfg.engine.dtype not in ("auto", "bf16", "fp32"):

@@ -72,8 +72,9 @@ def open_data(cfg: Config, env: distributed.DistEnv):
     try:
         read_manifest(data_dir)
     except FileNotFoundError as e:
-        hint = f"\nprepare it with: {cfg.data.prepare_hint}" if cfg.data.prepare_hint else ""
-        raise FileNotFoundError(f"{e}{hint}") from e
+        if not cfg.data.prepare_hint:
+            raise
+        raise FileNotFoundError(f"no complete token shards in {data_dir}; prepare them with:\n    {cfg.data.prepare_hint}") from e
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed)
     val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
@@ -209,7 +210,10 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
     if cfg.log.hellaswag_every:
         from gpt2_scale.eval.hellaswag import load_examples
 
-        examples = load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
+        try:
+            examples = load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise ConfigError(f"HellaSwag: {e}\nPass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0") from e
 
     meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name}
 

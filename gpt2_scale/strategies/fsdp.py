@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -58,12 +58,12 @@ class FSDPStrategy(Strategy):
 
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model half of a DCP checkpoint, in one process (DCP reads only the keys asked for)."""
-    from gpt2_scale.model import GPT
-    from gpt2_scale.zoo import ModelConfig
-
-    meta = json.loads((path / "meta.json").read_text())
-    template = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta["pad_vocab"])).state_dict()
-    state = {"model": template}
-    dcp.load(state, checkpoint_id=path)
-    return state["model"]
+    """The model half of a DCP checkpoint, in one process; shapes come from the checkpoint's own metadata."""
+    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    model = {
+        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    dcp.load({"model": model}, checkpoint_id=path)
+    return model

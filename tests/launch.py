@@ -1,0 +1,42 @@
+"""Run recipes the way users do (torchrun, the deepspeed launcher, plain python) from tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# A tiny model and batch that any engine trains in seconds on CPU.
+TINY = ["--model", "gpt2-tiny", "--micro-batch", "2", "--seq-len", "32", "--log.sample_every=0",
+        "--log.tensorboard=false", "--log.log_every=1", "--log.hellaswag_every=0", "--log.val_tokens=128"]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def command(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+    path = str(REPO / script)
+    if launcher == "python":
+        return [sys.executable, path, *args]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), path, *args]
+
+
+def run(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(script, args, nproc, launcher), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    from gpt2_scale.distributed import free_port
+
+    return free_port()
+
+
+def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]

@@ -1,0 +1,82 @@
+import math
+
+import pytest
+
+from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, parse_args
+from gpt2_scale.optim import lr_at, param_groups
+from gpt2_scale.strategies.deepspeed import fill_auto
+from gpt2_scale.model import GPT
+from gpt2_scale.zoo import ModelConfig
+
+
+def test_shortcuts_overrides_and_yaml_precedence(tmp_path):
+    (tmp_path / "c.yaml").write_text("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 7\n")
+    cfg = parse_args(Config(), ["--config", str(tmp_path / "c.yaml"), "--model", "gpt2-tiny", "--optim.lr=3e-4", "--engine", "zero3"])
+    assert (cfg.model.name, cfg.optim.lr, cfg.train.max_steps, cfg.engine.name) == ("gpt2-tiny", 3e-4, 7, "zero3")
+    assert Config().optim.lr == 6e-4  # defaults untouched
+
+
+def test_deepspeed_launcher_local_rank_is_accepted():
+    assert parse_args(Config(), ["--local_rank=1", "--max-steps", "3"]).train.max_steps == 3
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--optim.lrr=1"], "valid keys: optim.lr"),
+        (["--nope", "1"], "valid flags"),
+        (["--train.micro_batch=abc"], "must be int"),
+        (["--engine", "zero4"], "one of ddp, fsdp"),
+        (["--model", "gpt9"], "valid names"),
+        (["--train.micro_batch=0"], "must be > 0"),
+        (["--max-steps"], "needs a value"),
+        (["stray"], "unexpected argument"),
+        (["--config", "/does/not/exist.yaml"], "does not exist"),
+    ],
+)
+def test_bad_configs_name_the_fix(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(Config(), argv)
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--engine.compile=false", "--checkpoint.resume=null"])
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    assert config_from_yaml_file(tmp_path / "config.yaml") == cfg
+
+
+def test_grad_accum_from_total_batch():
+    cfg = Config()
+    assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8  # 2^19 / (64 * 1024 * world)
+    cfg.train.total_batch_tokens = 500_000
+    with pytest.raises(ConfigError, match="not divisible"):
+        grad_accum_steps(cfg, 1)
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    o = OptimSection(lr=6e-4, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, o, 100) == pytest.approx(6e-5)
+    assert lr_at(9, o, 100) == pytest.approx(6e-4)
+    assert lr_at(55, o, 100) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way down the cosine
+    assert lr_at(100, o, 100) == lr_at(500, o, 100) == pytest.approx(6e-5)
+    assert all(lr_at(s, o, 100) >= lr_at(s + 1, o, 100) for s in range(10, 120))
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(ModelConfig.from_name("gpt2-tiny"))
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    n_layer = model.config.n_layer
+    assert len(decay["params"]) == 2 + 4 * n_layer  # wte (tied lm_head once), wpe, 4 matmuls per block
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+
+
+def test_deepspeed_auto_fields_filled_and_conflicts_refused():
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0, "optimizer": {"params": {"lr": "auto"}}}
+    out = fill_auto(ds, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0, "optimizer.params.lr": 3e-4})
+    assert out == {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 1.0, "optimizer": {"params": {"lr": 3e-4}}}
+    with pytest.raises(ConfigError, match="gradient_clipping=1.0 but the run config implies 0.5"):
+        fill_auto(ds, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "optimizer.params.lr": 3e-4})
+    with pytest.raises(ConfigError, match="no value"):
+        fill_auto({"mystery": "auto"}, {})

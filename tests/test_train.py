@@ -1,0 +1,171 @@
+"""The trainer end to end, launched as users launch it: every engine, resume, checkpoints, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2_scale import checkpoint
+from gpt2_scale.config import config_from_yaml_file
+from gpt2_scale.data import default_source, prepare_shards
+from gpt2_scale.distributed import DistEnv
+from launch import TINY, command, env, metrics, run, REPO
+
+ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("corpus")
+    prepare_shards(default_source(), out, workers=1, progress=False)
+    return out
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_every_engine_trains_the_same_model_on_two_ranks(corpus, tmp_path):
+    # 2 ranks x micro-batch 2 x 32 tokens x 2 micro-steps = 256 tokens per step.
+    args = TINY + ["--data", str(corpus), "--max-steps", "4", "--total-batch-tokens", "256", "--lr", "3e-3",
+                   "--optim.warmup_steps=1", "--log.val_every=3"]
+    losses = {}
+    for engine in ENGINES:
+        ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], nproc=2))
+        losses[engine] = metrics(tmp_path / engine)
+        assert len(losses[engine]) == 4 and losses[engine][-1] < losses[engine][0] - 0.3, losses[engine]
+        assert len(metrics(tmp_path / engine, "val_loss")) == 2  # steps 0 and 3
+    for engine in ENGINES[1:]:
+        torch.testing.assert_close(losses[engine], losses["ddp"], rtol=1e-5, atol=0)
+    # Full weights gathered from every engine's checkpoint agree as well. Adam divides by sqrt(v): an
+    # embedding row whose gradient is at rounding-noise level (a token not in the batch) can take a
+    # different step of up to lr, so the bound is one step for single elements and tiny on average.
+    ref = checkpoint.load_model(tmp_path / "ddp").state_dict()
+    for engine in ENGINES[1:]:
+        got = checkpoint.load_model(tmp_path / engine).state_dict()
+        for name in ref:
+            diff = (got[name] - ref[name]).abs()
+            assert diff.max() < 3e-3 and diff.mean() < 1e-6, f"{engine}: {name}: max {diff.max()}, mean {diff.mean()}"
+
+
+@pytest.mark.parametrize("engine,nproc", [("ddp", 1), ("zero3", 2), ("fsdp", 2)])
+def test_resume_continues_exactly(corpus, tmp_path, engine, nproc):
+    args = TINY + ["--data", str(corpus), "--engine", engine, "--total-batch-tokens", str(128 * nproc),
+                   "--log.val_every=0", "--optim.warmup_steps=2", "--optim.decay_steps=6", "--checkpoint.every=3"]
+    ok(run("recipes/tiny.py", args + ["--max-steps", "6", "--run-dir", str(tmp_path / "full")], nproc))
+    ok(run("recipes/tiny.py", args + ["--max-steps", "3", "--run-dir", str(tmp_path / "part")], nproc))
+    out = ok(run("recipes/tiny.py", ["--resume", str(tmp_path / "part"), "--max-steps", "6"], nproc))
+    assert "resumed from" in out
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")  # bitwise, fp32 on CPU
+
+
+def test_recipes_start_under_their_launchers_and_name_the_prepare_command(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--max-steps", "2", "--total-batch-tokens", "128", "--log.val_every=0"]
+    ok(run("recipes/124m.py", args + ["--run-dir", str(tmp_path / "ds")], nproc=2, launcher="deepspeed"))
+    assert json.loads((tmp_path / "ds" / "summary.json").read_text())["finished"]
+    ok(run("recipes/124m_fsdp.py", args + ["--run-dir", str(tmp_path / "fsdp")], nproc=2))
+    assert config_from_yaml_file(tmp_path / "fsdp" / "config.yaml").engine.name == "fsdp"
+    missing = run("recipes/124m_ddp.py", ["--run-dir", str(tmp_path / "none"), "--data", str(tmp_path / "absent")], launcher="python")
+    assert missing.returncode == 2
+    assert "python tools/prepare_data.py fineweb-edu --out data/fineweb-edu-10BT" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--run-dir", str(run_dir)]
+    ok(run("recipes/tiny.py", args + ["--max-steps", "1"], launcher="python"))
+    again = run("recipes/tiny.py", args + ["--max-steps", "1"], launcher="python")
+    assert again.returncode == 2 and "--resume" in again.stderr
+    other = run("recipes/tiny.py", ["--resume", str(run_dir), "--model", "gpt2-mini"], launcher="python")
+    assert other.returncode == 2 and "holds model 'gpt2-tiny'" in other.stderr
+    engine = run("recipes/tiny.py", ["--resume", str(run_dir), "--engine", "fsdp"], launcher="python")
+    assert engine.returncode == 2 and "--engine ddp" in engine.stderr
+    (run_dir / "checkpoints" / "latest").write_text("step_99999999")
+    broken = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2"], launcher="python")
+    assert broken.returncode == 2 and "not a complete checkpoint" in broken.stderr
+    accum = run("recipes/tiny.py", TINY + ["--total-batch-tokens", "100", "--run-dir", str(tmp_path / "x")], launcher="python")
+    assert accum.returncode == 2 and "not divisible" in accum.stderr
+    assert (run_dir / "checkpoints" / "step_00000001" / "meta.json").is_file()  # nothing lost
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "5",
+                   "--optim.warmup_steps=0", "--lr", "1e30", "--checkpoint.every=1", "--run-dir", str(tmp_path)]
+    proc = run("recipes/tiny.py", args, launcher="python")
+    assert proc.returncode == 1
+    assert "non-finite loss" in proc.stderr and "at step 1" in proc.stderr and "step_00000001" in proc.stderr
+    assert checkpoint.latest(tmp_path).name == "step_00000001"
+
+
+def test_sigterm_checkpoints_then_resume_finishes(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "100000",
+                   "--checkpoint.every=0", "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(command("recipes/tiny.py", args, launcher="python"), env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      2/"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
+    assert step >= 3
+    ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(step + 1)], launcher="python"))
+    assert not (tmp_path / "summary.json").exists() or json.loads((tmp_path / "summary.json").read_text())["finished"]
+
+
+class _FakeStrategy:
+    """Writes engine files like a strategy; ``die`` leaves the save half-written as a killed process would."""
+
+    def __init__(self, die: bool = False) -> None:
+        self.die = die
+
+    def save(self, path: Path) -> None:
+        (path / "weights.pt").write_bytes(b"partial" if self.die else b"complete")
+        if self.die:
+            raise SystemExit("killed mid-save")
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
+    env0 = DistEnv(0, 0, 1, torch.device("cpu"))
+    meta = {"model": "gpt2-tiny", "pad_vocab": False, "engine": "ddp"}
+    checkpoint.save(_FakeStrategy(), tmp_path, 10, meta, {"step": 10}, env0, keep=2)
+    with pytest.raises(SystemExit):
+        checkpoint.save(_FakeStrategy(die=True), tmp_path, 20, meta, {"step": 20}, env0, keep=2)
+    good = checkpoint.latest(tmp_path)
+    assert good.name == "step_00000010" and (good / "weights.pt").read_bytes() == b"complete"
+    assert not (checkpoint.checkpoints_root(tmp_path) / "step_00000020").exists()
+    # The next save clears the debris, moves `latest`, and keeps only the newest `keep` checkpoints.
+    for step in (20, 30):
+        checkpoint.save(_FakeStrategy(), tmp_path, step, meta, {"step": step}, env0, keep=2)
+    names = sorted(p.name for p in checkpoint.checkpoints_root(tmp_path).iterdir())
+    assert names == ["latest", "step_00000020", "step_00000030"]
+    assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30
+
+
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "100000",
+                   "--checkpoint.every=1", "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(command("recipes/tiny.py", args, launcher="python"), env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    seen = 0
+    for line in proc.stdout:
+        seen += line.startswith("checkpoint:")
+        if seen == 3:
+            break
+    time.sleep(0.05 + (os.getpid() % 7) / 20)  # somewhere inside a later step or save
+    proc.kill()
+    proc.wait()
+    model = checkpoint.load_model(tmp_path)
+    assert model.config.name == "gpt2-tiny"
+    ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] + 1)], launcher="python"))
