@@ -128,6 +128,16 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, pad_vocab: bool = False) -> "GPT":
+        """A GPT-2 checkpoint in Hugging Face layout: a hub name (``gpt2`` ...) or a local directory.
+
+        See ``gpt2_scale.hf.load_hf``.
+        """
+        from gpt2_scale.hf import load_hf
+
+        return load_hf(name_or_dir, pad_vocab=pad_vocab)
+
     def num_params(self, include_position_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # parameters() yields the tied weight once
         return n if include_position_embeddings else n - self.transformer.wpe.weight.numel()

@@ -1,0 +1,410 @@
+"""Hugging Face interop: load GPT-2 checkpoints in Hugging Face layout, export ours to it.
+
+The layout is a directory with ``config.json`` (``model_type: gpt2``) and the weights in
+``model.safetensors`` or ``pytorch_model.bin`` (or sharded, with an ``*.index.json``). Hugging Face
+GPT-2 stores the attention and MLP projections as ``Conv1D`` weights of shape (in, out); ours are
+``nn.Linear`` weights of shape (out, in), so those are transposed both ways. Everything else maps one
+to one by name (``h.0.attn.c_attn.weight`` ...), with or without the ``transformer.`` prefix.
+
+``load_hf("gpt2")`` downloads from the hub; ``load_hf(DIR)`` reads a local directory and never touches
+the network. ``export_hf(model, DIR)`` writes a directory that ``transformers.GPT2LMHeadModel
+.from_pretrained(DIR)`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from gpt2_scale.model import GPT
+from gpt2_scale.zoo import HF_HUB_NAMES, ModelConfig, available_models
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+BIN_FILE = "pytorch_model.bin"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX)
+
+# Hugging Face Conv1D modules: weight stored (in, out), the transpose of nn.Linear's (out, in).
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# Causal-mask buffers older transformers versions saved with the weights.
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+# What our model computes; config.json fields that would make it compute something else.
+_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+_LAYER_NORM_EPS = 1e-5
+_EXPORT_MARKER = "gpt2_scale"  # key in config.json of our exports
+_HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class HFCheckpointError(ValueError):
+    """A checkpoint that cannot be read into our model, or a hub name that cannot be fetched."""
+
+
+# --------------------------------------------------------------------------------------------- load
+
+
+def load_hf(name_or_dir: str | os.PathLike, pad_vocab: bool = False) -> GPT:
+    """A GPT with the weights of a GPT-2 checkpoint in Hugging Face layout, in fp32 on the CPU, in eval mode.
+
+    ``name_or_dir`` is a local directory, or a hub name: ``gpt2``, ``gpt2-medium``, ``gpt2-large``,
+    ``gpt2-xl``, a zoo name that has one (``gpt2-124m`` ...), or any ``owner/repo``. With ``pad_vocab``
+    the embedding gets the padded number of rows (see ``ModelConfig.pad_vocab``); the extra rows are zero.
+    """
+    path = _resolve(name_or_dir)
+    hf_config = _read_config(path)
+    config = _model_config(hf_config, pad_vocab)
+    state = _read_weights(path)
+    state = _normalise_keys(state, path)
+
+    with torch.device("meta"):  # no random init of weights about to be overwritten
+        model = GPT(config)
+    model.to_empty(device="cpu")
+    model.lm_head.weight = model.transformer.wte.weight  # to_empty may untie them
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    _check_keys_and_shapes(state, expected, config, path)
+
+    with torch.no_grad():
+        params = model.state_dict()
+        for key, tensor in state.items():
+            if key == "transformer.wte.weight":
+                params[key][: config.vocab_size].copy_(tensor)
+                params[key][config.vocab_size :].zero_()
+            else:
+                params[key].copy_(tensor)
+    return model.eval()
+
+
+def _resolve(name_or_dir: str | os.PathLike) -> Path:
+    """The local directory holding the checkpoint, downloading it first for a hub name."""
+    text = os.fspath(name_or_dir)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise HFCheckpointError(f"{text} is a file; pass the directory that holds {CONFIG_FILE} and the weights")
+    repo = _hub_repo(text)
+    if repo is None:
+        raise HFCheckpointError(
+            f"{text!r} is neither a local directory nor a Hugging Face hub name "
+            f"(gpt2, gpt2-medium, gpt2-large, gpt2-xl, {', '.join(sorted(HF_HUB_NAMES))} or owner/repo)"
+        )
+    return _download(repo, also_not_local=text if "/" in text else None)
+
+
+def _hub_repo(text: str) -> str | None:
+    if text in HF_HUB_NAMES.values():
+        return text
+    try:
+        zoo_name = ModelConfig.from_name(text).name
+    except ValueError:
+        zoo_name = None
+    if zoo_name is not None:
+        if zoo_name not in HF_HUB_NAMES:
+            raise HFCheckpointError(
+                f"the zoo model {text!r} has no pretrained checkpoint; pretrained ones: "
+                + ", ".join(f"{k} ({v})" for k, v in HF_HUB_NAMES.items())
+            )
+        return HF_HUB_NAMES[zoo_name]
+    if _HUB_REPO.match(text) and not text.startswith((".", "~")):
+        return text
+    return None
+
+
+def _offline_hint(repo: str) -> str:
+    return (
+        f"download it on a machine that has network access with `hf download {repo} {CONFIG_FILE} "
+        f"{SAFETENSORS_FILE} --local-dir DIR` (older huggingface_hub: `huggingface-cli download {repo} "
+        f"--include {CONFIG_FILE} {SAFETENSORS_FILE} --local-dir DIR`), copy DIR here and pass DIR instead of "
+        f"the name"
+    )
+
+
+def _download(repo: str, also_not_local: str | None = None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise HFCheckpointError(
+            f"loading {repo!r} from the hub needs huggingface_hub (`pip install huggingface_hub`); or "
+            + _offline_hint(repo)
+        ) from e
+    try:
+        local = snapshot_download(repo, allow_patterns=[CONFIG_FILE, SAFETENSORS_FILE])
+    except Exception as e:  # offline, DNS, proxy, 404, gated: all end the same way for the user
+        kind = type(e).__name__
+        if kind in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            reason = f"the hub has no accessible repository {repo!r} ({kind})"
+        else:
+            detail = " ".join(str(e).split())
+            reason = f"could not download {repo!r} from the Hugging Face hub ({kind}: {detail})"
+        if also_not_local is not None:
+            reason += f", and there is no local directory {also_not_local!r}"
+        raise HFCheckpointError(f"{reason}; {_offline_hint(repo)}") from e
+    path = Path(local)
+    if not (path / SAFETENSORS_FILE).exists():
+        raise HFCheckpointError(
+            f"the hub repository {repo!r} has no {SAFETENSORS_FILE}; download its weights some other way "
+            f"into a directory with {CONFIG_FILE} and pass that directory"
+        )
+    return path
+
+
+def _read_config(path: Path) -> dict:
+    file = path / CONFIG_FILE
+    if not file.exists():
+        raise HFCheckpointError(f"{path} has no {CONFIG_FILE}: a Hugging Face GPT-2 checkpoint needs one")
+    try:
+        cfg = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFCheckpointError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
+        got = cfg.get("model_type") if isinstance(cfg, dict) else None
+        raise HFCheckpointError(f"{file} is not a GPT-2 config: model_type is {got!r}, expected 'gpt2'")
+    return cfg
+
+
+def _model_config(cfg: dict, pad_vocab: bool) -> ModelConfig:
+    def field(*names):
+        for n in names:
+            if cfg.get(n) is not None:
+                return cfg[n]
+        raise HFCheckpointError(f"{CONFIG_FILE} has no {' or '.join(names)}")
+
+    n_layer, n_head, n_embd = field("n_layer"), field("n_head"), field("n_embd")
+    block_size, vocab_size = field("n_positions", "n_ctx"), field("vocab_size")
+    # Fields that would make the checkpoint compute something our model does not.
+    unsupported = []
+    if cfg.get("activation_function", "gelu_new") not in _ACTIVATIONS:
+        unsupported.append(f"activation_function={cfg['activation_function']!r} (supported: {', '.join(_ACTIVATIONS)})")
+    if abs(float(cfg.get("layer_norm_epsilon", _LAYER_NORM_EPS)) - _LAYER_NORM_EPS) > 1e-12:
+        unsupported.append(f"layer_norm_epsilon={cfg['layer_norm_epsilon']} (supported: {_LAYER_NORM_EPS})")
+    if cfg.get("n_inner") not in (None, 4 * n_embd):
+        unsupported.append(f"n_inner={cfg['n_inner']} (supported: 4 * n_embd = {4 * n_embd})")
+    if not cfg.get("scale_attn_weights", True):
+        unsupported.append("scale_attn_weights=false")
+    if cfg.get("scale_attn_by_inverse_layer_idx", False):
+        unsupported.append("scale_attn_by_inverse_layer_idx=true")
+    if cfg.get("add_cross_attention", False):
+        unsupported.append("add_cross_attention=true")
+    if unsupported:
+        raise HFCheckpointError(f"{CONFIG_FILE} asks for what this model does not implement: {'; '.join(unsupported)}")
+    try:
+        config = ModelConfig(n_layer, n_head, n_embd, block_size=block_size, vocab_size=vocab_size)
+    except (TypeError, ValueError) as e:
+        raise HFCheckpointError(f"{CONFIG_FILE} does not describe a valid model: {e}") from e
+    zoo = _zoo_match(config)
+    return (zoo or config).replace(pad_vocab=pad_vocab)
+
+
+def _zoo_match(config: ModelConfig) -> ModelConfig | None:
+    shape = (config.n_layer, config.n_head, config.n_embd, config.block_size, config.vocab_size)
+    for name in available_models():  # zoo names sort before aliases, so a match gets its canonical name
+        entry = ModelConfig.from_name(name)
+        if (entry.n_layer, entry.n_head, entry.n_embd, entry.block_size, entry.vocab_size) == shape:
+            return entry
+    return None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if (path / SAFETENSORS_FILE).exists():
+        return _load_file(path / SAFETENSORS_FILE)
+    if (path / SAFETENSORS_INDEX).exists() or (path / BIN_INDEX).exists():
+        index = path / (SAFETENSORS_INDEX if (path / SAFETENSORS_INDEX).exists() else BIN_INDEX)
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            if not (path / shard).exists():
+                raise HFCheckpointError(f"{index} lists the shard {shard}, which is not in {path}")
+            state.update(_load_file(path / shard))
+        return state
+    if (path / BIN_FILE).exists():
+        return _load_file(path / BIN_FILE)
+    raise HFCheckpointError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _load_file(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which one
+        raise HFCheckpointError(f"could not read {file}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict):
+        raise HFCheckpointError(f"{file} does not hold a state dict")
+    return state
+
+
+def _normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Our key names (``transformer.`` prefix, Linear layout); buffers and the tied lm_head dropped."""
+    out: dict[str, torch.Tensor] = {}
+    lm_head = None
+    for key, tensor in state.items():
+        if key == "lm_head.weight":
+            lm_head = tensor
+            continue
+        if key.endswith(_IGNORED_SUFFIXES):
+            continue
+        key = key if key.startswith("transformer.") else "transformer." + key
+        if key.endswith(_CONV1D) and tensor.dim() == 2:
+            tensor = tensor.t()
+        out[key] = tensor
+    wte = out.get("transformer.wte.weight")
+    if lm_head is not None and wte is not None and lm_head.shape == wte.shape and not torch.equal(lm_head, wte):
+        raise HFCheckpointError(
+            f"the checkpoint in {path} has an lm_head.weight that differs from wte.weight; "
+            "this model ties them, as GPT-2 does"
+        )
+    return out
+
+
+def _fitting_config(state: dict[str, torch.Tensor]) -> str:
+    """What the checkpoint's own tensors say the model is, for error messages."""
+    wte, wpe = state.get("transformer.wte.weight"), state.get("transformer.wpe.weight")
+    layers = {int(m.group(1)) for k in state if (m := re.match(r"transformer\.h\.(\d+)\.", k))}
+    if wte is None or wpe is None or wte.dim() != 2 or wpe.dim() != 2:
+        return ""
+    n_layer = max(layers) + 1 if layers else 0
+    fit = f"n_layer={n_layer}, n_embd={wte.shape[1]}, n_positions={wpe.shape[0]}, vocab_size={wte.shape[0]}"
+    zoo = [
+        name
+        for name in available_models()
+        if (c := ModelConfig.from_name(name)).name == name
+        and (c.n_layer, c.n_embd, c.block_size, c.vocab_size) == (n_layer, wte.shape[1], wpe.shape[0], wte.shape[0])
+    ]
+    return f"; the weights fit a config with {fit}" + (f" (zoo: {', '.join(zoo)})" if zoo else "")
+
+
+def _check_keys_and_shapes(
+    state: dict[str, torch.Tensor], expected: dict[str, tuple], config: ModelConfig, path: Path
+) -> None:
+    def listing(keys, limit=10):
+        keys = sorted(keys)
+        return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+    described = (
+        f"config.json in {path} (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
+        f"n_positions={config.block_size}, vocab_size={config.vocab_size})"
+    )
+    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {listing(unexpected)}")
+        raise HFCheckpointError(
+            f"the weights do not match the model of {described}: {'; '.join(parts)}{_fitting_config(state)}"
+        )
+    wrong = []
+    for key, shape in expected.items():
+        got = tuple(state[key].shape)
+        if key == "transformer.wte.weight":
+            shape = (config.vocab_size, shape[1])  # padded rows are not in the checkpoint
+        if got != shape:
+            wrong.append(f"{key}: checkpoint {list(got)}, model {list(shape)}")
+    if wrong:
+        more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
+        raise HFCheckpointError(
+            f"the weights do not fit the model of {described}; mismatched shapes (shown in nn.Linear "
+            f"(out, in) layout): {'; '.join(wrong[:10])}{more}{_fitting_config(state)}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``model`` as a Hugging Face GPT-2 checkpoint (config.json + model.safetensors) to ``out_dir``.
+
+    The files are written to a temporary directory beside ``out_dir`` and renamed into place, so a
+    failure never leaves a half-written export. An existing export is replaced; any other non-empty
+    directory only with ``overwrite=True``. Returns the directory.
+    """
+    from safetensors.torch import save_file
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    model = getattr(model, "module", model)  # DDP wrapper
+    config: ModelConfig = model.config
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise HFCheckpointError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
+        raise HFCheckpointError(
+            f"{out} is a non-empty directory that is not an export of this package; "
+            "choose another directory or pass overwrite=True to replace it"
+        )
+
+    wte, lm_head = model.transformer.wte.weight, model.lm_head.weight
+    if lm_head is not wte and not torch.equal(lm_head, wte):
+        raise HFCheckpointError("the model's lm_head.weight is not tied to wte.weight; GPT-2 checkpoints tie them")
+    tensors: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied: written once, as wte
+        tensor = tensor.detach().to("cpu")
+        if key == "transformer.wte.weight":
+            tensor = tensor[: config.vocab_size]  # drop the padded rows
+        elif key.endswith(_CONV1D):
+            tensor = tensor.t()
+        tensors[key] = tensor.contiguous().clone()
+    dtype = str(wte.dtype).removeprefix("torch.")
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "summary_first_dropout": 0.0,
+        "layer_norm_epsilon": _LAYER_NORM_EPS,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        _EXPORT_MARKER: {"model": config.name, "pad_vocab": config.pad_vocab},
+    }
+    if config.vocab_size > 50256:
+        hf_config.update(bos_token_id=50256, eos_token_id=50256)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out
+
+
+def _is_export(path: Path) -> bool:
+    try:
+        return _EXPORT_MARKER in json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False

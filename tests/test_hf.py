@@ -1,0 +1,349 @@
+"""Hugging Face interop: loading transformers' GPT-2 checkpoints into our GPT and exporting ours back."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from gpt2_scale import GPT, ModelConfig  # noqa: E402
+from gpt2_scale.hf import HFCheckpointError, export_hf, load_hf  # noqa: E402
+
+TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
+
+
+def _hf_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(**{**TINY, **overrides})
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _hf_logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+def _our_logits(model, idx):
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random tiny GPT2LMHeadModel saved with save_pretrained, and the model."""
+    path = tmp_path_factory.mktemp("hf") / "tiny"
+    model = _hf_model()
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture
+def idx():
+    return torch.randint(0, TINY["vocab_size"], (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def _copy_config(hf_dir, dest, **changes):
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg.update(changes)
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def _write_weights(dest, state, fmt="safetensors"):
+    if fmt == "safetensors":
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, dest / "pytorch_model.bin")
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def test_load_save_pretrained_matches_transformers(hf_dir, idx):
+    path, hf = hf_dir
+    model = load_hf(path)
+    assert isinstance(model, GPT)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 4, 64)
+    assert (model.config.block_size, model.config.vocab_size) == (64, 50257)
+    torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+def test_from_pretrained_classmethod(hf_dir, idx):
+    path, hf = hf_dir
+    model = GPT.from_pretrained(str(path))
+    torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("prefix", [True, False])
+def test_load_both_formats_with_buffers_and_tied_head(tmp_path, hf_dir, idx, fmt, prefix):
+    """pytorch_model.bin and model.safetensors; keys with and without `transformer.`; old mask buffers."""
+    path, hf = hf_dir
+    state = {k: v.clone() for k, v in hf.state_dict().items()}  # includes the tied lm_head.weight
+    for i in range(TINY["n_layer"]):  # what older transformers versions saved along with the weights
+        state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))
+        state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    if not prefix:  # the layout of the hub's own gpt2 checkpoints (saved from GPT2Model)
+        state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
+    dest = _copy_config(path, tmp_path / "ckpt")
+    _write_weights(dest, state, fmt)
+    model = load_hf(dest)
+    torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+def test_safetensors_preferred_over_bin(tmp_path, hf_dir, idx):
+    path, hf = hf_dir
+    dest = _copy_config(path, tmp_path / "ckpt")
+    shutil.copy(path / "model.safetensors", dest)
+    (dest / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    torch.testing.assert_close(_our_logits(load_hf(dest), idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+def test_load_pad_vocab(hf_dir, idx):
+    path, hf = hf_dir
+    model = load_hf(path, pad_vocab=True)
+    cfg = model.config
+    assert cfg.pad_vocab and cfg.padded_vocab_size == 50304
+    wte = model.transformer.wte.weight
+    assert wte.shape == (50304, 64)
+    assert torch.count_nonzero(wte[50257:]) == 0
+    logits = _our_logits(model, idx)
+    assert logits.shape[-1] == 50257
+    torch.testing.assert_close(logits, _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+def test_zoo_name_when_shape_matches(tmp_path):
+    tiny = ModelConfig.from_name("gpt2-tiny")
+    hf = _hf_model(n_layer=tiny.n_layer, n_head=tiny.n_head, n_embd=tiny.n_embd, n_positions=tiny.block_size)
+    hf.save_pretrained(tmp_path)
+    assert load_hf(tmp_path).config.name == "gpt2-tiny"
+
+
+def test_custom_name_when_no_zoo_entry(hf_dir):
+    assert load_hf(hf_dir[0]).config.name == "custom"
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def test_export_round_trip(tmp_path, idx):
+    torch.manual_seed(3)
+    ours = GPT(ModelConfig(2, 4, 64, block_size=64, pad_vocab=True)).eval()
+    with torch.no_grad():  # make the padded rows nonzero: the export must drop them, not copy them
+        ours.transformer.wte.weight[50257:] = 1.0
+    out = export_hf(ours, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    tensors = load_file(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in tensors  # tied: written once
+    assert tensors["transformer.wte.weight"].shape == (50257, 64)
+    assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (64, 192)  # Conv1D (in, out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["activation_function"] == "gelu_new" and cfg["tie_word_embeddings"] is True
+    assert cfg["layer_norm_epsilon"] == 1e-5 and cfg["architectures"] == ["GPT2LMHeadModel"]
+    assert cfg["resid_pdrop"] == cfg["embd_pdrop"] == cfg["attn_pdrop"] == 0.0
+
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    torch.testing.assert_close(_hf_logits(hf, idx), _our_logits(ours, idx), atol=1e-5, rtol=0)
+    assert torch.equal(hf.lm_head.weight, hf.transformer.wte.weight)
+
+    back = load_hf(out)
+    assert not back.config.pad_vocab
+    assert torch.equal(_our_logits(back, idx), _our_logits(ours, idx))
+    back_padded = load_hf(out, pad_vocab=True)
+    assert torch.count_nonzero(back_padded.transformer.wte.weight[50257:]) == 0
+
+
+def test_export_replaces_previous_export_and_leaves_no_temp_dirs(tmp_path, idx):
+    a = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    b = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    out = tmp_path / "export"
+    export_hf(a, out)
+    export_hf(b, out)  # an export is replaced without overwrite=True
+    x = idx[:, :16] % 100
+    assert torch.equal(_our_logits(load_hf(out), x), _our_logits(b, x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_export_refuses_foreign_non_empty_dir(tmp_path):
+    model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(HFCheckpointError, match="overwrite=True"):
+        export_hf(model, out)
+    assert (out / "notes.txt").read_text() == "keep me"
+    export_hf(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "empty").mkdir()
+    export_hf(model, tmp_path / "empty")  # an empty directory is fine
+
+
+def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    out = tmp_path / "export"
+    export_hf(model, out)
+    before = (out / "model.safetensors").read_bytes()
+
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, out)
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, tmp_path / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    assert (out / "model.safetensors").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------------------- errors
+
+
+def test_error_no_weights_file(tmp_path, hf_dir):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
+    with pytest.raises(HFCheckpointError, match="no weights") as e:
+        load_hf(dest)
+    assert "model.safetensors" in str(e.value) and "pytorch_model.bin" in str(e.value)
+
+
+def test_error_no_config(tmp_path, hf_dir):
+    dest = tmp_path / "ckpt"
+    dest.mkdir()
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError, match="no config.json"):
+        load_hf(dest)
+
+
+def test_error_not_gpt2(tmp_path, hf_dir):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt", model_type="bert")
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError, match="model_type is 'bert'"):
+        load_hf(dest)
+
+
+def test_error_unsupported_activation(tmp_path, hf_dir):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt", activation_function="relu")
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError, match="activation_function='relu'"):
+        load_hf(dest)
+
+
+def test_error_shape_mismatch_names_keys_shapes_and_fitting_config(tmp_path, hf_dir):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt", n_positions=128)
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError) as e:
+        load_hf(dest)
+    msg = str(e.value)
+    assert "transformer.wpe.weight: checkpoint [64, 64], model [128, 64]" in msg
+    assert "n_positions=64" in msg and "n_layer=2" in msg and "n_embd=64" in msg
+
+
+def test_error_shape_mismatch_suggests_zoo_entry(tmp_path):
+    tiny = ModelConfig.from_name("gpt2-tiny")
+    hf = _hf_model(n_layer=tiny.n_layer, n_head=tiny.n_head, n_embd=tiny.n_embd, n_positions=tiny.block_size)
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 64}))
+    with pytest.raises(HFCheckpointError, match="zoo: gpt2-tiny"):
+        load_hf(tmp_path)
+
+
+def test_error_missing_and_unexpected_keys(tmp_path, hf_dir):
+    state = load_file(str(hf_dir[0] / "model.safetensors"))
+    del state["transformer.ln_f.weight"]
+    state["transformer.extra.weight"] = torch.zeros(3)
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
+    _write_weights(dest, state)
+    with pytest.raises(HFCheckpointError) as e:
+        load_hf(dest)
+    msg = str(e.value)
+    assert "missing keys: transformer.ln_f.weight" in msg
+    assert "unexpected keys: transformer.extra.weight" in msg
+
+
+def test_error_layer_count_mismatch(tmp_path, hf_dir):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt", n_layer=3)
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError, match=r"missing keys: transformer\.h\.2\..*n_layer=2"):
+        load_hf(dest)
+
+
+def test_error_untied_lm_head(tmp_path, hf_dir):
+    state = load_file(str(hf_dir[0] / "model.safetensors"))
+    state["lm_head.weight"] = torch.randn_like(state["transformer.wte.weight"])
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt", tie_word_embeddings=False)
+    _write_weights(dest, state)
+    with pytest.raises(HFCheckpointError, match="lm_head.weight that differs"):
+        load_hf(dest)
+
+
+def test_error_neither_dir_nor_hub_name(tmp_path):
+    with pytest.raises(HFCheckpointError, match="neither a local directory nor"):
+        load_hf(tmp_path / "does" / "not" / "exist")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HFCheckpointError, match="is a file"):
+        load_hf(tmp_path / "file")
+
+
+def test_error_zoo_model_without_checkpoint():
+    with pytest.raises(HFCheckpointError, match="has no pretrained checkpoint"):
+        load_hf("gpt2-tiny")
+
+
+# ---------------------------------------------------------------------------------------------- hub
+
+
+@pytest.mark.parametrize(
+    "name, repo",
+    [("gpt2", "gpt2"), ("gpt2-124m", "gpt2"), ("gpt2-medium", "gpt2-medium"), ("gpt2-1558m", "gpt2-xl"),
+     ("someone/my-gpt2", "someone/my-gpt2")],
+)
+def test_hub_offline_gives_clear_error(monkeypatch, name, repo):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    calls = []
+
+    def offline(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(HFCheckpointError) as e:
+        load_hf(name)
+    assert calls == [(repo, {"allow_patterns": ["config.json", "model.safetensors"]})]
+    msg = str(e.value)
+    assert f"hf download {repo}" in msg and "--local-dir DIR" in msg and "pass DIR" in msg
+    assert "ConnectionError" in msg
+
+
+def test_hub_repository_not_found(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    class RepositoryNotFoundError(Exception):
+        pass
+
+    def missing(repo_id, **kwargs):
+        raise RepositoryNotFoundError("404")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", missing)
+    with pytest.raises(HFCheckpointError, match="no accessible repository 'someone/nothing'"):
+        load_hf("someone/nothing")
+
+
+def test_hub_download_loads_snapshot(monkeypatch, hf_dir, idx):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    path, hf = hf_dir
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(path))
+    model = GPT.from_pretrained("gpt2")
+    torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
