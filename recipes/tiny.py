@@ -18,11 +18,11 @@ from gpt2_scale.train import main
 CONFIG = Config(
     model=ModelSection(name="gpt2-tiny", pad_vocab=False),
     data=DataSection(dir="default"),
-    train=TrainSection(micro_batch=16, seq_len=128, total_batch_tokens=4096, max_steps=150),
-    optim=OptimSection(lr=3e-3, warmup_steps=15, weight_decay=0.1),
+    train=TrainSection(micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=120),
+    optim=OptimSection(lr=3e-3, warmup_steps=10),
     engine=EngineSection(name="ddp"),
-    log=LogSection(run_dir="runs/tiny", log_every=10, val_every=50, val_tokens=16 * 128 * 8, sample_every=75, num_samples=2, sample_tokens=24),
-    checkpoint=CheckpointSection(every=75),
+    log=LogSection(run_dir="runs/tiny", log_every=10, val_every=40, val_tokens=8 * 128 * 4, sample_every=60, num_samples=2, sample_tokens=24),
+    checkpoint=CheckpointSection(every=60),
 )
 
 if __name__ == "__main__":

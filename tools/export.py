@@ -1,0 +1,39 @@
+"""Full weights of a training run, from any engine's checkpoint, in Hugging Face GPT-2 layout.
+
+    python tools/export.py runs/gpt2-124m-zero3 --hf exports/gpt2-124m [--step N] [--overwrite]
+
+ZeRO shards are consolidated by DeepSpeed's own fp32 utility, FSDP's DCP checkpoint is read in one
+process; the result loads with ``transformers.GPT2LMHeadModel.from_pretrained(OUT)`` and with
+``python -m gpt2_scale.sample --hf OUT``.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a training run directory (holds config.yaml and checkpoints/)")
+    parser.add_argument("--hf", required=True, metavar="OUT", help="directory to write config.json + model.safetensors")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    args = parser.parse_args(argv)
+
+    from gpt2_scale.checkpoint import CheckpointError, load_model
+    from gpt2_scale.hf import HFCheckpointError, export_hf
+
+    try:
+        model = load_model(args.run_dir, args.step)
+        out = export_hf(model, args.hf, overwrite=args.overwrite)
+    except (FileNotFoundError, CheckpointError, HFCheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {model.config.name} ({model.num_params():,} parameters) from {args.run_dir} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
