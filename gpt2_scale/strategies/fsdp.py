@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -58,12 +58,17 @@ class FSDPStrategy(Strategy):
 
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model half of a DCP checkpoint, in one process (DCP reads only the keys asked for)."""
-    from gpt2_scale.model import GPT
-    from gpt2_scale.zoo import ModelConfig
+    """The model half of a DCP checkpoint, in one process (DCP reads only the keys asked for).
 
-    meta = json.loads((path / "meta.json").read_text())
-    template = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta["pad_vocab"])).state_dict()
+    Shapes come from the checkpoint's own metadata, so any model (a zoo size or a custom
+    ModelConfig) reads back without knowing its config.
+    """
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    template = {
+        key.removeprefix("model."): torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in metadata.items()
+        if key.startswith("model.") and isinstance(md, TensorStorageMetadata)
+    }
     state = {"model": template}
     dcp.load(state, checkpoint_id=path)
     return state["model"]
