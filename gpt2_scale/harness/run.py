@@ -1,0 +1,161 @@
+"""Train a case: under an engine on every rank of a process group, or as the single-process reference.
+
+Both drive ``gpt2_scale.train.optimizer_step``, the function the training loop uses, so the harness
+checks the real step. The reference is a plain model with the same AdamW on one process that sees the
+whole total batch at once (one micro-batch of all sequences): any correct split of that batch over
+micro-steps and ranks must give the same losses, norms and weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gpt2_scale import checkpoint, strategies
+from gpt2_scale.determinism import make_deterministic
+from gpt2_scale.distributed import DistEnv, barrier
+from gpt2_scale.harness.case import Case, eval_batch, rank_batches, run_config, tokens
+from gpt2_scale.model import GPT
+from gpt2_scale.optim import param_groups
+from gpt2_scale.strategies.base import Strategy, adamw
+from gpt2_scale.train import optimizer_step
+
+
+@dataclass
+class Result:
+    losses: list[float]
+    grad_norms: list[float]
+    weights: dict[str, torch.Tensor]  # full fp32 weights after the last step
+    logits: torch.Tensor  # of eval_batch, from the trained model
+    exported_logits: torch.Tensor | None = None  # the same, after export and load under case.export_to
+
+
+class PlainStrategy(Strategy):
+    """No engine at all: the model and torch AdamW on one process, the yardstick for every engine."""
+
+    def setup(self, model: GPT) -> None:
+        self.model = self.module = model
+        self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, self.env.device)
+
+    def autocast(self):
+        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _set_sync(self, sync: bool) -> None:
+        pass
+
+    def save(self, path: Path) -> None:
+        torch.save(self.module.state_dict(), path / "model.pt")
+
+    def load(self, path: Path) -> None:
+        self.module.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
+
+
+def initial_model(case: Case, device: torch.device, seed_offset: int = 0) -> GPT:
+    torch.manual_seed(case.seed + seed_offset)
+    return GPT(case.model).to(device)
+
+
+def reference(case: Case, device: torch.device | None = None) -> Result:
+    """The case on one plain process in fp32, the whole total batch as one micro-batch."""
+    device = device or torch.device("cpu")
+    ref = case.replace(dtype="fp32")
+    env = DistEnv(0, 0, 1, device)
+    strategy = PlainStrategy(run_config(ref), env)
+    strategy.setup(initial_model(ref, device))
+    losses, norms = [], []
+    for step, step_tokens in enumerate(tokens(ref)):
+        batch = [(step_tokens[:, :-1], step_tokens[:, 1:])]
+        loss, norm = optimizer_step(strategy, batch, ref.lr_at(step), device)
+        losses.append(loss.item())
+        norms.append(float(norm))
+    return Result(losses, norms, strategy.full_state_dict(), _logits(strategy, ref, device))
+
+
+@torch.no_grad()
+def _logits(strategy: Strategy, case: Case, device: torch.device) -> torch.Tensor:
+    """Forward on every rank (sharded engines gather inside it); the eval batch's fp32 logits on CPU."""
+    strategy.model.eval()
+    with strategy.autocast():
+        logits, _ = strategy.model(eval_batch(case).to(device))
+    strategy.model.train()
+    return logits.float().cpu()
+
+
+def _build(case: Case, engine: str, env: DistEnv, model: GPT) -> Strategy:
+    strategy = strategies.build(run_config(case, engine, env.device.type), env)
+    strategy.setup(model)
+    return strategy
+
+
+def teardown(strategy: Strategy) -> None:
+    """Free an engine before the next one: DeepSpeed engines hold hooks and buffers until destroyed."""
+    destroy = getattr(strategy.model, "destroy", None)
+    if callable(destroy):
+        destroy()
+    strategy.model = strategy.module = strategy.optimizer = None  # the caller may still hold the shell
+    gc.collect()
+
+
+def run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[], None] = lambda: None) -> Result | None:
+    """Every rank calls; rank 0 returns the Result, the others None.
+
+    With ``case.deterministic`` the run uses PyTorch's deterministic algorithms (as
+    ``train.deterministic`` does); the previous setting is restored after, since a pool runs many cases.
+
+    With ``case.resume_at`` the run saves a checkpoint there, drops the engine, calls ``renew_group``
+    (a fresh process group) and rebuilds everything from the checkpoint, starting from other initial
+    weights so that only the checkpoint can make the result right.
+    """
+    previous = torch.are_deterministic_algorithms_enabled()
+    if case.deterministic:
+        make_deterministic(case.seed)
+    try:
+        return _run_engine(case, env, workdir, renew_group)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[], None]) -> Result | None:
+    if env.is_main:
+        shutil.rmtree(workdir, ignore_errors=True)
+        workdir.mkdir(parents=True)
+    barrier()
+    meta = {"model": case.model.name, "pad_vocab": case.model.pad_vocab, "engine": case.engine}
+    strategy = _build(case, case.engine, env, initial_model(case, env.device))
+    losses, norms = [], []
+    for step, step_tokens in enumerate(tokens(case)):
+        if step == case.resume_at:
+            path = checkpoint.save(strategy, workdir, step, meta, {"step": step}, env, keep=1)
+            teardown(strategy)
+            renew_group()
+            strategy = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=1))
+            if checkpoint.load(strategy, path, env)["step"] != step:
+                raise RuntimeError(f"{path} does not hold step {step}")
+        batches = rank_batches(step_tokens, case.micro_batch, case.accum, env.world_size, env.rank)
+        loss, norm = optimizer_step(strategy, batches, case.lr_at(step), env.device)
+        losses.append(loss.item())
+        norms.append(float(norm))
+    weights = strategy.full_state_dict()
+    logits = _logits(strategy, case, env.device)
+    exported = None
+    if case.export_to:
+        path = checkpoint.save(strategy, workdir, case.steps, meta, {"step": case.steps}, env, keep=1)
+        teardown(strategy)
+        model = initial_model(case, env.device, seed_offset=2)
+        checkpoint.load_weights(model, strategies.weights_reader(case.engine)(path), path)
+        strategy = _build(case, case.export_to, env, model)
+        exported = _logits(strategy, case, env.device)
+    teardown(strategy)
+    barrier()
+    if env.is_main:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return Result(losses, norms, weights, logits, exported)
+    return None

@@ -1,0 +1,135 @@
+"""Property tests: DDP, FSDP2 and ZeRO-1/2/3 train the same model as one plain process.
+
+Each example is a tiny GPT, a token batch, a split of that batch over micro-steps and ranks and
+optimizer settings, all drawn by hypothesis; a failing example prints as ``Draw 1: Case(...)``,
+whose ``seed`` fixes the weights and tokens, so the Case alone reproduces it. Engines run on
+persistent gloo worker pools (world 1 and 2) started once for this module.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gpt2_scale.config import ENGINES
+from gpt2_scale.harness.case import Case, rank_batches, tokens
+from gpt2_scale.harness.compare import BF16, FP32, mismatches
+from gpt2_scale.harness.pool import WorkerPool
+from gpt2_scale.harness.run import Result, reference
+from gpt2_scale.zoo import ModelConfig
+
+
+@st.composite
+def cases(draw, engine: str | None = None, min_steps: int = 1) -> Case:
+    n_head = draw(st.integers(1, 4))
+    n_embd = n_head * draw(st.sampled_from([4, 8, 16]))
+    seq_len = draw(st.integers(8, 64))
+    model = ModelConfig(
+        draw(st.integers(1, 3)),
+        n_head,
+        n_embd,
+        block_size=draw(st.integers(seq_len, 64)),  # positions beyond seq_len get no gradient at all
+        vocab_size=draw(st.integers(2, 300)),  # mostly not divisible by the world size
+        pad_vocab=draw(st.booleans()),
+    )
+    return Case(
+        model,
+        engine or draw(st.sampled_from(ENGINES)),
+        world_size=draw(st.sampled_from([1, 2])),
+        micro_batch=draw(st.integers(1, 4)),
+        accum=draw(st.integers(1, 4)),
+        seq_len=seq_len,
+        steps=draw(st.integers(min_steps, 3)),
+        lr=10 ** draw(st.floats(-5, -4)),  # up to the lr at which fp32 weights can agree to 1e-6 (compare.py)
+        grad_clip=draw(st.sampled_from([0.0, 0.1, 1.0])),  # 0.1 clips: gradient norms start near 0.5-1
+        weight_decay=draw(st.sampled_from([0.0, 0.1])),
+        seed=draw(st.integers(0, 2**16)),
+    )
+
+
+@pytest.fixture(scope="module")
+def pools():
+    with WorkerPool(1) as one, WorkerPool(2) as two:
+        yield {1: one, 2: two}
+
+
+def run(pools: dict[int, WorkerPool], case: Case) -> Result:
+    return pools[case.world_size].run(case)
+
+
+def assert_agrees(result: Result, expected: Result, tol=FP32) -> None:
+    problems = mismatches(result, expected, tol)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@given(data=st.data())
+def test_engine_matches_single_process_reference(pools, engine, data):
+    case = data.draw(cases(engine))
+    assert_agrees(run(pools, case), reference(case))
+
+
+def splits(total: int) -> list[tuple[int, int, int]]:
+    """Every (micro_batch, accum, world_size) with accumulation 1-4 and 1-2 ranks whose product is total."""
+    return [(total // (a * w), a, w) for w in (1, 2) for a in range(1, 5) if total % (a * w) == 0]
+
+
+@given(data=st.data())
+def test_the_same_total_batch_split_differently_gives_the_same_run(pools, data):
+    case = data.draw(cases())
+    total = data.draw(st.sampled_from([2, 4, 6, 8]))
+    first, second = data.draw(st.lists(st.sampled_from(splits(total)), min_size=2, max_size=2, unique=True))
+    other_engine = data.draw(st.sampled_from(ENGINES))
+    a = run(pools, case.replace(micro_batch=first[0], accum=first[1], world_size=first[2]))
+    b = run(pools, case.replace(micro_batch=second[0], accum=second[1], world_size=second[2], engine=other_engine))
+    assert_agrees(b, a)
+
+
+@given(data=st.data())
+def test_resume_from_a_checkpoint_continues_exactly(pools, data):
+    case = data.draw(cases(min_steps=2))
+    case = case.replace(resume_at=data.draw(st.integers(1, case.steps - 1)))
+    assert_agrees(run(pools, case), run(pools, case.replace(resume_at=None)))
+
+
+@given(data=st.data())
+def test_a_checkpoint_exported_from_one_engine_loads_under_another(pools, data):
+    case = data.draw(cases())
+    case = case.replace(export_to=data.draw(st.sampled_from([e for e in ENGINES if e != case.engine])))
+    result = run(pools, case)
+    diff = (result.exported_logits - result.logits).abs().max().item()
+    assert torch.allclose(result.exported_logits, result.logits, rtol=FP32.rtol, atol=FP32.atol), f"max abs diff {diff:.2e}"
+
+
+@given(data=st.data())
+def test_bf16_stays_within_bf16_resolution_of_the_fp32_reference(pools, data):
+    case = data.draw(cases()).replace(dtype="bf16", lr=data.draw(st.sampled_from([1e-4, 1e-3, 1e-2])))
+    assert_agrees(run(pools, case), reference(case), BF16)
+
+
+@given(data=st.data())
+def test_deterministic_runs_repeat_bitwise(pools, data):
+    case = data.draw(cases()).replace(deterministic=True)
+    a, b = run(pools, case), run(pools, case)
+    assert a.losses == b.losses and a.grad_norms == b.grad_norms
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
+def test_rank_batches_partition_each_step_exactly():
+    case = Case(ModelConfig(1, 1, 4, block_size=8, vocab_size=11), "ddp", world_size=2, micro_batch=3, accum=2, seq_len=8)
+    step = tokens(case)[0]
+    rows = [x for rank in range(2) for x, _ in rank_batches(step, 3, 2, 2, rank)]
+    got = torch.cat(rows)
+    assert got.shape == (12, 8)
+    assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, step[:, :-1].tolist()))
+    x, y = rank_batches(step, 3, 2, 2, 1)[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_tokens_depend_on_the_total_batch_not_its_split():
+    model = ModelConfig(1, 1, 4, block_size=8, vocab_size=11)
+    a = Case(model, "ddp", world_size=2, micro_batch=1, accum=2, seq_len=8)
+    b = Case(model, "zero3", world_size=1, micro_batch=4, accum=1, seq_len=8)
+    assert torch.equal(tokens(a), tokens(b))
