@@ -68,8 +68,10 @@ class Strategy(ABC):
 
     def step(self) -> torch.Tensor:
         """Clip to cfg.optim.grad_clip (global norm across shards), step, zero grads; returns the norm before clipping."""
-        max_norm = self.cfg.optim.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        norm = global_grad_norm(grads)
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
@@ -85,6 +87,16 @@ class Strategy(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded fp32 weights by parameter name, on CPU (every rank calls; complete on rank 0)."""
+
+
+def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of all gradients, accumulated in fp64 as DeepSpeed does, so every engine reports the same
+    number (an fp32 sum over millions of elements drifts by ~1e-5 relative). Sharded (DTensor) gradients
+    give a norm over the whole model."""
+    norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads])
+    norm = torch.linalg.vector_norm(norms)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norm.float()
 
 
 def adamw(params, cfg: Config, device: torch.device) -> torch.optim.AdamW:

@@ -38,10 +38,6 @@ class FSDPStrategy(Strategy):
     def _set_sync(self, sync: bool) -> None:
         self.model.set_requires_gradient_sync(sync)
 
-    def step(self) -> torch.Tensor:
-        norm = super().step()
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
