@@ -134,12 +134,21 @@ class TokenLoader:
                 "--batch-size/--seq-len or prepare more data (--val-tokens for the validation split)"
             )
         self._memmaps: dict[int, np.ndarray] = {}
+        self._window_views: dict[int, np.ndarray] = {}
         self.epoch, self.step = 0, 0
 
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._memmaps:  # a plain ndarray view of the memmap: slicing np.memmap itself is slow
             self._memmaps[i] = np.memmap(self.files[i], dtype=DTYPE, mode="r").view(np.ndarray)
         return self._memmaps[i]
+
+    def _windows(self, i: int) -> np.ndarray:
+        """Shard i as a read-only (windows, T+1) view at stride T: a batch is then one C-level row gather."""
+        if i not in self._window_views:
+            tokens = self._shard(i)
+            shape, strides = (self.counts[i], self.T + 1), (self.T * tokens.itemsize, tokens.itemsize)
+            self._window_views[i] = np.lib.stride_tricks.as_strided(tokens, shape, strides, writeable=False)
+        return self._window_views[i]
 
     def _locate(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         """The epoch's windows start..start+B-1 as (shard, window within shard) arrays."""
@@ -161,22 +170,25 @@ class TokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.T
         shards, windows = self._locate((self.step * self.world_size + self.rank) * self.B)
-        rows = np.empty((self.B, T + 1), dtype=DTYPE)
-        for i, (shard, w) in enumerate(zip(shards.tolist(), windows.tolist())):
-            rows[i] = self._shard(shard)[w * T : w * T + T + 1]
+        if shards[0] == shards[-1]:  # a batch's shards come in blocks: usually a single one
+            rows = self._windows(int(shards[0]))[windows]
+        else:
+            rows = np.empty((self.B, T + 1), dtype=DTYPE)
+            for shard in np.unique(shards).tolist():
+                mine = shards == shard
+                rows[mine] = self._windows(shard)[windows[mine]]
         if int(rows.max()) >= tokenizer.VOCAB_SIZE:
             shard = int(shards[rows.max(axis=1).argmax()])
             raise ValueError(
                 f"shard {self.files[shard]} holds token id {int(rows.max())} >= the vocabulary size "
                 f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
             )
-        xy = np.empty((2, self.B, T), dtype=np.int64)  # x and y cast straight from the uint16 rows
-        xy[0], xy[1] = rows[:, :-1], rows[:, 1:]
         self.step += 1
         if self.step == self.batches_per_epoch:  # the train split reshuffles; val starts over in the same order
             self.epoch, self.step = self.epoch + 1, 0
-        xy = torch.from_numpy(xy)
-        return xy[0], xy[1]
+        # One cast; x and y are overlapping views of it (copying them apart would double the bytes written).
+        xy = torch.from_numpy(rows.astype(np.int64))
+        return xy[:, :-1], xy[:, 1:]
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""
