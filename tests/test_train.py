@@ -169,3 +169,30 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
     model = checkpoint.load_model(tmp_path)
     assert model.config.name == "gpt2-tiny"
     ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] + 1)], launcher="python"))
+
+
+def test_hellaswag_during_sharded_training_then_eval_and_export_the_checkpoint(corpus, tmp_path):
+    from test_hellaswag import write_examples
+
+    data = write_examples(tmp_path / "hellaswag.jsonl")
+    run_dir = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--engine", "fsdp", "--max-steps", "3", "--total-batch-tokens", "128",
+                   "--log.val_every=0", "--log.hellaswag_every=2", f"--log.hellaswag_data={data}", "--run-dir", str(run_dir)]
+    ok(run("recipes/tiny.py", args, nproc=2))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    hs = [r for r in rows if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in hs] == [0, 2] and all(0 <= r["hellaswag_acc"] <= 1 for r in hs)
+
+    out = ok(run("tools/eval_hellaswag.py", ["--ckpt", str(run_dir), "--data", str(data), "--json"], launcher="python"))
+    assert json.loads(out[out.index("{"):])["n"] == 5
+
+    ok(run("tools/export.py", [str(run_dir), "--hf", str(tmp_path / "hf")], launcher="python"))
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ours = checkpoint.load_model(run_dir).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
+    missing = run("recipes/tiny.py", TINY + ["--data", str(corpus), "--log.hellaswag_every=1",
+                                             f"--log.hellaswag_data={tmp_path / 'absent.jsonl'}", "--run-dir", str(tmp_path / "x")], launcher="python")
+    assert missing.returncode == 2 and "--log.hellaswag_every=0" in missing.stderr

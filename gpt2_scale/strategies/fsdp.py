@@ -61,5 +61,5 @@ def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
         for key, meta in metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"model": model}, checkpoint_id=path)
+    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
     return model
