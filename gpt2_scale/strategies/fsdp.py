@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,5 +62,7 @@ def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
         for key, meta in metadata.items()
         if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    with warnings.catch_warnings():  # one process is the intent here, not a mistake
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
     return model
