@@ -26,7 +26,9 @@ def generate(
 
     ``temperature`` 0 picks the most likely token; otherwise logits are divided by it and, with
     ``top_k``, all but the k most likely tokens are dropped before sampling with ``generator``.
-    The model runs in eval mode under ``torch.inference_mode()``; its train/eval mode is restored.
+    The model runs in eval mode under ``torch.no_grad()`` (not inference_mode: sharded engines such as
+    ZeRO-3 keep the weights they gather, and inference tensors could not be used in a later backward);
+    its train/eval mode is restored.
     """
     if idx.dim() not in (1, 2) or idx.size(-1) < 1:
         raise ValueError(f"idx must be (T,) or (B, T) with T >= 1 token ids, got shape {tuple(idx.shape)}")
@@ -41,7 +43,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             out = _generate(model, out.long(), max_new_tokens, temperature, top_k, generator, use_cache)
     finally:
         model.train(was_training)

@@ -36,10 +36,12 @@ def ok(proc: subprocess.CompletedProcess) -> str:
 def test_every_engine_trains_the_same_model_on_two_ranks(corpus, tmp_path):
     # 2 ranks x micro-batch 2 x 32 tokens x 2 micro-steps = 256 tokens per step.
     args = TINY + ["--data", str(corpus), "--max-steps", "4", "--total-batch-tokens", "256", "--lr", "3e-3",
-                   "--optim.warmup_steps=1", "--log.val_every=3"]
+                   "--optim.warmup_steps=1", "--log.val_every=3", "--log.sample_every=2"]
     losses = {}
     for engine in ENGINES:
-        ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], nproc=2))
+        out = ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], nproc=2))
+        samples = [line for line in out.splitlines() if line.startswith("sample 0: ")]
+        assert len(samples) == 2 and "Hello, I" in samples[0], out  # at steps 2 and 3, training on between
         losses[engine] = metrics(tmp_path / engine)
         assert len(losses[engine]) == 4 and losses[engine][-1] < losses[engine][0] - 0.3, losses[engine]
         assert len(metrics(tmp_path / engine, "val_loss")) == 2  # steps 0 and 3
