@@ -228,9 +228,12 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
     flops_per_token = model.config.flops_per_token(cfg.train.seq_len)
     peak = cfg.log.peak_tflops or detect_peak_tflops(env.device)
     avg_dt, t_start = None, time.time()
+    window_start, window_steps = time.time(), 0  # steps since the last log line, timed without evaluations
     last_record: dict = {}
     for step in range(start_step, max_steps):
         last = step == max_steps - 1
+        evaluating = due(step, cfg.log.val_every, last) or (examples is not None and due(step, cfg.log.hellaswag_every, last))
+        evaluating = evaluating or (step > start_step and due(step, cfg.log.sample_every, last))
         if due(step, cfg.log.val_every, last):
             val = validation_loss(strategy, val_loader, cfg, env)
             log.log({"step": step, "tokens": tokens, "val_loss": val})
@@ -242,20 +245,24 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         if step > start_step and due(step, cfg.log.sample_every, last):
             print_samples(strategy, cfg, env, log)
 
-        t0 = time.time()
+        if evaluating:  # evaluation waited for the device: restart the timing window after it
+            window_start, window_steps = time.time(), 0
         lr = lr_at(step, cfg.optim, max_steps)
         batches = (train_loader.next_batch() for _ in range(accum))
         loss_t, norm = optimizer_step(strategy, batches, lr, env.device)
         tokens += cfg.train.total_batch_tokens
-        if (step + 1) % cfg.log.log_every == 0 or last:
-            loss = loss_t.item()  # the host waits for the GPU only on log steps
+        window_steps += 1
+        logging = (step + 1) % cfg.log.log_every == 0 or last
+        if logging:
+            loss = loss_t.item()  # the host waits for the device only on log steps
             if not math.isfinite(loss):
                 kept = checkpoint.latest(run_dir)
                 raise TrainingError(
                     f"non-finite loss ({loss}) at step {step}; stopped without saving. "
                     + (f"The last good checkpoint is {kept}: resume with --resume {run_dir} and a lower --lr." if kept else "No checkpoint was written yet.")
                 )
-            dt = time.time() - t0
+            dt = (time.time() - window_start) / window_steps
+            window_start, window_steps = time.time(), 0
             avg_dt = dt if avg_dt is None or step == start_step + 1 else 0.9 * avg_dt + 0.1 * dt
             tps = cfg.train.total_batch_tokens / dt
             record = {
@@ -266,7 +273,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             log.log({k: v for k, v in record.items() if v is not None})
             log.print(step_line(record, max_steps, avg_dt * (max_steps - step - 1)))
             last_record = record
-        stopping = stop.any_rank(env.device)
+        stopping = logging and stop.any_rank(env.device)  # a collective, so every rank asks on the same (log) steps
         if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
             save(step + 1)
         if stopping:
