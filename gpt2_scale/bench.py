@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2_scale import distributed, memory, strategies
-from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection, validate
+from gpt2_scale.config import Config, ConfigError, EngineSection, ModelSection, TrainSection, validate
 from gpt2_scale.metrics import detect_peak_tflops, mfu
 from gpt2_scale.model import GPT
 from gpt2_scale.train import build_model, optimizer_step
@@ -55,6 +55,9 @@ class BenchSpec:
                                  activation_checkpointing=self.activation_checkpointing, offload=self.offload),
         )
         validate(cfg)
+        block = ModelConfig.from_name(self.model).block_size
+        if self.seq_len > block:
+            raise ConfigError(f"sequence length {self.seq_len} exceeds {self.model}'s context length {block}")
         return cfg
 
 
@@ -256,9 +259,8 @@ def table(results: list[BenchResult]) -> str:
     lines += ["| " + " | ".join(row(r)) + " |" for r in results]
     seed = next((r for r in results if r.spec.engine == SEED), None)
     if seed is not None:
-        for r in results:
-            if r is not seed:
-                lines.append(f"\n{r.spec.engine}/seed tokens/s: {r.tokens_per_s / seed.tokens_per_s:.2f}x")
+        ratios = [f"{r.spec.engine} {r.tokens_per_s / seed.tokens_per_s:.2f}x" for r in results if r is not seed]
+        lines.append("\nours/seed tokens/s: " + ", ".join(ratios))
     return "\n".join(lines)
 
 
