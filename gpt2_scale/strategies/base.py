@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from gpt2_scale.config import Config
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 
 
@@ -75,6 +76,14 @@ class Strategy(ABC):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def state_bytes(self) -> StateBytes:
+        """Bytes of weights, gradients and optimizer state this rank holds now (local shards only); the
+        benchmark and the memory tests call it between backward and step. DeepSpeed overrides it."""
+        params = list(self.model.parameters())
+        return StateBytes(
+            held_bytes(params), held_bytes(p.grad for p in params), held_bytes(tensors_in(list(self.optimizer.state.values())))
+        )
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from gpt2_scale.config import Config, ConfigError, grad_accum_steps
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
 from gpt2_scale.strategies.base import Strategy, prepare_blocks
@@ -101,6 +102,17 @@ class DeepSpeedStrategy(Strategy):
         self.model.step()  # clips to gradient_clipping, steps and zeroes at the accumulation boundary
         norm = self.model.get_global_grad_norm()
         return norm if isinstance(norm, torch.Tensor) else torch.tensor(float(norm if norm is not None else "nan"))
+
+    def state_bytes(self) -> StateBytes:
+        """Weights: the flat 16-bit (or fp32) buffers, for ZeRO-3 the partitions (``ds_tensor``) plus any full
+        parameters gathered or persistent now. Gradients: the reduced ones the optimizer is about to use
+        (``averaged_gradients``). Optimizer: the fp32 master partitions and the inner optimizer's state."""
+        zero = self.optimizer
+        params = [t for p in self.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None))]
+        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat")
+        grads = tensors_in(zero.averaged_gradients) + [m.grad for m in masters]  # offload: the fp32 .grad on CPU
+        inner = tensors_in(list(zero.optimizer.state.values()))
+        return StateBytes(held_bytes(params), held_bytes(grads), held_bytes(masters + inner))
 
     def save(self, path: Path) -> None:
         self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)

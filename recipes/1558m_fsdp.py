@@ -1,0 +1,27 @@
+"""GPT-2 XL (1558M) on FineWeb-Edu 10BT with FSDP2, GPT-3 Table 2.1 settings of gpt3-1.3b: lr 2e-4, batch 2^20 tokens = 1024 x 1024.
+
+    torchrun --nproc_per_node 8 recipes/1558m_fsdp.py
+    torchrun --nnodes 2 --nproc_per_node 8 --node-rank $i --rdzv-endpoint $HOST:29500 recipes/1558m_fsdp.py   # 2 nodes
+
+Fits 8 x 80 GB: micro-batch 8 x 1024, 16 micro-steps per step, no activation checkpointing; estimate
+29.0 GiB per GPU (python tools/estimate_memory.py --model gpt2-1558m --engine fsdp --world 8 --micro-batch 8).
+
+On one 80 GB GPU (FSDP CPU offload: weights, gradients and Adam state on the host, 128 micro-steps, ~25 GB host RAM):
+
+    python recipes/1558m_fsdp.py --engine.offload=true     # estimate 26.1 GiB: tools/estimate_memory.py --model gpt2-1558m --engine fsdp --world 1 --micro-batch 8 --offload
+
+Settings shared by the size recipes are in gpt2_scale/scaling.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.train import main  # noqa: E402
+
+CONFIG = scaled_config("gpt2-1558m", engine="fsdp", micro_batch=8)
+
+if __name__ == "__main__":
+    main(CONFIG)

@@ -1,0 +1,22 @@
+"""GPT-2 Medium (350M) on FineWeb-Edu 10BT with DeepSpeed ZeRO-2, GPT-3 Table 2.1 settings of gpt3-350m: lr 3e-4, batch 2^19 tokens = 512 x 1024.
+
+    deepspeed --num_gpus 8 recipes/350m.py        # or: torchrun --nproc_per_node 8 recipes/350m.py
+    torchrun --nnodes 2 --nproc_per_node 8 --node-rank $i --rdzv-endpoint $HOST:29500 recipes/350m.py   # 2 nodes
+
+Fits 8 x 80 GB: micro-batch 32 x 1024, 2 micro-steps per step, no activation checkpointing; estimate
+45.1 GiB per GPU (python tools/estimate_memory.py --model gpt2-350m --engine zero2 --world 8 --micro-batch 32).
+Settings shared by the size recipes are in gpt2_scale/scaling.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.train import main  # noqa: E402
+
+CONFIG = scaled_config("gpt2-350m", engine="zero2", micro_batch=32)
+
+if __name__ == "__main__":
+    main(CONFIG)

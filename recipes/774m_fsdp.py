@@ -1,0 +1,22 @@
+"""GPT-2 Large (774M) on FineWeb-Edu 10BT with FSDP2, GPT-3 Table 2.1 settings of gpt3-760m: lr 2.5e-4, batch 2^19 tokens = 512 x 1024.
+
+    torchrun --nproc_per_node 8 recipes/774m_fsdp.py
+    torchrun --nnodes 2 --nproc_per_node 8 --node-rank $i --rdzv-endpoint $HOST:29500 recipes/774m_fsdp.py   # 2 nodes
+
+Fits 8 x 80 GB: micro-batch 16 x 1024, 4 micro-steps per step, no activation checkpointing; estimate
+35.8 GiB per GPU (python tools/estimate_memory.py --model gpt2-774m --engine fsdp --world 8 --micro-batch 16).
+Settings shared by the size recipes are in gpt2_scale/scaling.py.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.train import main  # noqa: E402
+
+CONFIG = scaled_config("gpt2-774m", engine="fsdp", micro_batch=16)
+
+if __name__ == "__main__":
+    main(CONFIG)

@@ -1,0 +1,183 @@
+"""Memory: the ZeRO accounting against what each engine's ranks hold, activation checkpointing under every
+engine, and the estimator's activation constants against saved-for-backward bytes measured here.
+
+One spawned world of 2 CPU ranks runs every engine (DeepSpeed's setup dominates the cost).
+"""
+
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpt2_scale import memory
+from gpt2_scale.model import GPT
+from gpt2_scale.zoo import ModelConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+# Many small tensors: ZeRO-1/2 keep whole gradients of the tensors that straddle a partition boundary and ZeRO-3
+# keeps tensors under stage3_param_persistence_threshold unpartitioned, so the largest tensor (4·d² = 4096
+# elements) must be small against Ψ/2 and against the threshold we set (0): then the accounting is exact to ~1%.
+DEEP_NARROW = ModelConfig(n_layer=24, n_head=2, n_embd=32, block_size=32, vocab_size=256)
+B, T = 2, 16
+CONFIGS = (("fp32", False), ("bf16", False), ("fp32", True))  # (dtype, activation checkpointing)
+
+
+def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
+    from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
+
+    ds_config = None
+    if engine == "zero3":  # our default JSON with every parameter partitioned, none kept whole
+        import json
+
+        from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
+
+        ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        ds_config = os.path.join(tmp, f"zero3_no_persistence_{os.environ['RANK']}.json")  # one per rank: no read-while-write
+        with open(ds_config, "w") as f:
+            json.dump(ds, f)
+    return Config(
+        model=ModelSection(name="gpt2-tiny", pad_vocab=False),
+        train=TrainSection(micro_batch=B, seq_len=T, total_batch_tokens=B * T * 2 * 2),  # 2 ranks x 2 micro-steps
+        engine=EngineSection(name=engine, dtype=dtype, compile=False, activation_checkpointing=checkpointing, ds_config=ds_config),
+    )
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from gpt2_scale import distributed, strategies
+    from gpt2_scale.train import optimizer_step
+
+    env = distributed.init("cpu")
+    gen = torch.Generator().manual_seed(rank)
+    batches = [(torch.randint(0, 256, (B, T), generator=gen), torch.randint(0, 256, (B, T), generator=gen)) for _ in range(2)]
+    results = {}
+    for engine in ENGINES:
+        for dtype, checkpointing in CONFIGS:
+            torch.manual_seed(0)
+            model = GPT(DEEP_NARROW)
+            strategy = strategies.build(_config(engine, dtype, checkpointing, tmp), env)
+            strategy.setup(model)
+            optimizer_step(strategy, batches, 1e-3, env.device)  # Adam's state exists from the first step on
+            saved: dict[int, int] = {}
+            weights = {p.untyped_storage().data_ptr() for p in strategy.module.parameters() if engine in ("zero1", "zero2")}
+
+            def pack(t):  # activations only: ZeRO-1/2's parameters are views of one flat buffer
+                if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in weights:
+                    saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+                return t
+
+            # Count what the first micro-step's forward saves; backward runs outside the hooks (under DDP a
+            # recompute inside an outer saved_tensors_hooks context stalls on CPU).
+            hooks, backward = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), strategy._backward
+
+            def backward_outside_hooks(loss):
+                hooks.__exit__(None, None, None)
+                del strategy._backward
+                backward(loss)
+
+            hooks.__enter__()
+            strategy._backward = backward_outside_hooks
+            state = memory.measure_state_bytes(strategy, lambda: optimizer_step(strategy, batches, 1e-3, env.device))
+            weights = {k: v.clone() for k, v in strategy.full_state_dict().items()}
+            results[engine, dtype, checkpointing] = (state, sum(saved.values()), weights)
+            del strategy, model
+            gc.collect()  # drop this engine's hooks and buffers on every rank before the next one starts
+            distributed.barrier()
+    if rank == 0:  # a file, not a queue: a pipe blocks on large payloads while the parent waits in join
+        torch.save(results, os.path.join(tmp, "results.pt"))
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory):
+    from gpt2_scale.distributed import free_port
+
+    tmp = str(tmp_path_factory.mktemp("world2"))
+    mp.start_processes(_worker, args=(free_port(), tmp), nprocs=2, start_method="spawn")
+    return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_model_state_bytes_match_the_zero_accounting(world2, engine, dtype):
+    measured = world2[engine, dtype, False][0]
+    expected = memory.expected_state_bytes(DEEP_NARROW.num_params(), engine, 2, bf16=dtype == "bf16", at_update=True)
+    for part in ("params", "grads", "optimizer"):
+        got, want = getattr(measured, part), getattr(expected, part)
+        assert abs(got - want) <= 0.05 * want, f"{engine} {dtype} {part}: measured {got:,} B, accounting {want:,} B"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine):
+    _, saved_plain, weights_plain = world2[engine, "fp32", False]
+    _, saved_ckpt, weights_ckpt = world2[engine, "fp32", True]
+    assert saved_ckpt < 0.25 * saved_plain, f"{engine}: {saved_ckpt:,} B saved with checkpointing, {saved_plain:,} B without"
+    for name, w in weights_plain.items():  # two steps from the same start: recomputation changes nothing
+        torch.testing.assert_close(weights_ckpt[name], w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{engine} {name}: {m}")
+
+
+def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128) -> int:
+    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128))
+    model.activation_checkpointing = checkpointing
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(0, 128, (batch, seq))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+        model(idx, idx)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_activation_constants_are_what_a_block_saves(bf16):
+    """The per-block bytes the estimator uses = the growth of saved bytes from 1 to 3 layers, per B·T·d."""
+    tokens_x_d = 8 * 256 * 128
+    per_layer = (_saved_block_bytes(bf16, False, 3) - _saved_block_bytes(bf16, False, 1)) / 2 / tokens_x_d
+    per_layer_ckpt = (_saved_block_bytes(bf16, True, 3) - _saved_block_bytes(bf16, True, 1)) / 2 / tokens_x_d
+    assert per_layer == pytest.approx(memory.BLOCK_BYTES[bf16], rel=0.05)
+    assert per_layer_ckpt == pytest.approx(memory.CHECKPOINTED_BLOCK_BYTES, rel=0.05)
+
+
+def test_expected_state_bytes_follow_the_paper():
+    psi = 1_000_000
+    assert memory.expected_state_bytes(psi, "zero1", 8, bf16=True).total == 2 * psi + 2 * psi + 12 * psi // 8
+    assert memory.expected_state_bytes(psi, "zero2", 8, bf16=True).total == 2 * psi + (2 + 12) * psi // 8
+    assert memory.expected_state_bytes(psi, "zero3", 8, bf16=True).total == 16 * psi // 8
+    assert memory.expected_state_bytes(psi, "zero2", 8, bf16=True, offload=True).optimizer == 0
+    assert memory.expected_state_bytes(psi, "ddp", 8, bf16=True).total == 16 * psi
+    with pytest.raises(ValueError, match="unknown engine"):
+        memory.expected_state_bytes(psi, "zero4", 8, bf16=True)
+
+
+def test_estimate_gpt2_xl_zero3_on_8_gpus():
+    xl = ModelConfig.from_name("gpt2-xl")
+    plain = memory.estimate(xl, "zero3", 8, 16, 1024)
+    ckpt = memory.estimate(xl, "zero3", 8, 16, 1024, checkpointing=True)
+    assert plain.states.total == 16 * xl.num_params() // 8
+    assert ckpt.activations < plain.activations / 5 and ckpt.logits == plain.logits
+    assert plain.total == plain.states.total + plain.activations + plain.logits
+    assert memory.estimate(xl, "ddp", 8, 16, 1024).states.total == 8 * plain.states.total
+
+
+def _tool(*args):
+    return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_estimate_memory_tool():
+    out = _tool("--model", "gpt2-xl", "--engine", "zero3", "--world", "8", "--micro-batch", "16", "--seq-len", "1024",
+                "--activation-checkpointing")
+    assert out.returncode == 0, out.stderr
+    est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "zero3", 8, 16, 1024, checkpointing=True)
+    assert f"{est.total / memory.GiB:.2f} GiB" in out.stdout and "12Ψ/N" in out.stdout
+    bad = _tool("--model", "gpt2-xxl", "--engine", "zero3")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt2-xl" in bad.stderr

@@ -1,0 +1,49 @@
+"""Two 'nodes' on this machine (two launcher processes, one rank each, rendezvousing on localhost) train the
+tiny recipe unchanged, under torchrun and under the deepspeed launcher (--no_ssh, --node_rank)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gpt2_scale.distributed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPE_ARGS = ["--model", "gpt2-tiny", "--max-steps", "2", "--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "128",
+               "--log.sample_every=0", "--log.val_every=0", "--log.tensorboard=false", "--engine.device=cpu"]
+
+
+def _launch(commands: list[list[str]]) -> None:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+
+
+def _check_run(run_dir) -> None:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["step"] == 1
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert any('"train_loss"' in line for line in lines)
+
+
+def test_torchrun_two_nodes(tmp_path):
+    port = free_port()
+    _launch([[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(i),
+              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "multinode-test",
+              "recipes/tiny.py", *RECIPE_ARGS, "--run-dir", str(tmp_path / "run")] for i in range(2)])
+    _check_run(tmp_path / "run")
+
+
+def test_deepspeed_launcher_two_nodes(tmp_path):
+    pytest.importorskip("deepspeed")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")  # names are never contacted with --no_ssh
+    port = free_port()
+    _launch([[sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(i),
+              "--master_addr", "127.0.0.1", "--master_port", str(port),
+              "recipes/tiny.py", *RECIPE_ARGS, "--engine", "zero2", "--run-dir", str(tmp_path / "run")] for i in range(2)])
+    _check_run(tmp_path / "run")
