@@ -1,16 +1,21 @@
 """What the GPT-2 reproduction recipes share: FineWeb-Edu 10B tokens, the GPT-3 schedule, evaluation cadence.
 
-Each file in recipes/ picks a size, an engine and what fits in memory, and calls ``main``.
+Each file in recipes/ picks a size, an engine and what fits in memory, and calls ``main``. The larger
+GPT-2 sizes take the GPT-3 paper's Table 2.1 learning rate and batch (in tokens) of the model of the
+same size; GPT-3 trains at context 2048, we keep GPT-2's 1024, so the same batch is twice the sequences.
 """
 
 from __future__ import annotations
 
 from gpt2_scale.config import CheckpointSection, Config, DataSection, EngineSection, LogSection, ModelSection, OptimSection, TrainSection
+from gpt2_scale.zoo import ModelConfig
 
 FINEWEB_DIR = "data/fineweb-edu-10BT"
 FINEWEB_PREPARE = f"python tools/prepare_data.py fineweb-edu --out {FINEWEB_DIR}"
-TOKENS_10B = 10_000_000_000
+TOKENS_10B = 10_000_000_000  # one pass over FineWeb-Edu sample-10BT
 WARMUP_TOKENS = 375_000_000  # GPT-3: linear warmup over the first 375M tokens
+# GPT-2 size -> the GPT-3 Table 2.1 model of (nearly) the same size, whose learning rate and batch it uses.
+GPT3_TWIN = {"gpt2-124m": "gpt3-125m", "gpt2-350m": "gpt3-350m", "gpt2-774m": "gpt3-760m", "gpt2-1558m": "gpt3-1.3b"}
 
 
 def fineweb_edu(
@@ -32,5 +37,12 @@ def fineweb_edu(
         optim=OptimSection(lr=lr, warmup_steps=round(WARMUP_TOKENS / total_batch_tokens)),  # 715 at 2^19
         engine=EngineSection(name=engine, activation_checkpointing=activation_checkpointing, offload=offload),
         log=LogSection(run_dir=f"runs/{model}-{engine}", val_every=250, val_tokens=20 * 64 * 1024, sample_every=250, hellaswag_every=250),
-        checkpoint=CheckpointSection(every=5000),
+        checkpoint=CheckpointSection(every=5000 if total_batch_tokens <= 2**19 else 2000),
     )
+
+
+def gpt2_size(model: str, engine: str, micro_batch: int, activation_checkpointing: bool = False) -> Config:
+    """A GPT-2 size trained with its GPT-3 twin's learning rate and batch, for 10B tokens."""
+    twin = ModelConfig.from_name(GPT3_TWIN[model])
+    return fineweb_edu(model, engine, micro_batch, lr=twin.learning_rate, total_batch_tokens=twin.batch_tokens,
+                       activation_checkpointing=activation_checkpointing)

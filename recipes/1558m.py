@@ -10,7 +10,7 @@ On one 80 GB GPU (ZeRO-Offload: Adam state and fp32 master on the host, 128 micr
 
     python recipes/1558m.py --engine.offload=true     # estimate 31.9 GiB: tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 1 --micro-batch 8 --offload
 
-Settings shared by the size recipes are in gpt2_scale/scaling.py.
+Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """
 
 import os
@@ -18,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.recipes import gpt2_size  # noqa: E402
 from gpt2_scale.train import main  # noqa: E402
 
-CONFIG = scaled_config("gpt2-1558m", engine="zero2", micro_batch=8)
+CONFIG = gpt2_size("gpt2-1558m", engine="zero2", micro_batch=8)
 
 if __name__ == "__main__":
     main(CONFIG)

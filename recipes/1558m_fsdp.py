@@ -10,7 +10,7 @@ On one 80 GB GPU (FSDP CPU offload: weights, gradients and Adam state on the hos
 
     python recipes/1558m_fsdp.py --engine.offload=true     # estimate 26.1 GiB: tools/estimate_memory.py --model gpt2-1558m --engine fsdp --world 1 --micro-batch 8 --offload
 
-Settings shared by the size recipes are in gpt2_scale/scaling.py.
+Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """
 
 import os
@@ -18,10 +18,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.recipes import gpt2_size  # noqa: E402
 from gpt2_scale.train import main  # noqa: E402
 
-CONFIG = scaled_config("gpt2-1558m", engine="fsdp", micro_batch=8)
+CONFIG = gpt2_size("gpt2-1558m", engine="fsdp", micro_batch=8)
 
 if __name__ == "__main__":
     main(CONFIG)

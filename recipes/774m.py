@@ -5,7 +5,7 @@
 
 Fits 8 x 80 GB: micro-batch 16 x 1024, 4 micro-steps per step, no activation checkpointing; estimate
 37.1 GiB per GPU (python tools/estimate_memory.py --model gpt2-774m --engine zero2 --world 8 --micro-batch 16).
-Settings shared by the size recipes are in gpt2_scale/scaling.py.
+Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """
 
 import os
@@ -13,10 +13,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gpt2_scale.scaling import scaled_config  # noqa: E402
+from gpt2_scale.recipes import gpt2_size  # noqa: E402
 from gpt2_scale.train import main  # noqa: E402
 
-CONFIG = scaled_config("gpt2-774m", engine="zero2", micro_batch=16)
+CONFIG = gpt2_size("gpt2-774m", engine="zero2", micro_batch=16)
 
 if __name__ == "__main__":
     main(CONFIG)
