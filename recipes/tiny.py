@@ -18,10 +18,10 @@ from gpt2_scale.train import main
 CONFIG = Config(
     model=ModelSection(name="gpt2-tiny", pad_vocab=False),
     data=DataSection(dir="default"),
-    train=TrainSection(micro_batch=8, seq_len=128, total_batch_tokens=1024, max_steps=120),
+    train=TrainSection(micro_batch=4, seq_len=128, total_batch_tokens=1024, max_steps=120),  # 1 or 2 ranks divide it
     optim=OptimSection(lr=3e-3, warmup_steps=10),
     engine=EngineSection(name="ddp"),
-    log=LogSection(run_dir="runs/tiny", log_every=10, val_every=40, val_tokens=8 * 128 * 4, sample_every=60, num_samples=2, sample_tokens=24),
+    log=LogSection(run_dir="runs/tiny", log_every=10, val_every=40, val_tokens=4 * 128 * 8, sample_every=60, num_samples=2, sample_tokens=24),
     checkpoint=CheckpointSection(every=60),
 )
 
