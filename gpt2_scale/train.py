@@ -16,6 +16,7 @@ import torch
 
 from gpt2_scale import checkpoint, distributed, strategies
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps, parse_args
+from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
@@ -268,7 +269,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             record = {
                 "step": step, "tokens": tokens, "train_loss": loss, "lr": lr, "grad_norm": float(norm),
                 "ms_per_step": 1000 * dt, "tokens_per_s": tps,
-                "mfu": mfu(tps / env.world_size, flops_per_token, peak), "peak_mem_gb": peak_memory_gb(env.device),
+                "mfu": mfu(tps / env.world_size, flops_per_token, peak), "peak_mem_gb": peak_bytes(env.device) / 2**30,
             }
             log.log({k: v for k, v in record.items() if v is not None})
             log.print(step_line(record, max_steps, avg_dt * (max_steps - step - 1)))
@@ -288,9 +289,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
     return summary
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def peak_bytes(device: torch.device) -> int:
+    """CUDA's max allocated, or on CPU the process peak RSS."""
+    peak = peak_memory(device)
+    return peak.get("allocated", peak.get("rss"))
