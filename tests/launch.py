@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from gpt2_scale.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 # A tiny model and batch that any engine trains in seconds on CPU.
 TINY = ["--model", "gpt2-tiny", "--micro-batch", "2", "--seq-len", "32", "--log.sample_every=0",
@@ -29,12 +31,6 @@ def command(script: str, args: list[str], nproc: int = 1, launcher: str = "torch
 
 def run(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(command(script, args, nproc, launcher), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
-
-
-def free_port() -> int:
-    from gpt2_scale.distributed import free_port
-
-    return free_port()
 
 
 def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
