@@ -12,13 +12,12 @@ Bad input (an unknown model, a missing directory, an unusable checkpoint) prints
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 import torch
 
-from gpt2_scale import tokenizer
+from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import DEVICE_CHOICES, resolve_device
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
@@ -87,17 +86,8 @@ def _load_run(run_dir: str) -> tuple[GPT, str]:
     if not path.is_dir():
         raise UsageError(f"--ckpt {run_dir}: no such directory")
     try:
-        checkpoint = importlib.import_module("gpt2_scale.checkpoint")
-    except ModuleNotFoundError as e:
-        if e.name != "gpt2_scale.checkpoint":
-            raise
-        raise UsageError(
-            "--ckpt needs gpt2_scale.checkpoint, which this version of gpt2_scale does not have yet; "
-            "use --model or --hf"
-        ) from e
-    try:
         model = checkpoint.load_model(str(path))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, checkpoint.CheckpointError) as e:
         raise UsageError(f"--ckpt {run_dir}: {e}") from e
     return model, f"{model.config.name} from {path}"
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -177,15 +176,15 @@ def test_cli_hf_directory(capsys, tmp_path):
 
 
 def test_cli_ckpt_uses_checkpoint_module(capsys, tmp_path, monkeypatch):
+    from gpt2_scale import checkpoint
+
     loaded = []
-    fake = types.ModuleType("gpt2_scale.checkpoint")
 
     def load_model(run_dir):
         loaded.append(run_dir)
         return GPT(ModelConfig.from_name("gpt2-tiny"))
 
-    fake.load_model = load_model
-    monkeypatch.setitem(sys.modules, "gpt2_scale.checkpoint", fake)
+    monkeypatch.setattr(checkpoint, "load_model", load_model)
     code, out, _ = _cli(capsys, "--ckpt", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "3")
     assert code == 0 and out.startswith("Hi") and loaded == [str(tmp_path)]
 
@@ -205,10 +204,9 @@ def test_cli_bad_input_exits_2_without_traceback(capsys, argv, message):
     assert code == 2 and message in err and "Traceback" not in err and out == ""
 
 
-def test_cli_ckpt_without_checkpoint_module(capsys, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "gpt2_scale.checkpoint", None)  # as if the module did not exist
+def test_cli_ckpt_of_a_directory_that_is_no_run(capsys, tmp_path):
     code, _, err = _cli(capsys, "--ckpt", str(tmp_path))
-    assert code == 2 and "gpt2_scale.checkpoint" in err
+    assert code == 2 and "not a run directory" in err and "Traceback" not in err
 
 
 def test_cli_hf_directory_without_checkpoint(capsys, tmp_path):

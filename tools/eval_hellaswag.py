@@ -15,23 +15,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from gpt2_scale import checkpoint  # noqa: E402
+from gpt2_scale.device import default_device  # noqa: E402
 from gpt2_scale.eval import hellaswag  # noqa: E402
+from gpt2_scale.model import GPT  # noqa: E402
 
 
 def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
-    """The model of a run directory or of a Hugging Face checkpoint (imported late: other parts of the build)."""
-    try:
-        if ckpt is not None:
-            from gpt2_scale.checkpoint import load_model as load_run_model
-
-            return load_run_model(ckpt)
-        from gpt2_scale import hf  # noqa: F401  (gives GPT.from_pretrained)
-        from gpt2_scale.model import GPT
-
-        return GPT.from_pretrained(pretrained)
-    except (ImportError, AttributeError) as e:
-        what = "--ckpt (gpt2_scale.checkpoint)" if ckpt is not None else "--pretrained (gpt2_scale.hf)"
-        raise RuntimeError(f"{what} is not available yet in this build ({e})") from None
+    """The model of a run directory (any engine's checkpoint) or of a Hugging Face checkpoint."""
+    if ckpt is not None:
+        return checkpoint.load_model(ckpt)
+    return GPT.from_pretrained(pretrained)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--pretrained", metavar="HF_DIR_OR_NAME", help="a Hugging Face GPT-2 directory or hub name")
     parser.add_argument("--data", metavar="PATH", help="hellaswag_val.jsonl (default: download it into the cache)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device(), help="default: cuda, then mps, then cpu")
     parser.add_argument("--batch-examples", type=int, default=4, help="examples (4 candidates each) per forward pass")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
