@@ -54,9 +54,6 @@ class PlainStrategy(Strategy):
     def load(self, path: Path) -> None:
         self.module.load_state_dict(torch.load(path / "model.pt", weights_only=True))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
-
 
 def initial_model(case: Case, device: torch.device, seed_offset: int = 0) -> GPT:
     torch.manual_seed(case.seed + seed_offset)

@@ -93,9 +93,11 @@ class Strategy(ABC):
     def load(self, path: Path) -> None:
         """Restore what ``save`` wrote (every rank calls)."""
 
-    @abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded fp32 weights by parameter name, on CPU (every rank calls; complete on rank 0)."""
+        """Unsharded fp32 weights by parameter name, on CPU (every rank calls; complete on rank 0).
+
+        This is the unsharded case; sharding engines override it to gather."""
+        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
 
 
 def global_grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:

@@ -39,9 +39,6 @@ class DDPStrategy(Strategy):
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu() for k, v in self.module.state_dict().items()}
-
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
