@@ -34,6 +34,9 @@ class Strategy(ABC):
     step) and ``step`` once per optimizer step.
     """
 
+    # Gradients freed after each step (the usual); DDP keeps them as views of its all-reduce buckets instead.
+    zero_grads_to_none = True
+
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         self.bf16 = use_bf16(cfg, env)
@@ -74,7 +77,7 @@ class Strategy(ABC):
         if self.cfg.optim.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.cfg.optim.grad_clip, norm, foreach=True)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=self.zero_grads_to_none)
         return norm
 
     def state_bytes(self) -> StateBytes:
