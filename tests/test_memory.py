@@ -72,8 +72,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
                     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
 
-            # Count what the first micro-step's forward saves; backward runs outside the hooks (under DDP a
-            # recompute inside an outer saved_tensors_hooks context stalls on CPU).
+            # Count what the first micro-step's forward saves: backward runs outside the hooks, so the blocks that
+            # checkpointing recomputes there are not counted again.
             hooks, backward = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), strategy._backward
 
             def backward_outside_hooks(loss):
