@@ -1,6 +1,7 @@
-"""Training-step benchmark: times ``train.optimizer_step`` (the step the trainer runs, not a copy) per engine.
+"""Training-step benchmark: times ``train.optimizer_step`` (the step the trainer runs, not a copy) per row, a row
+being an engine and config overrides (``BenchSpec``; ``sweep`` varies one key at a time from a base row).
 
-Each configuration reports ms/step, tokens/s, MFU against a datasheet peak and, on CUDA, against a bf16
+Each row reports ms/step, tokens/s, MFU against a datasheet peak and, on CUDA, against a bf16
 8192³ matmul measured in the same run, peak memory, and the model-state bytes a rank holds
 (``Strategy.state_bytes``). The seed baseline (``seed_step``) is the walk-through's plain loop, timed
 side by side so ours/seed is a measured ratio.
@@ -12,7 +13,9 @@ import dataclasses
 import gc
 import logging
 import os
+import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -257,6 +260,7 @@ def run_row(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
         result = run_one(spec, env, peak_tflops, matmul_tflops)
     except Exception as e:  # noqa: BLE001 - any failure of a configuration is a row, not the end of the sweep
         error = first_line(e)
+        print(f"bench: row {spec.name!r} failed on rank {env.rank}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
     if error is not None:
         _release()  # the traceback is gone: the failed engine's tensors can be freed now
     errors = [error] * env.world_size
