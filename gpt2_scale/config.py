@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
+COMPILE_SCOPES = ("block", "model")
+# torch.compile's modes; None is its default. "reduce-overhead" adds CUDA graphs.
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -58,7 +61,9 @@ class OptimSection:
 class EngineSection:
     name: str = "ddp"  # ddp | fsdp | zero1 | zero2 | zero3
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool | None = None  # torch.compile each block; None = on CUDA only
+    compile: bool | None = None  # torch.compile (see compile_scope); None = on CUDA only
+    compile_scope: str = "block"  # block: each transformer block compiled | model: the whole GPT (as the walk-through)
+    compile_mode: str | None = None  # torch.compile's mode: None | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
     activation_checkpointing: bool = False
     ds_config: str | None = None  # DeepSpeed JSON; default ds_configs/zero{1,2,3}[_offload].json
@@ -247,6 +252,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"engine.name must be one of {', '.join(ENGINES)}, got {cfg.engine.name!r}")
     if cfg.engine.dtype not in ("auto", "bf16", "fp32"):
         raise ConfigError(f"engine.dtype must be auto, bf16 or fp32, got {cfg.engine.dtype!r}")
+    if cfg.engine.compile_scope not in COMPILE_SCOPES:
+        raise ConfigError(f"engine.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {cfg.engine.compile_scope!r}")
+    if cfg.engine.compile_mode not in COMPILE_MODES:
+        modes = ", ".join(m or "null (torch's default)" for m in COMPILE_MODES)
+        raise ConfigError(f"engine.compile_mode must be one of {modes}, got {cfg.engine.compile_mode!r}")
     if cfg.engine.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"engine.device must be auto, cpu or cuda, got {cfg.engine.device!r}")
     positive = {

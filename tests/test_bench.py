@@ -1,5 +1,7 @@
-"""tools/bench.py: one row per engine with timings and model states, the seed loop side by side, bad input."""
+"""tools/bench.py: one row per engine with timings and model states, the seed loop side by side, one-lever
+--vary rows, failing rows that do not end the sweep, --json, bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,6 +9,7 @@ import sys
 import pytest
 
 from gpt2_scale import bench, memory
+from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
 from gpt2_scale.zoo import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,18 +20,63 @@ def _tool(*args):
     return subprocess.run([sys.executable, "tools/bench.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_bench_rows_for_two_engines_and_the_seed():
+def _rows(stdout: str) -> list[list[str]]:
+    lines = [line for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| row |")]
+    return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
+
+
+def test_bench_rows_for_two_engines_a_varied_lever_and_the_seed(tmp_path):
     out = _tool("--model", "gpt2-tiny", "--engines", "ddp,zero1", "--micro-batch", "2", "--seq-len", "16", "--accum", "2",
-                "--warmup", "1", "--steps", "2", "--compare-seed", "--peak-tflops", "1")
+                "--warmup", "1", "--steps", "2", "--compare-seed", "--peak-tflops", "1", "--vary", "train.micro_batch=1",
+                "--json", str(tmp_path / "bench.json"))
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| ") and not line.startswith("| engine")]
-    assert [r.split(" | ")[0] for r in rows] == ["| ddp", "| zero1", "| seed"]
+    rows = _rows(out.stdout)
+    assert [r[0] for r in rows] == ["ddp", "ddp micro_batch=1", "zero1", "zero1 micro_batch=1", "seed"]
+    assert [r[2] for r in rows] == ["2", "1", "2", "1", "2"]  # B: only the varied row changes
     psi = ModelConfig.from_name("gpt2-tiny", pad_vocab=True).num_params()
-    ddp = rows[0].split(" | ")
+    ddp = rows[0]
     # one rank, fp32 on CPU: 4Ψ weights, 4Ψ gradients, 8Ψ Adam state, as the accounting says
-    assert ddp[-1].rstrip(" |") == f"{memory.expected_state_bytes(psi, 'ddp', 1, bf16=False).total / 2**20:,.1f} MiB"
+    assert ddp[-1] == f"{memory.expected_state_bytes(psi, 'ddp', 1, bf16=False).total / 2**20:,.1f} MiB"
     assert ddp[8].endswith("%") and float(ddp[5].replace(",", "")) > 0  # MFU against --peak-tflops, ms/step
     assert "ours/seed tokens/s: ddp" in out.stdout
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["device"] == "cpu" and report["torch"] and report["date"].startswith("20")
+    assert [r["name"] for r in report["rows"]] == [r[0] for r in rows]
+    small = report["rows"][1]
+    assert small["varied"] == {"train.micro_batch": "1"} and small["config"]["train"]["micro_batch"] == 1
+    # tokens/s counts the row's own micro-batch: B x T x accum per step
+    assert small["tokens_per_s"] == pytest.approx(1 * 16 * 2 / (small["ms_per_step"] / 1000))
+    assert all(r["error"] is None and r["ms_per_step"] > 0 for r in report["rows"])
+
+
+def test_vary_changes_one_key_per_row_from_the_base_row():
+    base = bench.BenchSpec("ddp", (("model.name", "gpt2-tiny"), ("train.micro_batch", "16"), ("train.seq_len", "64")), accum=2)
+    specs = bench.sweep(base, ["ddp", "fsdp"], [("train.micro_batch", ["32", "64"]), ("engine.compile_mode", ["reduce-overhead"])])
+    assert [s.name for s in specs] == [
+        "ddp", "ddp micro_batch=32", "ddp micro_batch=64", "ddp compile_mode=reduce-overhead",
+        "fsdp", "fsdp micro_batch=32", "fsdp micro_batch=64", "fsdp compile_mode=reduce-overhead",
+    ]
+    cfgs = [s.config(world=2) for s in specs[:4]]
+    assert [c.train.micro_batch for c in cfgs] == [16, 32, 64, 16]  # not a cartesian product
+    assert [c.engine.compile_mode for c in cfgs] == [None, None, None, "reduce-overhead"]
+    assert [c.train.total_batch_tokens for c in cfgs] == [b * 64 * 2 * 2 for b in (16, 32, 64, 16)]  # B x T x world x accum
+
+
+def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
+    # A DeepSpeed JSON that does not exist passes the command line (any path is a string) and fails when the
+    # engine is built; the ranks of the spawned 2-rank world agree on it, and the next row runs.
+    missing = str(tmp_path / "missing.json")
+    out = _tool("--model", "gpt2-tiny", "--engines", "zero1", "--world", "2", "--micro-batch", "1", "--seq-len", "16",
+                "--warmup", "1", "--steps", "1", "--vary", f"engine.ds_config={missing}", "--vary", "train.micro_batch=2",
+                "--json", str(tmp_path / "bench.json"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = _rows(out.stdout)
+    assert [r[0] for r in rows] == ["zero1", f"zero1 ds_config={missing}", "zero1 micro_batch=2"]
+    assert rows[1][5] == f"failed: ConfigError: DeepSpeed config {missing} does not exist; pass --engine.ds_config=PATH " \
+                         f"or use a file in {DS_CONFIG_DIR}"
+    assert float(rows[0][5].replace(",", "")) > 0 and float(rows[2][5].replace(",", "")) > 0
+    report = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert report[1]["error"].startswith("ConfigError: DeepSpeed config") and report[1]["ms_per_step"] is None
 
 
 @pytest.mark.parametrize("args, message", [
@@ -36,6 +84,13 @@ def test_bench_rows_for_two_engines_and_the_seed():
     (["--model", "gpt2-huge"], "unknown model"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--data", "/nonexistent"], "not a directory"),
+    (["--set", "engine.nope=1"], "--set engine.nope=1: unknown config key 'engine.nope'; valid keys: engine.name"),
+    (["--vary", "train.micro_batch=4,abc"], "--vary train.micro_batch=4,abc: train.micro_batch must be int, got 'abc'"),
+    (["--vary", "engine.compile_mode=fast"], "compile_mode must be one of null (torch's default), default, reduce-overhead"),
+    (["--vary", "train.micro_batch="], "expected SECTION.KEY=V1,V2,..."),
+    (["--set", "compile"], "expected SECTION.KEY=VALUE"),
+    (["--set", "engine.name=fsdp"], "engine.name is set by the bench; use --engines"),
+    (["--model", "gpt2-tiny", "--seq-len", "16", "--vary", "train.micro_batch=0"], "row 'ddp micro_batch=0': train.micro_batch must be > 0"),
 ])
 def test_bad_input_is_an_error_with_exit_2(args, message):
     out = _tool(*args)
@@ -43,5 +98,5 @@ def test_bad_input_is_an_error_with_exit_2(args, message):
 
 
 def test_seq_len_beyond_the_context_is_refused():
-    with pytest.raises(ValueError):
-        bench.BenchSpec("gpt2-tiny", "ddp", 2, 512).config(1)
+    with pytest.raises(ValueError, match="exceeds gpt2-tiny's context length 256"):
+        bench.BenchSpec("ddp", (("model.name", "gpt2-tiny"), ("train.seq_len", "512"))).config(1)

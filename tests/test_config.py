@@ -32,6 +32,8 @@ def test_deepspeed_launcher_local_rank_is_accepted():
         (["--max-steps"], "needs a value"),
         (["stray"], "unexpected argument"),
         (["--config", "/does/not/exist.yaml"], "does not exist"),
+        (["--engine.compile_scope=layer"], "compile_scope must be one of block, model, got 'layer'"),
+        (["--engine.compile_mode=cudagraphs"], "compile_mode must be one of null .*reduce-overhead, max-autotune"),
     ],
 )
 def test_bad_configs_name_the_fix(argv, match):
@@ -40,7 +42,8 @@ def test_bad_configs_name_the_fix(argv, match):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--engine.compile=false", "--checkpoint.resume=null"])
+    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--engine.compile=false", "--checkpoint.resume=null",
+                                "--engine.compile_scope=model", "--engine.compile_mode=reduce-overhead"])
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     assert config_from_yaml_file(tmp_path / "config.yaml") == cfg
 

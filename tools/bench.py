@@ -4,6 +4,13 @@
         --micro-batch 4 --seq-len 128                                   # CPU: spawns 2 gloo ranks per engine
     torchrun --nproc_per_node 8 tools/bench.py --model gpt2-124m --engines ddp,fsdp --micro-batch 64 \
         --seq-len 1024 --accum 1 --compare-seed                         # GPUs: ours and the seed loop side by side
+    python tools/bench.py --model gpt2-124m --engines ddp --micro-batch 16 --set engine.dtype=bf16 \
+        --vary engine.compile_scope=block,model --vary train.micro_batch=32,64 --json bench.json   # one lever per row
+
+Rows: per engine, its base row, then one row per --vary value with only that key changed (not every
+combination); --set KEY=VALUE (any config key, see gpt2_scale/config.py) applies to every row. A row whose
+configuration fails (out of memory, a compile error, a refused combination) is reported as failed and the
+sweep goes on; bad input (an unknown key, a value of the wrong type) exits 2 before anything runs.
 
 Columns: ms/step (slowest rank), tokens/s per rank and total, MFU against --peak-tflops or the detected
 GPU's datasheet peak and against a bf16 8192³ matmul timed in the same run (CUDA), peak memory (CUDA max
@@ -13,13 +20,30 @@ allocated / reserved, CPU process peak RSS), and the model-state bytes rank 0 ho
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpt2_scale import bench  # noqa: E402
-from gpt2_scale.config import ENGINES, ConfigError  # noqa: E402
+from gpt2_scale.config import ENGINES, Config, ConfigError  # noqa: E402
+
+
+def assignment(text: str, flag: str) -> tuple[str, list[str]]:
+    """``KEY=VALUE`` (--set) or ``KEY=V1,V2,...`` (--vary), each value checked against the key's config field."""
+    key, eq, values = text.partition("=")
+    key, values = key.strip(), [v.strip() for v in (values.split(",") if flag == "--vary" else [values]) if v.strip()]
+    if not eq or "." not in key or not values:
+        example = "engine.compile_mode=reduce-overhead" + (",max-autotune" if flag == "--vary" else "")
+        raise ConfigError(f"{flag} {text!r}: expected SECTION.KEY={'V1,V2,...' if flag == '--vary' else 'VALUE'}, e.g. {flag} {example}")
+    for value in values:
+        try:
+            bench.override(Config(), key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{flag} {text}: {e}") from None
+    return key, values
 
 
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchSpec]]:
@@ -35,6 +59,11 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA only")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every row, e.g. engine.compile_scope=model (repeatable)")
+    p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="one more row per value, changing only KEY from the base row (repeatable; one lever at a time)")
+    p.add_argument("--json", metavar="PATH", help="also write every row, the device, versions and date as JSON")
     p.add_argument("--data", help="a token shard directory; default random tokens")
     p.add_argument("--world", type=int, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -45,7 +74,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     bad = [e for e in engines if e not in ENGINES]
     if bad or not engines:
         raise ConfigError(f"--engines: unknown {', '.join(bad) or '(none given)'}; valid: {', '.join(ENGINES)}")
-    for name in ("micro_batch", "seq_len", "accum", "steps", "world"):
+    for name in ("accum", "steps", "world"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0:
@@ -56,12 +85,22 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         raise ConfigError("--world spawns CPU ranks; for GPUs launch with torchrun --nproc_per_node N")
     if args.data and not os.path.isdir(args.data):
         raise ConfigError(f"--data {args.data}: not a directory (make one with tools/prepare_data.py)")
-    compile_ = {"auto": None, "on": True, "off": False}[args.compile]
-    base = bench.BenchSpec(args.model, engines[0], args.micro_batch, args.seq_len, args.accum, args.dtype, compile_,
-                           args.activation_checkpointing, args.offload, args.warmup, args.steps, args.data)
-    specs = [bench.with_engine(base, e) for e in engines] + ([bench.with_engine(base, bench.SEED)] if args.compare_seed else [])
-    for spec in specs:
-        spec.config(args.world)  # validates model name, sizes
+    # The convenience flags are config overrides like --set ones (which come after them, so win).
+    overrides = [("model.name", args.model), ("train.micro_batch", str(args.micro_batch)), ("train.seq_len", str(args.seq_len))]
+    flags = {"engine.dtype": (args.dtype, "auto"), "engine.compile": ({"on": "true", "off": "false"}.get(args.compile), None),
+             "engine.activation_checkpointing": ("true" if args.activation_checkpointing else None, None),
+             "engine.offload": ("true" if args.offload else None, None)}
+    overrides += [(key, value) for key, (value, unset) in flags.items() if value != unset]
+    overrides += [(key, values[0]) for key, values in (assignment(text, "--set") for text in args.set)]
+    vary = [assignment(text, "--vary") for text in args.vary]
+    base = bench.BenchSpec(engines[0], tuple(overrides), accum=args.accum, warmup=args.warmup, steps=args.steps, data=args.data)
+    specs = bench.sweep(base, engines, vary, args.compare_seed)
+    world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
+    for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
+        try:
+            spec.config(world)
+        except ValueError as e:
+            raise ConfigError(f"row {spec.name!r}: {e}") from None
     return args, specs
 
 
@@ -71,10 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # ConfigError, unknown model
         print(f"error: {e}", file=sys.stderr)
         return 2
+    command = sys.argv[:1] + (sys.argv[1:] if argv is None else argv)
+    done: list[bench.BenchResult] = []
+
+    def on_result(result: bench.BenchResult) -> None:  # rank 0, after each row: progress, and the JSON kept current
+        done.append(result)
+        outcome = f"failed: {result.error}" if result.error else f"{result.ms_per_step:,.1f} ms/step"
+        print(f"bench: row {len(done)}/{len(specs)} {result.spec.name}: {outcome}", file=sys.stderr, flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(bench.to_json(done, command), indent=2) + "\n")
+
     if args.world > 1:
-        results = bench.spawn_cpu(specs, args.world, args.peak_tflops)
+        results = bench.spawn_cpu(specs, args.world, args.peak_tflops, on_result)
     else:
-        results = bench.run_all(specs, args.device, args.peak_tflops)
+        results = bench.run_all(specs, args.device, args.peak_tflops, on_result)
     if int(os.environ.get("RANK", "0")) == 0:
         print(bench.table(results), flush=True)
     return 0

@@ -19,12 +19,32 @@ def use_bf16(cfg: Config, env: DistEnv) -> bool:
     return cfg.engine.dtype == "bf16" or (cfg.engine.dtype == "auto" and env.device.type == "cuda")
 
 
-def prepare_blocks(model: GPT, cfg: Config, env: DistEnv) -> None:
-    """Activation checkpointing and per-block torch.compile, applied before any engine wraps the model."""
+def compile_scope(cfg: Config, env: DistEnv) -> str | None:
+    """What torch.compile covers for this run: "block", "model", or None (eager)."""
+    on = cfg.engine.compile or (cfg.engine.compile is None and env.device.type == "cuda")
+    return cfg.engine.compile_scope if on else None
+
+
+def compile_options(cfg: Config) -> dict:
+    """Keyword arguments for torch.compile / nn.Module.compile: the mode, when one is set."""
+    return {"mode": cfg.engine.compile_mode} if cfg.engine.compile_mode else {}
+
+
+def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = True) -> None:
+    """Activation checkpointing and torch.compile, applied in place before any engine wraps the model.
+
+    Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and
+    state-dict names those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it.
+    Scope "block" compiles each transformer block; scope "model" the whole GPT, unless ``compile_model``
+    is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
+    """
     model.activation_checkpointing = cfg.engine.activation_checkpointing
-    if cfg.engine.compile or (cfg.engine.compile is None and env.device.type == "cuda"):
+    scope = compile_scope(cfg, env)
+    if scope == "block":
         for block in model.transformer.h:
-            block.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
+            block.compile(**compile_options(cfg))
+    elif scope == "model" and compile_model:
+        model.compile(**compile_options(cfg))
 
 
 class Strategy(ABC):

@@ -9,7 +9,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, adamw, prepare_blocks
+from gpt2_scale.strategies.base import Strategy, adamw, prepare_model
 
 CHECKPOINT_FILE = "model_optim.pt"
 
@@ -20,7 +20,7 @@ class DDPStrategy(Strategy):
     zero_grads_to_none = False
 
     def setup(self, model: GPT) -> None:
-        prepare_blocks(model, self.cfg, self.env)
+        prepare_model(model, self.cfg, self.env)
         self.module = model
         device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
         self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)

@@ -16,7 +16,7 @@ from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, prepare_blocks
+from gpt2_scale.strategies.base import Strategy, compile_options, compile_scope, prepare_model
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 TAG = "engine"  # sub-directory of a checkpoint that holds DeepSpeed's files
@@ -86,11 +86,15 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: GPT) -> None:
         import deepspeed
 
-        prepare_blocks(model, self.cfg, self.env)
+        prepare_model(model, self.cfg, self.env, compile_model=False)
         ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         self.module = self.model.module
+        if compile_scope(self.cfg, self.env) == "model":
+            # DeepSpeed's supported way: it compiles engine.module in place (names unchanged) once its ZeRO-3
+            # parameter hooks exist; those hooks are torch.compiler.disable'd, so each gathers outside the graph.
+            self.model.compile(compile_kwargs=compile_options(self.cfg))
 
     def _set_sync(self, sync: bool) -> None:
         self.model.set_gradient_accumulation_boundary(sync)
