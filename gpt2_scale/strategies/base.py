@@ -20,8 +20,10 @@ def use_bf16(cfg: Config, env: DistEnv) -> bool:
 
 
 def prepare_blocks(model: GPT, cfg: Config, env: DistEnv) -> None:
-    """Activation checkpointing and per-block torch.compile, applied before any engine wraps the model."""
+    """Activation checkpointing, the fused loss's chunk and per-block torch.compile, applied before any engine
+    wraps the model."""
     model.activation_checkpointing = cfg.engine.activation_checkpointing
+    model.loss_chunk = cfg.engine.loss_chunk
     if cfg.engine.compile or (cfg.engine.compile is None and env.device.type == "cuda"):
         for block in model.transformer.h:
             block.compile()  # in place: parameter names (and so checkpoints) stay those of the plain model
