@@ -60,9 +60,10 @@ def _forward(h, weight, targets, vocab_size, chunk, grads: bool):
             loss_sum -= torch.where(v_c, picked, 0.0).sum()
             if grads:
                 # d(mean loss)/d(logits) = (softmax - onehot) / N on counted rows, 0 on ignored ones
+                # (in place: the chunk's fp32 log-softmax is its largest tensor)
                 probs = logp.exp_()
                 probs.scatter_add_(1, t_c.clamp_min(0).unsqueeze(1), -v_c.to(probs.dtype).unsqueeze(1))
-                probs = torch.where(v_c.unsqueeze(1), probs / count, 0.0).to(dtype)
+                probs = probs.div_(count).masked_fill_(~v_c.unsqueeze(1), 0.0).to(dtype)
                 grad_h[start : start + chunk] = probs @ w
                 grad_w += probs.T @ h_c
             del logp
