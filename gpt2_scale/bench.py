@@ -45,6 +45,7 @@ class BenchSpec:
     warmup: int = 2
     steps: int = 5
     data: str | None = None  # a shard directory (tools/prepare_data.py); None = random tokens
+    loss_chunk: int = 0  # engine.loss_chunk: tokens per chunk of the fused lm_head + cross-entropy; 0 = full logits
 
     def config(self, world: int) -> Config:
         cfg = Config(
@@ -52,7 +53,8 @@ class BenchSpec:
             train=TrainSection(micro_batch=self.micro_batch, seq_len=self.seq_len,
                                total_batch_tokens=self.micro_batch * self.seq_len * world * self.accum),
             engine=EngineSection(name="ddp" if self.engine == SEED else self.engine, dtype=self.dtype, compile=self.compile,
-                                 activation_checkpointing=self.activation_checkpointing, offload=self.offload),
+                                 activation_checkpointing=self.activation_checkpointing, offload=self.offload,
+                                 loss_chunk=self.loss_chunk),
         )
         validate(cfg)
         block = ModelConfig.from_name(self.model).block_size
@@ -245,7 +247,8 @@ def row(r: BenchResult) -> list[str]:
         return "-" if x is None else f"{100 * x:.1f}%"
 
     s = r.spec
-    name = s.engine + (" +ckpt" if s.activation_checkpointing else "") + (" +offload" if s.offload else "")
+    name = (s.engine + (" +ckpt" if s.activation_checkpointing else "") + (" +offload" if s.offload else "")
+            + (f" +loss_chunk={s.loss_chunk}" if s.loss_chunk else ""))
     peak = " / ".join(f"{k} {mib(v)}" for k, v in r.peak.items())
     st = r.state
     states = [mib(st.params), mib(st.grads), mib(st.optimizer), mib(st.total)] if st else ["-"] * 4
@@ -265,4 +268,5 @@ def table(results: list[BenchResult]) -> str:
 
 
 def with_engine(spec: BenchSpec, engine: str) -> BenchSpec:
-    return dataclasses.replace(spec, engine=engine)
+    """The spec under another engine; the seed loop always takes the walk-through's full-logits loss."""
+    return dataclasses.replace(spec, engine=engine, loss_chunk=0 if engine == SEED else spec.loss_chunk)

@@ -36,6 +36,7 @@ def test_bench_rows_for_two_engines_and_the_seed():
     (["--model", "gpt2-huge"], "unknown model"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--data", "/nonexistent"], "not a directory"),
+    (["--loss-chunk", "-1"], "engine.loss_chunk must be >= 0"),
 ])
 def test_bad_input_is_an_error_with_exit_2(args, message):
     out = _tool(*args)
@@ -45,3 +46,11 @@ def test_bad_input_is_an_error_with_exit_2(args, message):
 def test_seq_len_beyond_the_context_is_refused():
     with pytest.raises(ValueError):
         bench.BenchSpec("gpt2-tiny", "ddp", 2, 512).config(1)
+
+
+def test_loss_chunk_reaches_the_engine_and_names_the_row():
+    spec = bench.BenchSpec("gpt2-tiny", "zero3", 2, 16, loss_chunk=8)
+    assert spec.config(1).engine.loss_chunk == 8
+    result = bench.BenchResult(spec, 1, "cpu", 1.0, 32.0, None, None, {"rss": 0}, None)
+    assert bench.row(result)[0] == "zero3 +loss_chunk=8"
+    assert bench.with_engine(spec, bench.SEED).loss_chunk == 0  # the seed loop is the plain loss's yardstick

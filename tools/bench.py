@@ -35,6 +35,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA only")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
     p.add_argument("--data", help="a token shard directory; default random tokens")
     p.add_argument("--world", type=int, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -58,7 +60,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         raise ConfigError(f"--data {args.data}: not a directory (make one with tools/prepare_data.py)")
     compile_ = {"auto": None, "on": True, "off": False}[args.compile]
     base = bench.BenchSpec(args.model, engines[0], args.micro_batch, args.seq_len, args.accum, args.dtype, compile_,
-                           args.activation_checkpointing, args.offload, args.warmup, args.steps, args.data)
+                           args.activation_checkpointing, args.offload, args.warmup, args.steps, args.data, args.loss_chunk)
     specs = [bench.with_engine(base, e) for e in engines] + ([bench.with_engine(base, bench.SEED)] if args.compare_seed else [])
     for spec in specs:
         spec.config(args.world)  # validates model name, sizes
