@@ -36,14 +36,20 @@ def _loss_and_grads(fn, h, w, t, vocab, autocast=False):
     return loss.detach(), h.grad, w.grad
 
 
+def _fused_equals_plain(h, w, t, vocab, chunk):
+    """(loss, grad_h, grad_weight) of the fused path, checked against the plain path's in fp32."""
+    fused = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk=chunk), h, w, t, vocab)
+    plain = _loss_and_grads(_plain, h, w, t, vocab)
+    for got, want in zip(fused, plain):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    return fused
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 16, 37, 100])
 def test_fp32_loss_and_gradients_equal_the_plain_path(chunk):
     h, w, t = _inputs()
-    fused = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk=chunk), h, w, t, 61)
-    plain = _loss_and_grads(_plain, h, w, t, 61)
-    for got, want in zip(fused, plain):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert fused[2][61:].abs().sum() == 0  # padded rows are never predicted
+    _, _, grad_w = _fused_equals_plain(h, w, t, 61, chunk)
+    assert grad_w[61:].abs().sum() == 0  # padded rows are never predicted
 
 
 @pytest.mark.parametrize("h_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
@@ -82,11 +88,8 @@ def test_all_ignored_targets_give_nan_and_zero_gradients_like_f_cross_entropy():
 def test_an_all_ignored_chunk_contributes_nothing():
     h, w, t = _inputs(ignored=0.0)
     t[8:16] = -1  # exactly the second chunk
-    fused = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk=8), h, w, t, 61)
-    plain = _loss_and_grads(_plain, h, w, t, 61)
-    for got, want in zip(fused, plain):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert not fused[1][8:16].any()
+    _, grad_h, _ = _fused_equals_plain(h, w, t, 61, 8)
+    assert not grad_h[8:16].any()
 
 
 def test_bad_arguments():
@@ -101,11 +104,7 @@ def test_bad_arguments():
 @given(n=st.integers(1, 40), d=st.integers(1, 12), vocab=st.integers(1, 40), pad=st.integers(0, 8),
        chunk=st.integers(1, 50), ignored=st.sampled_from([0.0, 0.3, 1.0]), seed=st.integers(0, 2**16))
 def test_property_fused_equals_plain(n, d, vocab, pad, chunk, ignored, seed):
-    h, w, t = _inputs(n, d, vocab + pad, vocab, ignored, seed)
-    fused = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk=chunk), h, w, t, vocab)
-    plain = _loss_and_grads(_plain, h, w, t, vocab)
-    for got, want in zip(fused, plain):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    _fused_equals_plain(*_inputs(n, d, vocab + pad, vocab, ignored, seed), vocab, chunk)
 
 
 # --- the model ---
