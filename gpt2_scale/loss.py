@@ -1,8 +1,8 @@
 """The lm_head matmul and the cross-entropy fused and chunked over tokens: the B·T·V logits never exist at once.
 
 The plain path (``F.cross_entropy(lm_head(h).float(), ...)``) holds the logits, their fp32 log-softmax (saved
-for backward) and, when backward starts, the fp32 gradient of the logits: about 12 bytes x B·T·V, 9.3 GiB at
-B=16, T=1024, V=50304. Here each chunk of ``chunk`` tokens goes logits -> fp32 log-softmax -> loss and
+for backward) and, when backward starts, the fp32 gradient of the logits: 10 bytes x B·T·V under bf16
+(``memory.LOGIT_BYTES``), 7.7 GiB at B=16, T=1024, V=50257. Here each chunk of ``chunk`` tokens goes logits -> fp32 log-softmax -> loss and
 (softmax - onehot) / N -> its rows of grad_h and a share of grad_weight accumulated in fp32, all during forward
 (the Liger-Kernel "fused linear cross-entropy" idea). Backward only scales the saved gradients by grad_output.
 Peak extra memory: one chunk's logits and their gradient, plus the fp32 weight-gradient accumulator (V·d·4).
