@@ -66,6 +66,7 @@ class EngineSection:
     compile_mode: str | None = None  # torch.compile's mode: None | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
     activation_checkpointing: bool = False
+    loss_chunk: int = 0  # tokens per chunk of the fused lm_head + cross-entropy; 0 = full logits, the walk-through's way
     ds_config: str | None = None  # DeepSpeed JSON; default ds_configs/zero{1,2,3}[_offload].json
     device: str = "auto"  # auto | cpu | cuda
 
@@ -271,7 +272,7 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be > 0, got {value}")
-    for key in ("optim.warmup_steps", "log.val_every", "log.sample_every", "log.hellaswag_every", "checkpoint.every"):
+    for key in ("engine.loss_chunk", "optim.warmup_steps", "log.val_every", "log.sample_every", "log.hellaswag_every", "checkpoint.every"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ConfigError(f"{key} must be >= 0")

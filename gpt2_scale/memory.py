@@ -44,7 +44,9 @@ BLOCK_BYTES = {False: 66, True: 38}
 # With per-block checkpointing only each block's input stays: the fp32 residual stream (autocast keeps it fp32).
 CHECKPOINTED_BLOCK_BYTES = 4
 # Bytes per token per vocabulary entry around the loss: the saved log-softmax (fp32) plus, under bf16, the
-# bf16 logits, then the fp32 gradient of the logits when backward starts.
+# bf16 logits, then the fp32 gradient of the logits when backward starts. The fused loss (engine.loss_chunk,
+# gpt2_scale/loss.py) holds as much for one chunk of tokens at a time: the chunk's logits, their fp32 copy and
+# log-softmax (whose softmax becomes the gradient in place), plus an fp32 weight-gradient accumulator of V·d.
 LOGIT_BYTES = {False: 4 + 4, True: 6 + 4}
 
 
@@ -92,7 +94,11 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: b
     return per_block * model.n_layer * BLOCK_BYTES[bf16]
 
 
-def logits_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: bool) -> int:
+def logits_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: bool, loss_chunk: int = 0) -> int:
+    """Bytes around the loss: all B·T tokens' logits, or with ``loss_chunk`` one chunk's plus the V·d fp32
+    weight-gradient accumulator."""
+    if loss_chunk:
+        return min(loss_chunk, micro_batch * seq_len) * model.vocab_size * LOGIT_BYTES[bf16] + model.vocab_size * model.n_embd * 4
     return micro_batch * seq_len * model.vocab_size * LOGIT_BYTES[bf16]
 
 
@@ -108,12 +114,12 @@ class Estimate:
 
 
 def estimate(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_len: int, *, bf16: bool = True,
-             checkpointing: bool = False, offload: bool = False) -> Estimate:
+             checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0) -> Estimate:
     """Predicted peak bytes on one GPU: model states + activations + logits (see the module docstring)."""
     return Estimate(
         expected_state_bytes(model.num_params(), engine, world, bf16, offload),
         activation_bytes(model, micro_batch, seq_len, bf16, checkpointing),
-        logits_bytes(model, micro_batch, seq_len, bf16),
+        logits_bytes(model, micro_batch, seq_len, bf16, loss_chunk),
     )
 
 
@@ -187,9 +193,10 @@ _STATE_FORMULAS = {  # (weights, gradients, optimizer) per rank, w = bytes per w
 
 
 def explain(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_len: int, *, bf16: bool = True,
-            checkpointing: bool = False, offload: bool = False) -> str:
+            checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0) -> str:
     """The estimate with each term's formula and numbers, for tools/estimate_memory.py."""
-    est = estimate(model, engine, world, micro_batch, seq_len, bf16=bf16, checkpointing=checkpointing, offload=offload)
+    est = estimate(model, engine, world, micro_batch, seq_len, bf16=bf16, checkpointing=checkpointing, offload=offload,
+                   loss_chunk=loss_chunk)
     psi, L, d, V = model.num_params(), model.n_layer, model.n_embd, model.vocab_size
     w = 2 if bf16 and engine.startswith("zero") else 4
     formulas = list(_STATE_FORMULAS[engine])
@@ -197,17 +204,23 @@ def explain(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_l
         formulas = ["on host"] * 3 if engine == "fsdp" else formulas[:2] + ["on host"]
     a = BLOCK_BYTES[bf16]
     act = f"B·T·d·(L·{CHECKPOINTED_BLOCK_BYTES} + {a})" if checkpointing else f"B·T·d·L·{a}"
+    logit = LOGIT_BYTES[bf16]
+    if loss_chunk:
+        logits = (f"c·V·{logit} + V·d·4", "one chunk's logits + fp32 weight-gradient accumulator")
+    else:
+        logits = (f"B·T·V·{logit}", "saved log-softmax + logits gradient")
     g = lambda n: f"{n / GiB:8.2f} GiB"  # noqa: E731
     s = est.states
     lines = [
         f"{model.name}: Ψ = {psi:,} parameters, L = {L}, d = {d}, V = {V}; engine {engine}, N = {world}, "
         f"B = {micro_batch}, T = {seq_len}, {'bf16' if bf16 else 'fp32'}, w = {w}"
-        + (", activation checkpointing" if checkpointing else "") + (", offload" if offload else ""),
+        + (", activation checkpointing" if checkpointing else "") + (", offload" if offload else "")
+        + (f", fused loss in chunks of c = {min(loss_chunk, micro_batch * seq_len)} tokens" if loss_chunk else ""),
         f"  weights      {formulas[0]:<22} {g(s.params)}",
         f"  gradients    {formulas[1]:<22} {g(s.grads)}",
         f"  optimizer    {formulas[2]:<22} {g(s.optimizer)}   fp32 master + Adam m, v",
         f"  activations  {act:<22} {g(est.activations)}",
-        f"  logits       {f'B·T·V·{LOGIT_BYTES[bf16]}':<22} {g(est.logits)}   saved log-softmax + logits gradient",
+        f"  logits       {logits[0]:<22} {g(est.logits)}   {logits[1]}",
         f"  total        {'':<22} {g(est.total)}   per GPU, plus 1-3 GiB of CUDA context, buckets and fragmentation",
     ]
     return "\n".join(lines)

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from gpt2_scale.loss import linear_cross_entropy
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -77,6 +78,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+class LMHead(nn.Linear):
+    """The output projection; given targets it returns the loss of ``loss.linear_cross_entropy`` instead of logits.
+
+    The fused loss runs inside this module's forward (not in GPT.forward reading ``lm_head.weight``) because
+    DeepSpeed ZeRO-3 gathers a module's parameters in hooks around that module's forward.
+    """
+
+    def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
+        super().__init__(n_embd, padded_vocab_size, bias=False)
+        self.vocab_size = vocab_size  # rows from here on are padding, never predicted
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -89,9 +107,10 @@ class GPT(nn.Module):
                 ln_f=nn.LayerNorm(config.n_embd),
             )
         )
-        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.lm_head = LMHead(config.n_embd, config.padded_vocab_size, config.vocab_size)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.activation_checkpointing = False  # recompute each block in backward: memory for compute
+        self.loss_chunk = 0  # > 0: with targets, the fused chunked lm_head + cross-entropy (no logits returned)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -106,7 +125,11 @@ class GPT(nn.Module):
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) and, given targets (-1 = ignore), the mean cross-entropy."""
+        """Logits (B, T, vocab_size) and, given targets (-1 = ignore), the mean cross-entropy.
+
+        With targets and ``loss_chunk`` > 0 the loss comes from the fused path (gpt2_scale/loss.py) and the
+        logits are None: they are never materialized.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -120,7 +143,10 @@ class GPT(nn.Module):
                 x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.transformer.ln_f(x))
+        x = self.transformer.ln_f(x)
+        if targets is not None and self.loss_chunk > 0:
+            return None, self.lm_head(x, targets, self.loss_chunk)
+        logits = self.lm_head(x)
         if self.config.padded_vocab_size != self.config.vocab_size:
             logits = logits[..., : self.config.vocab_size]  # padded rows are never predicted
         loss = None

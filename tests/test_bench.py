@@ -84,6 +84,7 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     (["--model", "gpt2-huge"], "unknown model"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--data", "/nonexistent"], "not a directory"),
+    (["--loss-chunk", "-1"], "engine.loss_chunk must be >= 0"),
     (["--set", "engine.nope=1"], "--set engine.nope=1: unknown config key 'engine.nope'; valid keys: engine.name"),
     (["--vary", "train.micro_batch=4,abc"], "--vary train.micro_batch=4,abc: train.micro_batch must be int, got 'abc'"),
     (["--vary", "engine.compile_mode=fast"], "compile_mode must be one of null (torch's default), default, reduce-overhead"),
@@ -100,3 +101,13 @@ def test_bad_input_is_an_error_with_exit_2(args, message):
 def test_seq_len_beyond_the_context_is_refused():
     with pytest.raises(ValueError, match="exceeds gpt2-tiny's context length 256"):
         bench.BenchSpec("ddp", (("model.name", "gpt2-tiny"), ("train.seq_len", "512"))).config(1)
+
+
+def test_loss_chunk_flag_reaches_the_engine_config():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(ROOT, "tools", "bench.py"))
+    bench_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_cli)
+    _, specs = bench_cli.parse(["--model", "gpt2-tiny", "--engines", "zero3", "--seq-len", "16", "--loss-chunk", "8"])
+    assert specs[0].config(1).engine.loss_chunk == 8

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case, rank_batches, tokens
-from gpt2_scale.harness.compare import BF16, FP32, mismatches
+from gpt2_scale.harness.compare import BF16, FP32, Tolerance, mismatches
 from gpt2_scale.harness.pool import WorkerPool
 from gpt2_scale.harness.run import Result, reference
 from gpt2_scale.zoo import ModelConfig
@@ -69,6 +69,17 @@ def assert_agrees(result: Result, expected: Result, tol=FP32) -> None:
 def test_engine_matches_single_process_reference(pools, engine, data):
     case = data.draw(cases(engine))
     assert_agrees(run(pools, case), reference(case))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@settings(max_examples=3)
+@given(data=st.data())
+def test_fused_loss_matches_the_plain_reference(pools, engine, data):
+    """engine.loss_chunk > 0 (chunks that divide the micro-batch's tokens or not, or exceed them) trains as the
+    reference does with the full logits: ZeRO-3 must gather lm_head for its forward, FSDP2 hands it a bf16 weight."""
+    case = data.draw(cases(engine)).replace(loss_chunk=data.draw(st.integers(1, 80)),
+                                            dtype=data.draw(st.sampled_from(["fp32", "bf16"])))
+    assert_agrees(run(pools, case), reference(case), Tolerance.for_dtype(case.dtype))
 
 
 def splits(total: int) -> list[tuple[int, int, int]]:

@@ -122,9 +122,11 @@ def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine)
         torch.testing.assert_close(weights_ckpt[name], w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{engine} {name}: {m}")
 
 
-def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128) -> int:
+def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,
+                       loss_chunk: int = 0) -> int:
     model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128))
     model.activation_checkpointing = checkpointing
+    model.loss_chunk = loss_chunk
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -148,6 +150,14 @@ def test_activation_constants_are_what_a_block_saves(bf16):
     assert per_layer_ckpt == pytest.approx(memory.CHECKPOINTED_BLOCK_BYTES, rel=0.05)
 
 
+def test_a_fused_loss_chunk_saves_no_log_softmax():
+    """With engine.loss_chunk the model saves grad_h (in place of lm_head's input) and the V·d weight gradient,
+    not the B·T·V fp32 log-softmax."""
+    B, T, V, d = 8, 256, 128, 128
+    plain, fused = _saved_block_bytes(False, False, 1), _saved_block_bytes(False, False, 1, loss_chunk=300)
+    assert plain - fused >= B * T * V * 4 - V * d * 4, f"{fused:,} B saved with the fused loss, {plain:,} B without"
+
+
 def test_expected_state_bytes_follow_the_paper():
     psi = 1_000_000
     assert memory.expected_state_bytes(psi, "zero1", 8, bf16=True).total == 2 * psi + 2 * psi + 12 * psi // 8
@@ -169,6 +179,17 @@ def test_estimate_gpt2_xl_zero3_on_8_gpus():
     assert memory.estimate(xl, "ddp", 8, 16, 1024).states.total == 8 * plain.states.total
 
 
+def test_estimate_with_a_fused_loss_chunk():
+    """engine.loss_chunk: one chunk's logits (c·V·LOGIT_BYTES) plus the V·d fp32 weight-gradient accumulator."""
+    m = ModelConfig.from_name("gpt2-124m")
+    plain = memory.estimate(m, "ddp", 1, 16, 1024)
+    fused = memory.estimate(m, "ddp", 1, 16, 1024, loss_chunk=2048)
+    assert fused.logits == 2048 * m.vocab_size * memory.LOGIT_BYTES[True] + m.vocab_size * m.n_embd * 4
+    assert fused.logits < plain.logits / 6 and fused.activations == plain.activations and fused.states == plain.states
+    whole = memory.estimate(m, "ddp", 1, 2, 64, loss_chunk=10**6)  # a chunk beyond B·T holds B·T tokens
+    assert whole.logits == memory.logits_bytes(m, 2, 64, True) + m.vocab_size * m.n_embd * 4
+
+
 def _tool(*args):
     return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True)
 
@@ -181,3 +202,8 @@ def test_estimate_memory_tool():
     assert f"{est.total / memory.GiB:.2f} GiB" in out.stdout and "12Ψ/N" in out.stdout
     bad = _tool("--model", "gpt2-xxl", "--engine", "zero3")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt2-xl" in bad.stderr
+    fused = _tool("--model", "gpt2-xl", "--micro-batch", "16", "--loss-chunk", "4096")
+    est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "ddp", 1, 16, 1024, loss_chunk=4096)
+    assert fused.returncode == 0 and "c·V·10 + V·d·4" in fused.stdout and f"{est.logits / memory.GiB:.2f} GiB" in fused.stdout
+    bad = _tool("--loss-chunk", "-1")
+    assert bad.returncode == 2 and "--loss-chunk must be >= 0" in bad.stderr

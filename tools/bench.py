@@ -59,6 +59,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA only")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--loss-chunk", type=int, help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every row, e.g. engine.compile_scope=model (repeatable)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -89,7 +90,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     overrides = [("model.name", args.model), ("train.micro_batch", str(args.micro_batch)), ("train.seq_len", str(args.seq_len))]
     flags = {"engine.dtype": (args.dtype, "auto"), "engine.compile": ({"on": "true", "off": "false"}.get(args.compile), None),
              "engine.activation_checkpointing": ("true" if args.activation_checkpointing else None, None),
-             "engine.offload": ("true" if args.offload else None, None)}
+             "engine.offload": ("true" if args.offload else None, None),
+             "engine.loss_chunk": (None if args.loss_chunk is None else str(args.loss_chunk), None)}
     overrides += [(key, value) for key, (value, unset) in flags.items() if value != unset]
     overrides += [(key, values[0]) for key, values in (assignment(text, "--set") for text in args.set)]
     vary = [assignment(text, "--vary") for text in args.vary]

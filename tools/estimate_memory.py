@@ -1,7 +1,7 @@
 """Predicted per-GPU memory of a training run: model states (ZeRO accounting) + activations + logits.
 
     python tools/estimate_memory.py --model gpt2-xl --engine zero3 --world 8 --micro-batch 16 --seq-len 1024 \
-        [--activation-checkpointing] [--offload] [--dtype fp32]
+        [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096]
 
 The formulas and their constants are in gpt2_scale/memory.py.
 """
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--offload", action="store_true", help="optimizer state on the host (fsdp: all model states)")
     parser.add_argument("--no-pad-vocab", action="store_true", help="50257 rows instead of 50304")
+    parser.add_argument("--loss-chunk", type=int, default=0,
+                        help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
     args = parser.parse_args(argv)
     try:
         model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
@@ -38,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         for flag in ("world", "micro_batch", "seq_len"):
             if getattr(args, flag) < 1:
                 raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+        if args.loss_chunk < 0:
+            raise ValueError("--loss-chunk must be >= 0")
         if args.seq_len > model.block_size:
             raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
         print(memory.explain(model, args.engine, args.world, args.micro_batch, args.seq_len, bf16=args.dtype == "bf16",
-                             checkpointing=args.activation_checkpointing, offload=args.offload))
+                             checkpointing=args.activation_checkpointing, offload=args.offload, loss_chunk=args.loss_chunk))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ class Case:
     resume_at: int | None = None  # save after this many steps, rebuild everything from the checkpoint, go on
     export_to: str | None = None  # load the final checkpoint's full weights under this engine, return its logits
     deterministic: bool = False  # train.deterministic: PyTorch's deterministic algorithms for this run
+    loss_chunk: int = 0  # engine.loss_chunk: > 0 trains with the fused chunked lm_head + cross-entropy
 
     def __post_init__(self) -> None:
         for engine in (self.engine, self.export_to or self.engine):
@@ -45,6 +46,8 @@ class Case:
         for name in ("world_size", "micro_batch", "accum", "seq_len", "steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.seq_len > self.model.block_size:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context length {self.model.block_size}")
         if self.resume_at is not None and not 0 < self.resume_at < self.steps:
@@ -73,7 +76,7 @@ def run_config(case: Case, engine: str | None = None, device: str = "cpu") -> Co
             seed=case.seed,
         ),
         optim=OptimSection(lr=case.lr, warmup_steps=0, weight_decay=case.weight_decay, grad_clip=case.grad_clip),
-        engine=EngineSection(name=engine or case.engine, dtype=case.dtype, compile=False, device=device),
+        engine=EngineSection(name=engine or case.engine, dtype=case.dtype, compile=False, device=device, loss_chunk=case.loss_chunk),
         log=LogSection(tensorboard=False),
         checkpoint=CheckpointSection(keep=1),
     )

@@ -61,9 +61,10 @@ def initial_model(case: Case, device: torch.device, seed_offset: int = 0) -> GPT
 
 
 def reference(case: Case, device: torch.device | None = None) -> Result:
-    """The case on one plain process in fp32, the whole total batch as one micro-batch."""
+    """The case on one plain process in fp32, the whole total batch as one micro-batch, with the plain
+    (full logits) loss whatever ``case.loss_chunk``, so a fused-loss case is checked against it."""
     device = device or torch.device("cpu")
-    ref = case.replace(dtype="fp32")
+    ref = case.replace(dtype="fp32", loss_chunk=0)
     env = DistEnv(0, 0, 1, device)
     strategy = PlainStrategy(run_config(ref), env)
     strategy.setup(initial_model(ref, device))

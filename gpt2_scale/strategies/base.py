@@ -31,7 +31,8 @@ def compile_options(cfg: Config) -> dict:
 
 
 def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = True) -> None:
-    """Activation checkpointing and torch.compile, applied in place before any engine wraps the model.
+    """Activation checkpointing, the fused loss's chunk and torch.compile, applied in place before any engine
+    wraps the model.
 
     Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and
     state-dict names those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it.
@@ -39,6 +40,7 @@ def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = T
     is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
     """
     model.activation_checkpointing = cfg.engine.activation_checkpointing
+    model.loss_chunk = cfg.engine.loss_chunk
     scope = compile_scope(cfg, env)
     if scope == "block":
         for block in model.transformer.h:
