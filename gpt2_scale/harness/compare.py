@@ -19,7 +19,11 @@ to 2^-8 (0.4%). Losses and gradient norms are means and norms over thousands of 
 land well inside 2^-7 (two bf16 roundings: the weight cast and the activation) of the fp32
 reference; that is the bf16 tolerance. Weights are not compared element by element in bf16: Adam
 divides each gradient coordinate by its own running RMS, so a coordinate whose gradient is below
-bf16's resolution can flip sign and move by 2 x lr, whatever the engine.
+bf16's resolution can flip sign and move by 2 x lr, whatever the engine. For the same reason only the
+first step's gradient norm is compared in bf16 (the one computed at the shared initial weights): later
+norms are taken at weights that such flips moved, and at lr 1e-2 a tiny model's norm then differed by
+1.6% at step 3 under DDP alone (ddp vs reference, world 1), twice the tolerance. Losses stay within
+~2e-5 at every step and are compared throughout.
 """
 
 from __future__ import annotations
@@ -78,7 +82,8 @@ def mismatches(result: Result, reference: Result, tol: Tolerance) -> list[str]:
     out = []
     if len(result.losses) != len(reference.losses):
         return [f"{len(result.losses)} steps, the reference has {len(reference.losses)}"]
-    for name, values, ref in (("loss", result.losses, reference.losses), ("grad norm", result.grad_norms, reference.grad_norms)):
+    norms, ref_norms = (result.grad_norms, reference.grad_norms) if tol.weights else (result.grad_norms[:1], reference.grad_norms[:1])
+    for name, values, ref in (("loss", result.losses, reference.losses), ("grad norm", norms, ref_norms)):
         if max_rel_diff(values, ref) > tol.rtol:
             out.append(f"{name} per step {values} vs reference {ref} (max rel diff {max_rel_diff(values, ref):.2e} > {tol.rtol:.1e})")
     if tol.weights:
