@@ -95,6 +95,16 @@ class LMHead(nn.Linear):
         return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk)
 
 
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the first ``vocab_size`` (unpadded) columns, in fp32; targets -1 ignored.
+
+    A function of its own so that it can be compiled apart from the blocks: fused, the slice, the fp32 cast and
+    the softmax read the B·T·V logits once instead of writing fp32 copies of them.
+    """
+    logits = logits[..., :vocab_size]
+    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-1)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -111,6 +121,7 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.activation_checkpointing = False  # recompute each block in backward: memory for compute
         self.loss_chunk = 0  # > 0: with targets, the fused chunked lm_head + cross-entropy (no logits returned)
+        self.cross_entropy = cross_entropy  # the loss of the full logits; compiled with the blocks (prepare_model)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -147,12 +158,8 @@ class GPT(nn.Module):
         if targets is not None and self.loss_chunk > 0:
             return None, self.lm_head(x, targets, self.loss_chunk)
         logits = self.lm_head(x)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]  # padded rows are never predicted
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        loss = None if targets is None else self.cross_entropy(logits, targets, self.config.vocab_size)
+        return logits[..., : self.config.vocab_size], loss  # padded rows are never predicted
 
     @classmethod
     def from_pretrained(cls, name_or_dir: str, pad_vocab: bool = False) -> "GPT":

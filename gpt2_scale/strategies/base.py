@@ -12,7 +12,7 @@ import torch.nn as nn
 from gpt2_scale.config import Config
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
-from gpt2_scale.model import GPT
+from gpt2_scale.model import GPT, cross_entropy
 
 
 def use_bf16(cfg: Config, env: DistEnv) -> bool:
@@ -36,7 +36,7 @@ def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = T
 
     Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and
     state-dict names those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it.
-    Scope "block" compiles each transformer block; scope "model" the whole GPT, unless ``compile_model``
+    Scope "block" compiles each transformer block and the loss; scope "model" the whole GPT, unless ``compile_model``
     is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
     """
     model.activation_checkpointing = cfg.engine.activation_checkpointing
@@ -45,6 +45,7 @@ def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = T
     if scope == "block":
         for block in model.transformer.h:
             block.compile(**compile_options(cfg))
+        model.cross_entropy = torch.compile(cross_entropy, **compile_options(cfg))  # outside the blocks, but B·T·V wide
     elif scope == "model" and compile_model:
         model.compile(**compile_options(cfg))
 
