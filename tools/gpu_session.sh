@@ -3,8 +3,9 @@
 #
 #   bash tools/gpu_session.sh wheels     # on a machine with pip access: wheels the GPU machine may lack, into .whl/
 #   bash tools/gpu_session.sh check      # on the GPU: tests/test_cuda.py (bf16, compile, fused AdamW/FusedAdam, NCCL)
-#   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the seed settings, then one lever at a time
-#   bash tools/gpu_session.sh autotune   # on the GPU: the max-autotune compile modes (slow to compile: its own call)
+#   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the seed settings, compile scope, micro-batch, loss chunk
+#   bash tools/gpu_session.sh levers     # on the GPU: CUDA graphs (reduce-overhead), the other engines at B=64
+#   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #
 # Each stage fits one 10-minute call on one H100 and writes its tables and JSON under $OUT (default runs/gpu_session).
@@ -25,10 +26,10 @@ use_wheels() {
 }
 
 bench() { $PY tools/bench.py "$@"; }
-M124=(--model gpt2-124m --seq-len 1024 --warmup 5 --steps 20)
+M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 
 STAGE=${1:-}
-[[ $STAGE == check || $STAGE == speed || $STAGE == autotune || $STAGE == scale ]] && use_wheels
+[[ $STAGE =~ ^(check|speed|levers|autotune|scale)$ ]] && use_wheels
 case "$STAGE" in
 wheels)
     # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
@@ -48,36 +49,39 @@ check)
     $PY -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/check.log"
     ;;
 speed)
-    # (a) ours vs the seed walk-through's settings, same run, B=64 and B=16.
-    bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --json "$OUT/speed_b64.json" | tee "$OUT/speed.md"
-    bench "${M124[@]}" --engines ddp --micro-batch 16 --compare-seed --json "$OUT/speed_b16.json" | tee -a "$OUT/speed.md"
-    # (b) the levers, one at a time from the B=64 ddp row.
-    bench "${M124[@]}" --engines ddp --micro-batch 64 --json "$OUT/levers.json" \
-        --vary engine.compile_scope=model --vary engine.compile_mode=reduce-overhead \
-        --vary engine.loss_chunk=4096,16384 --vary train.micro_batch=32 | tee -a "$OUT/speed.md"
-    # (c) every engine at the best micro-batch on one GPU (the sharding engines' overhead with nothing to shard over).
-    bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/engines.json" | tee -a "$OUT/speed.md"
+    # (a) ours (per-block + loss compile) vs the seed walk-through's loop (whole-model compile), and compile scope.
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --vary engine.compile_scope=model \
+        --json "$OUT/1-seed-scope.json" | tee "$OUT/speed.md"
+    # (b) micro-batch and the chunked loss, one at a time from the B=64 row.
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --vary train.micro_batch=16,32 --vary engine.loss_chunk=8192 \
+        --json "$OUT/3-batch-chunk.json" | tee -a "$OUT/speed.md"
+    ;;
+levers)
+    # CUDA graphs, and every engine at B=64 on one GPU (the sharding engines' overhead with nothing to shard over).
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --vary engine.compile_mode=reduce-overhead \
+        --json "$OUT/2-modes.json" | tee "$OUT/levers.md"
+    bench "${M124[@]}" --engines fsdp,zero1,zero3 --micro-batch 64 --json "$OUT/4-engines.json" | tee -a "$OUT/levers.md"
     ;;
 autotune)
-    bench "${M124[@]}" --engines ddp --micro-batch 64 --json "$OUT/autotune.json" \
-        --vary engine.compile_mode=max-autotune-no-cudagraphs,max-autotune | tee "$OUT/autotune.md"
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --vary engine.compile_mode=max-autotune-no-cudagraphs \
+        --json "$OUT/5-autotune.json" | tee "$OUT/autotune.md"
     ;;
 scale)
     # gpt2-xl (1558M) on one 80 GB GPU: DDP (16Ψ = 25 GB of states) with and without checkpointing, FSDP, ZeRO-3 +
     # offload; then the estimator's prediction for the same rows.
     XL=(--model gpt2-xl --seq-len 1024 --warmup 2 --steps 5)
-    bench "${XL[@]}" --engines ddp,fsdp --micro-batch 8 --json "$OUT/xl.json" \
-        --vary engine.activation_checkpointing=true | tee "$OUT/scale.md"
-    bench "${XL[@]}" --engines zero3 --micro-batch 8 --offload --activation-checkpointing --json "$OUT/xl_offload.json" \
+    bench "${XL[@]}" --engines ddp,fsdp --micro-batch 8 --vary engine.activation_checkpointing=true \
+        --json "$OUT/6-xl.json" | tee "$OUT/scale.md"
+    bench "${XL[@]}" --engines zero3 --micro-batch 8 --offload --activation-checkpointing --json "$OUT/7-xl-offload.json" \
         | tee -a "$OUT/scale.md"
-    for args in "--engine ddp" "--engine ddp --activation-checkpointing" "--engine fsdp" \
+    for args in "--engine ddp" "--engine ddp --activation-checkpointing" "--engine fsdp" "--engine fsdp --activation-checkpointing" \
                 "--engine zero3 --offload --activation-checkpointing"; do
         # shellcheck disable=SC2086
         $PY tools/estimate_memory.py --model gpt2-xl --world 1 --micro-batch 8 --seq-len 1024 $args | tee -a "$OUT/scale.md"
     done
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,/^set -euo/p' "$0" | sed '$d'
     exit 2
     ;;
 esac
