@@ -36,3 +36,15 @@ def run(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun"
 def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
+
+
+def spawned_world(worker, nprocs: int, tmp: Path):
+    """Run ``worker(rank, port, tmp)`` on ``nprocs`` spawned ranks (a process group and DeepSpeed's global state
+    stay out of pytest's process); rank 0 saves its results to tmp/results.pt, which is returned.
+
+    A file, not a queue: a pipe blocks on large payloads while the parent waits in join."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.start_processes(worker, args=(free_port(), str(tmp)), nprocs=nprocs, start_method="spawn")
+    return torch.load(Path(tmp) / "results.pt", weights_only=False)

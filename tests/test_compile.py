@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
+from launch import spawned_world
 
 SMALL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)
 B, T = 2, 16
@@ -67,11 +67,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    from gpt2_scale.distributed import free_port
-
-    tmp = str(tmp_path_factory.mktemp("compile"))
-    mp.start_processes(_worker, args=(free_port(), tmp), nprocs=1, start_method="spawn")
-    return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
+    return spawned_world(_worker, 1, tmp_path_factory.mktemp("compile"))
 
 
 @pytest.mark.parametrize("scope", ["model", "block"])

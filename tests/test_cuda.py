@@ -58,17 +58,18 @@ def test_engines_match_the_fp32_reference_on_the_gpu():
 
 
 def test_bench_reports_mfu_against_the_measured_matmul_and_memory_close_to_the_estimate(tmp_path):
-    """gpt2-124m, bf16, B=8, T=1024 on one GPU: MFU against the matmul measured in the run, and the measured peak within the
-    estimator's claimed accuracy (states + activations + logits, gpt2_scale.memory)."""
+    """gpt2-124m, bf16, B=8, T=1024 on one GPU, eager (the estimator's constants are eager PyTorch's; compiled code
+    saves less): MFU against the matmul measured in the run, and the measured peak near the estimate (states +
+    activations + logits, gpt2_scale.memory)."""
     out = ok(run("tools/bench.py", ["--model", "gpt2-124m", "--engines", "ddp", "--micro-batch", "8", "--seq-len", "1024",
-                                    "--warmup", "3", "--steps", "5"], timeout=900))
+                                    "--warmup", "3", "--steps", "5", "--compile", "off"], timeout=900))
     row = next(line for line in out.splitlines() if line.startswith("| ddp"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     mfu_matmul = cells[9]  # the datasheet column is empty on GPUs PEAK_TFLOPS does not know
     assert mfu_matmul.endswith("%") and 5 < float(mfu_matmul[:-1]) < 100, row
     allocated = float(re.search(r"allocated ([\d,.]+) MiB", cells[10]).group(1).replace(",", "")) * 2**20
     est = memory.estimate(ModelConfig.from_name("gpt2-124m", pad_vocab=True), "ddp", 1, 8, 1024, bf16=True)
-    assert 0.6 < allocated / est.total < 1.4, (allocated / 2**30, est.total / 2**30)
+    assert 0.75 < allocated / est.total < 1.25, (allocated / 2**30, est.total / 2**30)
 
 
 def test_training_writes_mfu_and_peak_memory_to_the_metrics(tmp_path):

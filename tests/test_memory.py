@@ -11,11 +11,11 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from gpt2_scale import memory
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
+from launch import spawned_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -89,18 +89,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             del strategy, model
             gc.collect()  # drop this engine's hooks and buffers on every rank before the next one starts
             distributed.barrier()
-    if rank == 0:  # a file, not a queue: a pipe blocks on large payloads while the parent waits in join
+    if rank == 0:
         torch.save(results, os.path.join(tmp, "results.pt"))
     distributed.shutdown()
 
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    from gpt2_scale.distributed import free_port
-
-    tmp = str(tmp_path_factory.mktemp("world2"))
-    mp.start_processes(_worker, args=(free_port(), tmp), nprocs=2, start_method="spawn")
-    return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
+    return spawned_world(_worker, 2, tmp_path_factory.mktemp("world2"))
 
 
 @pytest.mark.parametrize("engine", ENGINES)
