@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt2_scale.loss import linear_cross_entropy
+from gpt2_scale.loss import chunk_loss, linear_cross_entropy
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -88,11 +88,12 @@ class LMHead(nn.Linear):
     def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
         super().__init__(n_embd, padded_vocab_size, bias=False)
         self.vocab_size = vocab_size  # rows from here on are padding, never predicted
+        self.chunk_fn = chunk_loss  # the per-chunk softmax and gradient; compiled with the blocks (prepare_model)
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk)
+        return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk, self.chunk_fn)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:

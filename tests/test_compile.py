@@ -57,6 +57,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     for engine in COMPILED:
         results[engine] = train(_config(engine, True, compile_scope="model"))
         results[engine, "block"] = train(_config(engine, True, compile_scope="block"))
+    results["ddp", "block", "loss_chunk"] = train(_config("ddp", True, compile_scope="block", loss_chunk=8))
     try:
         train(_config("fsdp", True, compile_scope="model", activation_checkpointing=True))
     except ConfigError as e:
@@ -83,6 +84,13 @@ def test_compile_trains_as_eager_and_keeps_names(results, engine, scope):
     for name, w in eager["weights"].items():
         diff = (got["weights"][name] - w).abs()
         assert diff.max() < 1e-4 and diff.mean() < 1e-6, f"{engine} {name}: max {diff.max():.2e}, mean {diff.mean():.2e}"
+
+
+def test_block_compile_with_the_fused_loss_trains_as_eager(results):
+    got, eager = results["ddp", "block", "loss_chunk"], results["eager"]
+    # the blocks and the fused loss's chunk body (the full-logits loss is never called with a chunk)
+    assert got["graphs"] >= 2, f"{got['graphs']} graph(s) compiled"
+    torch.testing.assert_close(got["losses"], eager["losses"], rtol=1e-5, atol=0)
 
 
 def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):

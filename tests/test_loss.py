@@ -52,6 +52,17 @@ def test_fp32_loss_and_gradients_equal_the_plain_path(chunk):
     assert grad_w[61:].abs().sum() == 0  # padded rows are never predicted
 
 
+def test_a_compiled_chunk_function_computes_the_same():
+    """What block-scope compile hands the fused loss (prepare_model): chunk_loss through torch.compile."""
+    from gpt2_scale.loss import chunk_loss
+
+    h, w, t = _inputs()
+    compiled = torch.compile(chunk_loss)
+    fused = _loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk=16, chunk_fn=compiled), h, w, t, 61)
+    for got, want in zip(fused, _loss_and_grads(_plain, h, w, t, 61)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("h_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                               (torch.bfloat16, torch.bfloat16)])
 def test_bf16_autocast_stays_within_bf16_resolution_and_keeps_dtypes(h_dtype, w_dtype):

@@ -12,6 +12,7 @@ import torch.nn as nn
 from gpt2_scale.config import Config
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
+from gpt2_scale.loss import chunk_loss
 from gpt2_scale.model import GPT, cross_entropy
 
 
@@ -45,7 +46,9 @@ def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = T
     if scope == "block":
         for block in model.transformer.h:
             block.compile(**compile_options(cfg))
-        model.cross_entropy = torch.compile(cross_entropy, **compile_options(cfg))  # outside the blocks, but B·T·V wide
+        # Outside the blocks but B·T·V wide: the loss (full logits) and the fused loss's per-chunk softmax.
+        model.cross_entropy = torch.compile(cross_entropy, **compile_options(cfg))
+        model.lm_head.chunk_fn = torch.compile(chunk_loss, **compile_options(cfg))
     elif scope == "model" and compile_model:
         model.compile(**compile_options(cfg))
 
