@@ -26,6 +26,7 @@ from gpt2_scale import distributed, memory, strategies
 from gpt2_scale.config import Config, ConfigError, set_value, validate
 from gpt2_scale.metrics import detect_peak_tflops, mfu
 from gpt2_scale.model import GPT
+from gpt2_scale.strategies.base import compile_scope
 from gpt2_scale.train import build_model, optimizer_step
 from gpt2_scale.zoo import ModelConfig
 
@@ -175,7 +176,7 @@ def _seed_runner(cfg: Config, env: distributed.DistEnv) -> Callable[[list], obje
 
     torch.set_float32_matmul_precision("high")  # TF32
     model = GPT(ModelConfig.from_name(cfg.model.name, pad_vocab=True)).to(env.device)
-    if cfg.engine.compile or (cfg.engine.compile is None and env.device.type == "cuda"):
+    if compile_scope(cfg, env) is not None:  # compile on, as ours: the seed always compiles the whole model
         model = torch.compile(model)
     model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -227,8 +228,8 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     tokens_per_s = B * T * spec.accum * env.world_size / (ms / 1000)
     flops = model_cfg.flops_per_token(T)
     per_rank = tokens_per_s / env.world_size
-    if strategy is not None and callable(getattr(strategy.model, "destroy", None)):
-        strategy.model.destroy()  # DeepSpeed engines hold hooks and buffers until destroyed
+    if strategy is not None:
+        strategy.close()
     del strategy, step, work
     _release()
     return BenchResult(spec, cfg, env.world_size, device_name(env.device), ms, tokens_per_s, mfu(per_rank, flops, peak_tflops),

@@ -94,10 +94,8 @@ def _build(case: Case, engine: str, env: DistEnv, model: GPT) -> Strategy:
 
 
 def teardown(strategy: Strategy) -> None:
-    """Free an engine before the next one: DeepSpeed engines hold hooks and buffers until destroyed."""
-    destroy = getattr(strategy.model, "destroy", None)
-    if callable(destroy):
-        destroy()
+    """Free an engine before the next one."""
+    strategy.close()
     strategy.model = strategy.module = strategy.optimizer = None  # the caller may still hold the shell
     gc.collect()
 

@@ -114,6 +114,9 @@ class Strategy(ABC):
             held_bytes(params), held_bytes(p.grad for p in params), held_bytes(tensors_in(list(self.optimizer.state.values())))
         )
 
+    def close(self) -> None:
+        """Release what the engine holds beyond its tensors, before another engine is built in this process."""
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Write model and optimizer state under ``path`` in the engine's own format (every rank calls)."""

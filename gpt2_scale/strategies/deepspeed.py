@@ -99,6 +99,9 @@ class DeepSpeedStrategy(Strategy):
     def _set_sync(self, sync: bool) -> None:
         self.model.set_gradient_accumulation_boundary(sync)
 
+    def close(self) -> None:
+        self.model.destroy()  # the engine holds hooks and buffers until destroyed
+
     def _backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already scaled by 1/accumulation
 
