@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from gpt2_scale.errors import UserError
+
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
 COMPILE_SCOPES = ("block", "model")
 # torch.compile's modes; None is its default. "reduce-overhead" adds CUDA graphs.
@@ -128,7 +130,7 @@ SHORTCUTS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     pass
 
 

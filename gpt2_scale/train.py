@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from gpt2_scale import checkpoint, distributed, strategies
+from gpt2_scale.errors import UserError, report
+from gpt2_scale.fileio import write_atomic
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps, parse_args
 from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
@@ -23,33 +26,46 @@ from gpt2_scale.optim import lr_at
 from gpt2_scale.zoo import ModelConfig
 
 
+# A run stopped by SIGTERM/SIGINT checkpoints and exits with this code (EX_TEMPFAIL of sysexits.h), so a
+# scheduler tells "preempted: resume me" (75) from "finished" (0), "bad input" (2) and "failed" (1).
+EXIT_PREEMPTED = 75
+
+
 class TrainingError(RuntimeError):
     pass
 
 
 def resolve_config(defaults: Config, argv: list[str]) -> Config:
-    """Recipe defaults + argv; with --resume, the resumed run's saved config + argv instead."""
+    """Recipe defaults + argv; with --resume, the resumed run's saved config + argv instead.
+
+    A run's cosine length is fixed when it starts (``optim.decay_steps`` = ``train.max_steps`` unless set),
+    so resuming with a larger --max-steps trains on at the final learning rate instead of reshaping the
+    schedule that the finished steps followed; pass --optim.decay_steps to change it deliberately."""
     cfg = parse_args(defaults, argv)
     if cfg.checkpoint.resume:
         run_dir = Path(cfg.checkpoint.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = parse_args(config_from_yaml_file(run_dir / "config.yaml"), argv)
+        saved = config_from_yaml_file(run_dir / "config.yaml")
+        saved.optim.decay_steps = saved.optim.decay_steps or saved.train.max_steps  # runs saved before it was fixed
+        cfg = parse_args(saved, argv)
         cfg.log.run_dir = str(run_dir)
+    cfg.optim.decay_steps = cfg.optim.decay_steps or cfg.train.max_steps
     return cfg
 
 
 def main(defaults: Config, argv: list[str] | None = None) -> None:
-    """Entry point of every recipe: bad input ends with a one-line error and exit code 2."""
+    """Entry point of every recipe. Exit codes: 0 finished, 2 bad input (one ``error:`` line), 1 training
+    failed (a non-finite loss), EXIT_PREEMPTED stopped by a signal after saving a checkpoint."""
     try:
         cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv)
-        train(cfg)
-    except (ConfigError, FileNotFoundError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        summary = train(cfg)
+    except (UserError, FileNotFoundError) as e:
+        sys.exit(report(e))
     except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(report(e, 1))
+    if not summary["finished"]:
+        sys.exit(EXIT_PREEMPTED)
 
 
 def build_model(cfg: Config) -> GPT:
@@ -67,30 +83,70 @@ def build_model(cfg: Config) -> GPT:
 
 
 def open_data(cfg: Config, env: distributed.DistEnv):
-    from gpt2_scale.data import TokenLoader, ensure_default_corpus, read_manifest
+    from gpt2_scale.data import TokenLoader, ensure_default_corpus
+    from gpt2_scale.data.loader import MANIFEST
 
     data_dir = ensure_default_corpus() if cfg.data.dir == "default" else Path(cfg.data.dir)
-    try:
-        read_manifest(data_dir)
-    except FileNotFoundError as e:
-        if not cfg.data.prepare_hint:
-            raise
-        raise FileNotFoundError(f"no complete token shards in {data_dir}; prepare them with:\n    {cfg.data.prepare_hint}") from e
+    if cfg.data.prepare_hint and not (data_dir / MANIFEST).is_file():
+        raise ConfigError(f"no complete token shards in {data_dir}; prepare them with: {cfg.data.prepare_hint}")
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed)
     val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
     return train_loader, val_loader
 
 
-def prepare_run_dir(cfg: Config, env: distributed.DistEnv) -> Path:
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
+
+
+def check_run_dir(cfg: Config) -> Path:
+    """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten."""
     run_dir = Path(cfg.log.run_dir)
-    if not cfg.checkpoint.resume and checkpoint.checkpoints_root(run_dir).exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir}, or pass another --run-dir")
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not cfg.checkpoint.resume:
+        what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
+    return run_dir
+
+
+def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
+    """With --resume, the run's latest checkpoint, checked to fit this run's settings before anything is written."""
+    if not cfg.checkpoint.resume:
+        return None
+    run_dir = Path(cfg.log.run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
+    checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), env.world_size)
+    return path
+
+
+def restore(strategy, train_loader, path: Path, env: distributed.DistEnv) -> tuple[int, int]:
+    """Load engine, data position and RNG from ``path``; returns (step, tokens) reached."""
+    state = checkpoint.load(strategy, path, env)
+    try:
+        train_loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        return int(state["step"]), int(state["tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e
+
+
+def load_hellaswag(cfg: Config):
+    if not cfg.log.hellaswag_every:
+        return None
+    from gpt2_scale.eval.hellaswag import load_examples
+
+    try:
+        return load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise ConfigError(f"HellaSwag: {e}; pass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0") from e
+
+
+def write_config(cfg: Config, run_dir: Path, env: distributed.DistEnv) -> None:
+    """The run's settings, written once everything they name has been validated and loaded."""
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    distributed.barrier()
-    return run_dir
+        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
 
 
 @torch.no_grad()
@@ -147,19 +203,34 @@ def optimizer_step(strategy, batches, lr: float, device: torch.device) -> tuple[
 
 
 class StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to checkpoint and leave at the end of the current step."""
+    """SIGTERM / Ctrl-C ask the loop to checkpoint and leave at the end of the current step; a second Ctrl-C
+    interrupts at once.
+
+    Every step asks all ranks (a one-element all-reduce), so a stop takes one step, well inside a
+    scheduler's grace period. The flag travels on the CPU (a gloo group beside NCCL), so asking never
+    waits for the GPU's queued work."""
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._group = None
+        if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.requested = True
 
-    def any_rank(self, device) -> bool:
-        flag = torch.tensor(float(self.requested), device=device)
-        return distributed.all_reduce_mean(flag).item() > 0
+    def any_rank(self) -> bool:
+        flag = torch.tensor([float(self.requested)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def due(step: int, every: int, last: bool) -> bool:
@@ -175,13 +246,10 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env: distributed.DistEnv) -> dict:
+    """Validate and load everything, and only then write into the run directory and train."""
+    resume_from = find_checkpoint(cfg, env)
     accum = grad_accum_steps(cfg, env.world_size)
-    run_dir = Path(cfg.log.run_dir)
-    resume_from = checkpoint.latest(run_dir) if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_from is None:
-        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; start it again without --resume")
-    if resume_from is not None:
-        checkpoint.check_compatible(checkpoint.read_meta(resume_from), resume_from, cfg.model.name, cfg.engine.name, env.world_size)
+    run_dir = check_run_dir(cfg)
     if cfg.train.deterministic:
         from gpt2_scale.determinism import make_deterministic
 
@@ -191,32 +259,46 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     train_loader, val_loader = open_data(cfg, env)
-    run_dir = prepare_run_dir(cfg, env)
+    examples = load_hellaswag(cfg)
     model = build_model(cfg).to(env.device)
+    n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
     strategy = strategies.build(cfg, env)
     strategy.setup(model)
-
-    log = MetricsLogger(run_dir, env.is_main, cfg.log.tensorboard)
-    log.print(f"gpt2-scale: {cfg.model.name} ({model.num_params():,} parameters), engine {cfg.engine.name}, "
-              f"{env.world_size} rank(s) on {env.device.type}, {accum} micro-step(s) per step\n{cfg.to_yaml()}")
-    start_step, tokens = 0, 0
-    if resume_from is not None:
-        state = checkpoint.load(strategy, resume_from, env)
-        train_loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        start_step, tokens = state["step"], state["tokens"]
-        log.print(f"resumed from {resume_from} at step {start_step}")
-
-    examples = None
-    if cfg.log.hellaswag_every:
-        from gpt2_scale.eval.hellaswag import load_examples
-
+    try:
+        start_step, tokens = restore(strategy, train_loader, resume_from, env) if resume_from else (0, 0)
+        if start_step >= cfg.train.max_steps:
+            return already_done(run_dir, start_step, cfg, env)
+        write_config(cfg, run_dir, env)
+        log = MetricsLogger(run_dir, env.is_main, cfg.log.tensorboard)
+        stop = StopFlag()
         try:
-            examples = load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
-        except (OSError, RuntimeError, ValueError) as e:
-            raise ConfigError(f"HellaSwag: {e}\nPass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0") from e
+            log.print(f"gpt2-scale: {cfg.model.name} ({n_params:,} parameters), engine {cfg.engine.name}, "
+                      f"{env.world_size} rank(s) on {env.device.type}, {accum} micro-step(s) per step\n{cfg.to_yaml()}")
+            if resume_from is not None:
+                log.print(f"resumed from {resume_from} at step {start_step}")
+            return loop(cfg, env, strategy, (train_loader, val_loader), examples, log, stop, start_step, tokens)
+        finally:
+            stop.close()
+            log.close()
+    finally:
+        strategy.close()
 
-    meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name}
+
+def already_done(run_dir: Path, step: int, cfg: Config, env: distributed.DistEnv) -> dict:
+    """Resuming a run at or past --max-steps trains nothing and rewrites nothing."""
+    if env.is_main:
+        print(f"{run_dir} is already at step {step} (--max-steps {cfg.train.max_steps}): nothing to train; "
+              "pass a larger --max-steps to go on", flush=True)
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {"step": step - 1, "finished": True}
+
+
+def loop(cfg: Config, env, strategy, loaders, examples, log: MetricsLogger, stop: StopFlag, start_step: int, tokens: int) -> dict:
+    """Steps start_step .. max_steps - 1 with evaluation, logging and checkpoints; returns the run's summary."""
+    train_loader, val_loader = loaders
+    run_dir = Path(cfg.log.run_dir)
+    accum = grad_accum_steps(cfg, env.world_size)
+    meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name, "config": cfg.to_dict()}
 
     def save(step: int) -> Path:
         trainer_state = {"step": step, "tokens": tokens, "loader": train_loader.state_dict(), "rng": checkpoint.rng_state()}
@@ -224,9 +306,8 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         log.print(f"checkpoint: {path}")
         return path
 
-    stop = StopFlag()
     max_steps = cfg.train.max_steps
-    flops_per_token = model.config.flops_per_token(cfg.train.seq_len)
+    flops_per_token = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab).flops_per_token(cfg.train.seq_len)
     peak = cfg.log.peak_tflops or detect_peak_tflops(env.device)
     avg_dt, t_start = None, time.time()
     window_start, window_steps = time.time(), 0  # steps since the last log line, timed without evaluations
@@ -253,8 +334,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         loss_t, norm = optimizer_step(strategy, batches, lr, env.device)
         tokens += cfg.train.total_batch_tokens
         window_steps += 1
-        logging = (step + 1) % cfg.log.log_every == 0 or last
-        if logging:
+        if (step + 1) % cfg.log.log_every == 0 or last:
             loss = loss_t.item()  # the host waits for the device only on log steps
             if not math.isfinite(loss):
                 kept = checkpoint.latest(run_dir)
@@ -274,18 +354,17 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             log.log({k: v for k, v in record.items() if v is not None})
             log.print(step_line(record, max_steps, avg_dt * (max_steps - step - 1)))
             last_record = record
-        stopping = logging and stop.any_rank(env.device)  # a collective, so every rank asks on the same (log) steps
+        stopping = stop.any_rank()  # every rank asks every step, so all leave after the same one
         if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
             save(step + 1)
         if stopping:
-            log.print(f"stopped by signal after step {step}; continue with --resume {run_dir}")
+            log.print(f"stopped by signal after step {step}; continue with --resume {run_dir} (exit code {EXIT_PREEMPTED})")
             break
 
     summary = {"step": last_record.get("step"), "tokens": tokens, "train_loss": last_record.get("train_loss"),
-               "finished": not stop.requested, "seconds": time.time() - t_start}
+               "finished": last, "seconds": time.time() - t_start}
     if env.is_main and summary["finished"]:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.close()
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

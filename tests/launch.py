@@ -33,6 +33,11 @@ def run(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun"
     return subprocess.run(command(script, args, nproc, launcher), env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def run_module(module: str, args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``python -m module args`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", module, *args], env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
 def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]

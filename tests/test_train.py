@@ -16,6 +16,9 @@ from gpt2_scale import checkpoint
 from gpt2_scale.config import config_from_yaml_file
 from gpt2_scale.data import default_source, prepare_shards
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.model import GPT
+from gpt2_scale.train import EXIT_PREEMPTED
+from gpt2_scale.zoo import ModelConfig
 from launch import TINY, command, env, metrics, run, REPO
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
@@ -38,8 +41,10 @@ def test_every_engine_trains_the_same_model_on_two_ranks(corpus, tmp_path):
     args = TINY + ["--data", str(corpus), "--max-steps", "4", "--total-batch-tokens", "256", "--lr", "3e-3",
                    "--optim.warmup_steps=1", "--log.val_every=3", "--log.sample_every=2"]
     losses = {}
+    n_params = GPT(ModelConfig.from_name("gpt2-tiny", pad_vocab=False)).num_params()
     for engine in ENGINES:
         out = ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], nproc=2))
+        assert f"gpt2-tiny ({n_params:,} parameters)" in out, out[:500]  # the whole model, also once ZeRO-3 has sharded it
         samples = [line for line in out.splitlines() if line.startswith("sample 0: ")]
         assert len(samples) == 2 and "Hello, I" in samples[0], out  # at steps 2 and 3, training on between
         losses[engine] = metrics(tmp_path / engine)
@@ -85,18 +90,49 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
     run_dir = tmp_path / "run"
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--run-dir", str(run_dir)]
     ok(run("recipes/tiny.py", args + ["--max-steps", "1"], launcher="python"))
+    recorded = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
     again = run("recipes/tiny.py", args + ["--max-steps", "1"], launcher="python")
     assert again.returncode == 2 and "--resume" in again.stderr
     other = run("recipes/tiny.py", ["--resume", str(run_dir), "--model", "gpt2-mini"], launcher="python")
     assert other.returncode == 2 and "holds model 'gpt2-tiny'" in other.stderr
     engine = run("recipes/tiny.py", ["--resume", str(run_dir), "--engine", "fsdp"], launcher="python")
     assert engine.returncode == 2 and "--engine ddp" in engine.stderr
+    seq = run("recipes/tiny.py", ["--resume", str(run_dir), "--seq-len", "16", "--max-steps", "2"], launcher="python")
+    assert seq.returncode == 2 and "--train.seq_len=32" in seq.stderr and "Traceback" not in seq.stderr, seq.stderr
+    # A refused resume wrote nothing: the run is as it was, and a plain resume still works after it.
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
+    # Resuming a finished run to the same --max-steps trains nothing and keeps its summary.
+    done = ok(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "1"], launcher="python"))
+    assert "nothing to train" in done
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
     (run_dir / "checkpoints" / "latest").write_text("step_99999999")
     broken = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2"], launcher="python")
     assert broken.returncode == 2 and "not a complete checkpoint" in broken.stderr
     accum = run("recipes/tiny.py", TINY + ["--total-batch-tokens", "100", "--run-dir", str(tmp_path / "x")], launcher="python")
     assert accum.returncode == 2 and "not divisible" in accum.stderr
     assert (run_dir / "checkpoints" / "step_00000001" / "meta.json").is_file()  # nothing lost
+
+
+def test_a_run_directory_without_a_checkpoint_is_not_overwritten(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text("model: {name: gpt2-tiny}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "train_loss": 10.0}\n')
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--max-steps", "1", "--run-dir", str(run_dir)]
+    proc = run("recipes/tiny.py", args, launcher="python")
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and f"delete {run_dir}" in proc.stderr
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0, "train_loss": 10.0}\n'
+    assert (run_dir / "config.yaml").read_text() == "model: {name: gpt2-tiny}\n"
+
+
+def test_a_longer_resume_keeps_the_schedule_the_run_started_with(corpus, tmp_path):
+    """--max-steps 3 then --resume --max-steps 6 trains as one run whose cosine ends at step 3."""
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--optim.warmup_steps=1"]
+    ok(run("recipes/tiny.py", args + ["--max-steps", "6", "--optim.decay_steps=3", "--run-dir", str(tmp_path / "full")], launcher="python"))
+    ok(run("recipes/tiny.py", args + ["--max-steps", "3", "--run-dir", str(tmp_path / "part")], launcher="python"))
+    ok(run("recipes/tiny.py", ["--resume", str(tmp_path / "part"), "--max-steps", "6"], launcher="python"))
+    assert metrics(tmp_path / "part", "lr") == metrics(tmp_path / "full", "lr")
+    assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
@@ -108,22 +144,25 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert checkpoint.latest(tmp_path).name == "step_00000001"
 
 
-def test_sigterm_checkpoints_then_resume_finishes(corpus, tmp_path):
+def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finishes(corpus, tmp_path):
+    # Logging every 1000 steps: a stop that waited for a log step would checkpoint at step 1000.
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "100000",
-                   "--checkpoint.every=0", "--run-dir", str(tmp_path)]
+                   "--log.log_every=1000", "--checkpoint.every=0", "--run-dir", str(tmp_path)]
     proc = subprocess.Popen(command("recipes/tiny.py", args, launcher="python"), env=env(), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        if line.startswith("step      2/"):
+        if line.startswith("gpt2-scale:"):
             break
+    time.sleep(3)  # some steps in
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    assert proc.returncode == EXIT_PREEMPTED, err
     assert "stopped by signal" in out
     step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
-    assert step >= 3
+    assert 1 <= step < 1000
+    assert not (tmp_path / "summary.json").exists()  # written only when a run finishes
     ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(step + 1)], launcher="python"))
-    assert not (tmp_path / "summary.json").exists() or json.loads((tmp_path / "summary.json").read_text())["finished"]
+    assert json.loads((tmp_path / "summary.json").read_text())["finished"]
 
 
 class _FakeStrategy:

@@ -19,6 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully
 from gpt2_scale.config import ConfigError
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
+from gpt2_scale.safeload import SafeDCPReader
 from gpt2_scale.strategies.base import Strategy, adamw, compile_scope, prepare_model
 
 
@@ -55,7 +56,7 @@ class FSDPStrategy(Strategy):
     def load(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, storage_reader=SafeDCPReader(str(path)))
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -65,7 +66,7 @@ class FSDPStrategy(Strategy):
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
     """The model half of a DCP checkpoint, in one process; shapes come from the checkpoint's own metadata."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    metadata = SafeDCPReader(str(path)).read_metadata().state_dict_metadata
     model = {
         key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.items()
@@ -73,5 +74,5 @@ def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():  # one process is the intent here, not a mistake
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+        dcp.load({"model": model}, storage_reader=SafeDCPReader(str(path)), no_dist=True)
     return model

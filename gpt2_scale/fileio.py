@@ -1,0 +1,63 @@
+"""Durable, atomic writes: the one way the package replaces a file or publishes a directory.
+
+A crash or a power loss at any moment leaves the old content or the new, never a mix. Data goes to a
+temporary name in the target's directory, is fsync'ed, is renamed over the target, and then the
+directory itself is fsync'ed, because a rename lives in the directory and is lost with it otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries of a directory (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file and directory under ``path`` (a directory written by a library that does not)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> None:
+    """Replace ``path`` with ``data`` (str is written as UTF-8) all at once and durably."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool = False) -> None:
+    """Move a fully written directory ``tmp`` to ``final`` durably: its contents are synced first, so
+    ``final`` never names incomplete data. With ``replace`` an existing ``final`` is swapped out (moved
+    aside, then deleted once the new one is in place), so at every moment ``final`` is complete or absent
+    only between two renames."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if replace and final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
