@@ -16,6 +16,7 @@ from gpt2_scale.determinism import make_deterministic
 @pytest.fixture
 def restore_determinism(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("MKL_CBWR", raising=False)
     previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     yield
     torch.use_deterministic_algorithms(previous[0])
@@ -26,7 +27,37 @@ def test_make_deterministic_sets_pytorch_flags_and_seeds(restore_determinism):
     make_deterministic(7)
     assert torch.are_deterministic_algorithms_enabled()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert os.environ["MKL_CBWR"] == "AUTO,STRICT"
     assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
     draws = random.random(), np.random.rand()
     make_deterministic(7)
     assert (random.random(), np.random.rand()) == draws
+
+
+def _three_steps(threads: int) -> tuple[list[float], torch.Tensor]:
+    from gpt2_scale.model import GPT
+    from gpt2_scale.zoo import ModelConfig
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(2, 2, 32, block_size=32, vocab_size=97))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randint(0, 97, (4, 33), generator=torch.Generator().manual_seed(1))
+        losses = []
+        for _ in range(3):
+            _, loss = model(x[:, :-1], x[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        return losses, model.lm_head.weight.detach().clone()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_cpu_training_step_repeats_bitwise_without_the_switch(threads):
+    (a_losses, a_weights), (b_losses, b_weights) = _three_steps(threads), _three_steps(threads)
+    assert a_losses == b_losses and torch.equal(a_weights, b_weights)
