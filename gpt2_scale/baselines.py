@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from gpt2_scale.errors import UserError
 from gpt2_scale.zoo import ModelConfig
 
 SEED_HELLASWAG = "karpathy/build-nanogpt hellaswag.py, module docstring (completion style, all 10,042 val examples)"
@@ -32,6 +33,8 @@ GPT3_PAPER = "Brown et al. 2020, Language Models are Few-Shot Learners (arXiv:20
 
 # metric -> True when lower is better; only these are compared with a run.
 COMPARED = {"val_loss": True, "hellaswag_acc_norm": False, "hellaswag_acc": False}
+# The fields of a metrics record that are read as numbers (compared, plotted or summed).
+NUMERIC = ("tokens", "train_loss", *COMPARED)
 
 
 @dataclass(frozen=True)
@@ -93,12 +96,12 @@ _SAME_SIZE = {
 }
 
 
-class NoBaseline(ValueError):
+class NoBaseline(UserError, ValueError):
     """The model has no published model of its size to compare with (tiny and custom models)."""
 
 
-class RunError(ValueError):
-    """A run directory that cannot be read; the message says what is wrong."""
+class RunError(UserError, ValueError):
+    """A run directory that cannot be read, or a plot that cannot be written; the message says what is wrong."""
 
 
 def comparable(model_name: str) -> list[Reference]:
@@ -145,24 +148,50 @@ class Run:
         return steps, [by_step[s] for s in steps]
 
 
+MAX_WARNINGS = 5  # skipped lines named per metrics file
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _record_problem(record: object) -> str | None:
+    """Why a parsed line is not a record this module can use, or None."""
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return "not a JSON record with an integer step"
+    for key in NUMERIC:
+        if record.get(key) is not None and not _is_number(record[key]):
+            return f"{key} is {record[key]!r}, not a number"
+    return None
+
+
 def read_metrics(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line that does not parse (a run killed mid-write) is skipped with a warning."""
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    """The records of a metrics.jsonl. A line that is not a valid record (a run killed mid-write, a hand edit)
+    is skipped with a warning naming file:line; a file with lines but no valid record is a RunError."""
+    records, skipped = [], []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()  # bad bytes: a line that fails below
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            why = "not a JSON record with a step"
-            if lineno == len(lines):
-                why = "truncated, the run was probably killed mid-write"
-            warnings.warn(f"{path}:{lineno}: skipped ({why})", RuntimeWarning, stacklevel=2)
-            continue
-        records.append(record)
+            why = "truncated, the run was probably killed mid-write" if lineno == len(lines) else "not JSON"
+        else:
+            why = _record_problem(record)
+        if why:
+            skipped.append(f"{path}:{lineno}: skipped ({why})")
+        else:
+            records.append(record)
+    for message in skipped[:MAX_WARNINGS]:  # a few name the lines; a garbage file must not flood the terminal
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
+    if len(skipped) > MAX_WARNINGS:
+        warnings.warn(f"{path}: {len(skipped) - MAX_WARNINGS} more lines skipped", RuntimeWarning, stacklevel=2)
+    if not records and any(line.strip() for line in lines):
+        raise RunError(
+            f"{path} holds no valid metrics record (all {len(skipped)} lines skipped): pass a run directory whose "
+            "metrics.jsonl the trainer wrote"
+        )
     return records
 
 
@@ -179,8 +208,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
             raise RunError(f"{path} has no {name} ({expected})")
     try:
         config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise RunError(f"{path / 'config.yaml'} is not valid YAML: {e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise RunError(f"{path / 'config.yaml'} is not valid YAML: {' '.join(str(e).split())}") from None
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("name"), str):
         raise RunError(f"{path / 'config.yaml'} has no model.name (the zoo name of the model, e.g. gpt2-124m)")
@@ -268,7 +297,12 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
+    from matplotlib.backend_bases import FigureCanvasBase
 
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(out_path).suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:  # checked before drawing: matplotlib would fail only when saving
+        raise RunError(f"cannot plot to {out_path}: give a name ending in .{', .'.join(sorted(formats))}")
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
     for i, run in enumerate(runs):
         for ax, metric, label, style in (
@@ -305,5 +339,9 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
     ax_loss.yaxis.set_major_formatter(plain)
     ax_loss.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out_path, dpi=100)
+    except OSError as e:
+        raise RunError(f"cannot write the plot {out_path}: {e.strerror or e}") from None
+    finally:
+        plt.close(fig)

@@ -58,6 +58,11 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if replace and final.exists():
         os.rename(final, old)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if old.exists():
+            os.rename(old, final)  # put the previous one back
+        raise
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import uuid
@@ -22,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from gpt2_scale.errors import UserError
+from gpt2_scale.fileio import publish_dir
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import HF_HUB_NAMES, ModelConfig, available_models
 
@@ -43,7 +46,7 @@ _EXPORT_MARKER = "gpt2_scale"  # key in config.json of our exports
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read into our model, or a hub name that cannot be fetched."""
 
 
@@ -59,7 +62,7 @@ def load_hf(name_or_dir: str | os.PathLike, pad_vocab: bool = False) -> GPT:
     """
     path = _resolve(name_or_dir)
     hf_config = _read_config(path)
-    config = _model_config(hf_config, pad_vocab)
+    config = _model_config(hf_config, pad_vocab, path / CONFIG_FILE)
     state = _read_weights(path)
     state = _normalise_keys(state, path)
 
@@ -155,26 +158,40 @@ def _download(repo: str, also_not_local: str | None = None) -> Path:
     return path
 
 
+def _read_json(file: Path) -> object:
+    """A JSON file of the checkpoint; anything unreadable is an HFCheckpointError that names it."""
+    try:
+        return json.loads(file.read_bytes())
+    except OSError as e:
+        raise HFCheckpointError(f"cannot read {file}: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text
+        raise HFCheckpointError(f"{file} is not valid JSON ({e}); download or export the checkpoint again") from None
+
+
 def _read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.exists():
         raise HFCheckpointError(f"{path} has no {CONFIG_FILE}: a Hugging Face GPT-2 checkpoint needs one")
-    try:
-        cfg = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFCheckpointError(f"{file} is not valid JSON: {e}") from e
+    cfg = _read_json(file)
     if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
         got = cfg.get("model_type") if isinstance(cfg, dict) else None
         raise HFCheckpointError(f"{file} is not a GPT-2 config: model_type is {got!r}, expected 'gpt2'")
     return cfg
 
 
-def _model_config(cfg: dict, pad_vocab: bool) -> ModelConfig:
+def _model_config(cfg: dict, pad_vocab: bool, file: Path) -> ModelConfig:
     def field(*names):
         for n in names:
-            if cfg.get(n) is not None:
-                return cfg[n]
-        raise HFCheckpointError(f"{CONFIG_FILE} has no {' or '.join(names)}")
+            value = cfg.get(n)
+            if value is not None:
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise HFCheckpointError(f"{file}: {n} is {value!r}, expected a positive integer")
+                return value
+        raise HFCheckpointError(f"{file} has no {' or '.join(names)}")
+
+    epsilon = cfg.get("layer_norm_epsilon", _LAYER_NORM_EPS)
+    if not isinstance(epsilon, (int, float)) or isinstance(epsilon, bool):
+        raise HFCheckpointError(f"{file}: layer_norm_epsilon is {epsilon!r}, expected a number")
 
     n_layer, n_head, n_embd = field("n_layer"), field("n_head"), field("n_embd")
     block_size, vocab_size = field("n_positions", "n_ctx"), field("vocab_size")
@@ -182,7 +199,7 @@ def _model_config(cfg: dict, pad_vocab: bool) -> ModelConfig:
     unsupported = []
     if cfg.get("activation_function", "gelu_new") not in _ACTIVATIONS:
         unsupported.append(f"activation_function={cfg['activation_function']!r} (supported: {', '.join(_ACTIVATIONS)})")
-    if abs(float(cfg.get("layer_norm_epsilon", _LAYER_NORM_EPS)) - _LAYER_NORM_EPS) > 1e-12:
+    if abs(epsilon - _LAYER_NORM_EPS) > 1e-12:
         unsupported.append(f"layer_norm_epsilon={cfg['layer_norm_epsilon']} (supported: {_LAYER_NORM_EPS})")
     if cfg.get("n_inner") not in (None, 4 * n_embd):
         unsupported.append(f"n_inner={cfg['n_inner']} (supported: 4 * n_embd = {4 * n_embd})")
@@ -193,11 +210,11 @@ def _model_config(cfg: dict, pad_vocab: bool) -> ModelConfig:
     if cfg.get("add_cross_attention", False):
         unsupported.append("add_cross_attention=true")
     if unsupported:
-        raise HFCheckpointError(f"{CONFIG_FILE} asks for what this model does not implement: {'; '.join(unsupported)}")
+        raise HFCheckpointError(f"{file} asks for what this model does not implement: {'; '.join(unsupported)}")
     try:
         config = ModelConfig(n_layer, n_head, n_embd, block_size=block_size, vocab_size=vocab_size)
     except (TypeError, ValueError) as e:
-        raise HFCheckpointError(f"{CONFIG_FILE} does not describe a valid model: {e}") from e
+        raise HFCheckpointError(f"{file} does not describe a valid model: {e}") from e
     zoo = _zoo_match(config)
     return (zoo or config).replace(pad_vocab=pad_vocab)
 
@@ -216,9 +233,12 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         return _load_file(path / SAFETENSORS_FILE)
     if (path / SAFETENSORS_INDEX).exists() or (path / BIN_INDEX).exists():
         index = path / (SAFETENSORS_INDEX if (path / SAFETENSORS_INDEX).exists() else BIN_INDEX)
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFCheckpointError(f"{index} has no weight_map of tensor names to file names in {path}")
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
+        for shard in sorted(set(weight_map.values())):
             if not (path / shard).exists():
                 raise HFCheckpointError(f"{index} lists the shard {shard}, which is not in {path}")
             state.update(_load_file(path / shard))
@@ -235,11 +255,22 @@ def _load_file(file: Path) -> dict[str, torch.Tensor]:
 
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one
-        raise HFCheckpointError(f"could not read {file}: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict):
-        raise HFCheckpointError(f"{file} does not hold a state dict")
+    except Exception as e:  # a truncated or foreign file: say which one, in one line
+        raise HFCheckpointError(
+            f"could not read {file} ({_reason(e)}): it is truncated or not a weights file; download or export it again"
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise HFCheckpointError(f"{file} does not hold a state dict of tensors")
     return state
+
+
+def _reason(error: Exception) -> str:
+    """Why a weights file did not load, in one line. torch's unpickling error is a paragraph that suggests
+    weights_only=False, which would run code from the file: its type name says enough."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines or isinstance(error, pickle.UnpicklingError):
+        return type(error).__name__
+    return f"{type(error).__name__}: {lines[0]}"
 
 
 def _normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -321,6 +352,21 @@ def _check_keys_and_shapes(
 # ------------------------------------------------------------------------------------------- export
 
 
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = "overwrite=True") -> Path:
+    """The directory an export may be written to (what ``export_hf`` checks first). A program calls it before
+    loading a model, to fail fast, and names its own way to overwrite in ``how`` (e.g. ``--overwrite``)."""
+    out = Path(out_dir).expanduser()
+    existing = next(p for p in (out, *out.parents) if p.exists())  # out, or the directory it would be made in
+    if not existing.is_dir():
+        raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
+    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
+        raise HFCheckpointError(
+            f"{out} is a non-empty directory that is not an export of this package; "
+            f"choose another directory or pass {how} to replace it"
+        )
+    return out
+
+
 def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 checkpoint (config.json + model.safetensors) to ``out_dir``.
 
@@ -333,14 +379,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     model = getattr(model, "module", model)  # DDP wrapper
     config: ModelConfig = model.config
-    out = Path(out_dir).expanduser()
-    if out.exists() and not out.is_dir():
-        raise HFCheckpointError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
-        raise HFCheckpointError(
-            f"{out} is a non-empty directory that is not an export of this package; "
-            "choose another directory or pass overwrite=True to replace it"
-        )
+    out = check_export_target(out_dir, overwrite)
 
     wte, lm_head = model.transformer.wte.weight, model.lm_head.weight
     if lm_head is not wte and not torch.equal(lm_head, wte):
@@ -384,27 +423,21 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -
     if config.vocab_size > 50256:
         hf_config.update(bos_token_id=50256, eos_token_id=50256)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        publish_dir(tmp, out, replace=True)  # an earlier export is swapped out only once this one is complete
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def _is_export(path: Path) -> bool:
     try:
-        return _EXPORT_MARKER in json.loads((path / CONFIG_FILE).read_text())
+        config = json.loads((path / CONFIG_FILE).read_bytes())
     except (OSError, ValueError):
         return False
+    return isinstance(config, dict) and _EXPORT_MARKER in config

@@ -19,6 +19,7 @@ import torch
 
 from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import DEVICE_CHOICES, resolve_device
+from gpt2_scale.errors import UserError, report
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
@@ -26,7 +27,7 @@ from gpt2_scale.zoo import ModelConfig
 SEPARATOR = "-" * 60
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """Bad input from the command line: reported in one line, exit status 2."""
 
 
@@ -58,9 +59,7 @@ def load_model(args: argparse.Namespace) -> tuple[GPT, str]:
     from gpt2_scale.hf import HFCheckpointError
 
     if args.hf is not None:
-        path = Path(args.hf).expanduser()
-        if not path.is_dir():
-            raise UsageError(f"--hf {args.hf}: no such directory")
+        path = _directory("--hf", args.hf)
         try:
             model = GPT.from_pretrained(str(path))
         except HFCheckpointError as e:
@@ -81,13 +80,18 @@ def load_model(args: argparse.Namespace) -> tuple[GPT, str]:
     return GPT(config), f"{config.name} (random init)"
 
 
-def _load_run(run_dir: str) -> tuple[GPT, str]:
-    path = Path(run_dir).expanduser()
+def _directory(flag: str, value: str) -> Path:
+    path = Path(value).expanduser()
     if not path.is_dir():
-        raise UsageError(f"--ckpt {run_dir}: no such directory")
+        raise UsageError(f"{flag} {value}: {'not a directory' if path.exists() else 'no such directory'}")
+    return path
+
+
+def _load_run(run_dir: str) -> tuple[GPT, str]:
+    path = _directory("--ckpt", run_dir)
     try:
         model = checkpoint.load_model(str(path))
-    except (OSError, ValueError, checkpoint.CheckpointError) as e:
+    except (UserError, OSError, ValueError, checkpoint.CheckpointError) as e:
         raise UsageError(f"--ckpt {run_dir}: {e}") from e
     return model, f"{model.config.name} from {path}"
 
@@ -121,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(
                 f"the model's vocabulary ({vocab} tokens) does not fit the GPT-2 tokenizer ({tokenizer.VOCAB_SIZE})"
             )
-    except (UsageError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, ValueError) as e:  # ValueError: an unknown device or model name
+        return report(e)
 
     model.to(device)
     n_params = model.num_params() / 1e6

@@ -238,6 +238,8 @@ def due(step: int, every: int, last: bool) -> bool:
 
 
 def train(cfg: Config) -> dict:
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device=cuda but no CUDA device is visible here; use --engine.device=cpu (or auto)")
     env = distributed.init(cfg.engine.device)
     try:
         return _train(cfg, env)

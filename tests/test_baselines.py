@@ -1,12 +1,15 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from gpt2_scale import baselines
+from gpt2_scale.baselines import RunError
+from gpt2_scale.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")
@@ -15,7 +18,7 @@ TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")
 def write_run(path, model="gpt2-124m", records=(), finished=True, tail=""):
     path.mkdir(parents=True)
     (path / "config.yaml").write_text(f"model:\n  name: {model}\ntrain:\n  max_steps: 100\n")
-    with open(path / "metrics.jsonl", "w") as f:
+    with open(path / "metrics.jsonl", "w", errors="surrogateescape") as f:  # "\udcff" in tail writes byte 0xff
         f.writelines(json.dumps(r) + "\n" for r in records)
         f.write(tail)
     if finished:
@@ -128,6 +131,45 @@ def test_bad_run_directories_are_clear(tmp_path, setup, message):
         baselines.load_run(tmp_path / "run")
 
 
+def test_errors_are_user_errors():
+    assert issubclass(baselines.RunError, UserError) and issubclass(baselines.NoBaseline, UserError)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ('{"step": 120, "train_loss": "abc"}', "train_loss is 'abc', not a number"),
+        ('{"step": 120, "val_loss": [3.0]}', "val_loss is [3.0], not a number"),
+        ('{"step": 120, "hellaswag_acc_norm": true}', "hellaswag_acc_norm is True, not a number"),
+        ('{"step": 120, "tokens": "many"}', "tokens is 'many', not a number"),
+        ('{"step": "120", "val_loss": 3.0}', "not a JSON record with an integer step"),
+        ('[1, 2]', "not a JSON record with an integer step"),
+        ("garbage \udcff", "not JSON"),
+    ],
+)
+def test_invalid_records_are_skipped_with_a_warning_naming_the_line(tmp_path, bad, why):
+    path = write_run(tmp_path / "run", records=RECORDS[:2], tail=bad + "\n" + json.dumps(RECORDS[2]) + "\n")
+    with pytest.warns(RuntimeWarning, match=f"metrics.jsonl:3: skipped \\({re.escape(why)}\\)"):
+        run = baselines.load_run(path)
+    assert [r["step"] for r in run.records] == [0, 50, 100]
+    assert baselines.compare(run)["metrics"]["val_loss"]["final"] == 3.1
+
+
+def test_metrics_with_no_valid_record_say_so(tmp_path):
+    path = write_run(tmp_path / "run", tail="".join(f"garbage {i}\n" for i in range(20)))
+    with pytest.warns(RuntimeWarning) as caught:
+        with pytest.raises(RunError, match="no valid metrics record .*all 20 lines"):
+            baselines.load_run(path)
+    assert len(caught) == baselines.MAX_WARNINGS + 1 and "15 more lines skipped" in str(caught[-1].message)
+
+
+def test_config_that_is_not_text_is_clear(tmp_path):
+    path = write_run(tmp_path / "run", records=RECORDS)
+    (path / "config.yaml").write_bytes(b"\xff\xfe\x00model")
+    with pytest.raises(RunError, match="config.yaml is not valid YAML"):
+        baselines.load_run(path)
+
+
 # --- command line ---
 
 
@@ -172,3 +214,24 @@ def test_command_line_bad_input_exits_2(tmp_path, capsys):
     assert tool.main([str(write_run(tmp_path / "a", records=RECORDS)), "--plot", str(bad_plot)]) == 2
     assert "no-such-dir" in capsys.readouterr().err
     assert tool.main(["--list"]) == 0 and "Table H.1" in capsys.readouterr().out
+
+
+def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
+    run = write_run(tmp_path / "run", tail='{"step": 1, "train_loss": "abc"}\nnot json\n')
+    proc = run_tool(run, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[:2] == [
+        f"warning: {run / 'metrics.jsonl'}:1: skipped (train_loss is 'abc', not a number)",
+        f"warning: {run / 'metrics.jsonl'}:2: skipped (truncated, the run was probably killed mid-write)",
+    ]
+    assert len(lines) == 3 and lines[2].startswith(f"error: {run / 'metrics.jsonl'} holds no valid metrics record")
+    assert "has not logged a step" not in proc.stderr
+
+
+def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys):
+    run = write_run(tmp_path / "run", records=RECORDS)
+    assert load_tool().main([str(run), "--plot", str(tmp_path / "curves.xyz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot plot to {tmp_path / 'curves.xyz'}: give a name")
+    assert not (tmp_path / "curves.xyz").exists()

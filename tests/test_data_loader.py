@@ -16,8 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2_scale import tokenizer
-from gpt2_scale.data import TokenLoader, read_manifest
+from gpt2_scale.data import DataError, TokenLoader, read_manifest
 from gpt2_scale.data.loader import FORMAT_VERSION, MANIFEST
+from gpt2_scale.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,8 +195,56 @@ def test_batches_are_int64_of_shape_b_t(tmp_path):
 
 def test_missing_directory_or_manifest_names_the_prepare_command(tmp_path):
     for missing in (tmp_path / "nope", tmp_path):
-        with pytest.raises(FileNotFoundError, match=r"python tools/prepare_data\.py default --out"):
+        with pytest.raises(DataError, match=r"python tools/prepare_data\.py default --out"):
             read_manifest(missing)
+
+
+def test_data_errors_are_user_errors():
+    assert issubclass(DataError, UserError) and issubclass(DataError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"format": 1', "is not valid JSON"),
+        (b"\xff\xfe\x00garbage", "is not valid JSON"),
+        (b"[]", "damaged: it is not a JSON object"),
+        (b"null", "damaged: it is not a JSON object"),
+        (b'{"format": 2}', "has format 2, expected 1"),
+    ],
+)
+def test_corrupt_manifest_is_one_clear_error(tmp_path, content, message):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    (root / MANIFEST).write_bytes(content)
+    with pytest.raises(DataError, match=message) as info:
+        TokenLoader(root, "train", 2, 8)
+    assert str(root / MANIFEST) in str(info.value) and f"delete {root} and prepare it again" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m.pop("shards"), "no shards.train and shards.val lists"),
+        (lambda m: m.update(shards=[]), "no shards.train and shards.val lists"),
+        (lambda m: m["shards"].pop("val"), "no shards.train and shards.val lists"),
+        (lambda m: m["shards"]["train"][0].pop("tokens"), r"shards.train\[0\] is not"),
+        (lambda m: m["shards"]["train"][0].update(tokens="500"), r"shards.train\[0\] is not"),
+        (lambda m: m["shards"]["train"][0].update(tokens=-1), r"shards.train\[0\] is not"),
+        (lambda m: m["shards"]["val"][0].update(file=None), r"shards.val\[0\] is not"),
+        (lambda m: m["shards"]["val"][0].update(file="../elsewhere.bin"), r"shards.val\[0\] is not"),
+        (lambda m: m["shards"]["train"].__setitem__(0, "train_000000.bin"), r"shards.train\[0\] is not"),
+        (lambda m: m.update(tokenizer="gpt2"), "no tokenizer object"),
+        (lambda m: m.pop("tokens"), "no token counts"),
+        (lambda m: m.pop("documents"), "no document count"),
+    ],
+)
+def test_manifest_of_the_wrong_shape_is_one_clear_error(tmp_path, change, message):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    m = json.loads((root / MANIFEST).read_text())
+    change(m)
+    (root / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError, match=f"{MANIFEST} is damaged: .*{message}.*; delete"):
+        read_manifest(root)
 
 
 def edit_manifest(root: Path, **changes) -> None:
@@ -207,26 +256,41 @@ def edit_manifest(root: Path, **changes) -> None:
 def test_unfinished_preparation_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[500], val=[100])
     edit_manifest(root, complete=False, command="python tools/prepare_data.py text a.txt --out d")
-    with pytest.raises(ValueError, match=r"did not finish.*python tools/prepare_data\.py text a\.txt --out d"):
+    with pytest.raises(DataError, match=r"did not finish.*python tools/prepare_data\.py text a\.txt --out d"):
         TokenLoader(root, "train", 2, 8)
 
 
 def test_other_tokenizer_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[500], val=[100])
     edit_manifest(root, tokenizer={"name": "cl100k_base", "hash": "0123456789abcdef"})
-    with pytest.raises(ValueError, match="cl100k_base"):
+    with pytest.raises(DataError, match="cl100k_base"):
         read_manifest(root)
 
 
-def test_missing_or_truncated_shard_is_refused(tmp_path):
+@pytest.mark.parametrize("size, odd", [(798, False), (799, True), (1, True), (0, False), (801, True), (1600, False)])
+def test_truncated_or_grown_shard_is_refused(tmp_path, size, odd):
     root = make_shards(tmp_path, train=[500, 400], val=[100])
-    data = (root / "train_000001.bin").read_bytes()
-    (root / "train_000001.bin").write_bytes(data[:-2])
-    with pytest.raises(ValueError, match="truncated"):
+    with open(root / "train_000001.bin", "r+b") as f:
+        f.truncate(size)
+    with pytest.raises(DataError, match=f"train_000001.bin has {size} bytes.*says 800: it is truncated") as info:
         TokenLoader(root, "train", 2, 8)
+    assert ("not a whole number of 2-byte tokens" in str(info.value)) == odd
+
+
+def test_missing_shard_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500, 400], val=[100])
     (root / "train_000001.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="train_000001.bin"):
+    with pytest.raises(DataError, match="train_000001.bin listed in .* is missing; delete"):
         TokenLoader(root, "train", 2, 8)
+
+
+def test_shard_truncated_while_in_use_is_refused(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    loader = TokenLoader(root, "train", 2, 8)
+    with open(root / "train_000000.bin", "r+b") as f:
+        f.truncate(100)  # after the manifest check: the strided view must not read past the end
+    with pytest.raises(DataError, match="train_000000.bin changed size"):
+        loader.next_batch()
 
 
 def test_token_id_beyond_vocabulary_is_refused(tmp_path):
@@ -235,7 +299,7 @@ def test_token_id_beyond_vocabulary_is_refused(tmp_path):
     tokens[5] = tokenizer.VOCAB_SIZE
     tokens.tofile(root / "train_000000.bin")
     loader = TokenLoader(root, "train", 1, 32)
-    with pytest.raises(ValueError, match=f"token id {tokenizer.VOCAB_SIZE} >= the vocabulary"):
+    with pytest.raises(DataError, match=f"token id {tokenizer.VOCAB_SIZE} >= the vocabulary"):
         loader.next_batch()
     assert loader.step == 0
 
@@ -243,7 +307,7 @@ def test_token_id_beyond_vocabulary_is_refused(tmp_path):
 def test_split_shorter_than_a_batch_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[5000], val=[16 * 4])  # 3 windows of T=16
     TokenLoader(root, "val", 3, 16)
-    with pytest.raises(ValueError, match=r"B\*T\+1 = 65 tokens"):
+    with pytest.raises(DataError, match=r"B\*T\+1 = 65 tokens"):
         TokenLoader(root, "val", 4, 16)
     with pytest.raises(ValueError, match="one batch on each of 2 rank"):
         TokenLoader(root, "val", 2, 16, rank=1, world_size=2)
@@ -261,5 +325,8 @@ def test_bad_arguments(tmp_path, kwargs):
 def test_state_from_another_configuration_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[500], val=[100])
     state = TokenLoader(root, "train", 2, 8, world_size=2).state_dict()
-    with pytest.raises(ValueError, match="world_size=2"):
+    with pytest.raises(DataError, match="world_size=2"):
         TokenLoader(root, "train", 2, 8).load_state_dict(state)
+    for bad in ({**state, "world_size": 1, "step": "3"}, {**state, "world_size": 1, "epoch": None}):
+        with pytest.raises(DataError, match="out of range"):
+            TokenLoader(root, "train", 2, 8).load_state_dict(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 
 from gpt2_scale import tokenizer
 from gpt2_scale.data import (
+    DataError,
     TokenLoader,
     ensure_default_corpus,
     fineweb_edu_source,
@@ -126,10 +128,9 @@ def test_shards_are_the_token_stream_cut_in_order(tmp_path_factory, n_docs, shar
     out = tmp_path_factory.mktemp("p") / "out"
     source = ({"kind": "test", "seed": seed}, iter(texts))
     if val_tokens is not None and val_tokens >= len(everything):
-        with pytest.raises(ValueError, match="lower --val-tokens"):
+        with pytest.raises(DataError, match="all taken by the validation split; lower --val-tokens"):
             prepare_shards(source, out, shard_tokens, val_tokens, workers=1, progress=False)
-        with pytest.raises(ValueError, match="did not finish"):
-            read_manifest(out)
+        assert not out.exists()  # no re-run of it could finish: nothing is left behind
         return
     m = prepare_shards(source, out, shard_tokens, val_tokens, workers=1, progress=False)
     _, tokens = read_back(out)
@@ -161,7 +162,7 @@ def test_interrupted_preparation_resumes_to_the_same_shards(tmp_path, workers):
     out = tmp_path / "out"
     with pytest.raises(Interrupted):
         prepare_shards(({"kind": "test"}, interrupted_after(texts, 70)), out, 400, workers=workers, progress=False)
-    with pytest.raises(ValueError, match="did not finish"):  # the loader accepts nothing yet
+    with pytest.raises(DataError, match="did not finish"):  # the loader accepts nothing yet
         TokenLoader(out, "train", 1, 8)
     partial = json.loads((out / MANIFEST).read_text())
     done = [s["file"] for split in partial["shards"].values() for s in split]
@@ -190,17 +191,17 @@ def test_interrupted_preparation_resumes_to_the_same_shards(tmp_path, workers):
 def test_small_corpus_resumes_between_its_val_and_train_shards(tmp_path, monkeypatch):
     texts = documents(40, seed=3)
     reference = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "ref", 10**6, workers=1, progress=False)
-    real = prepare_module._write_atomic
+    real = prepare_module.write_atomic
 
     def disk_full_for_train(path: Path, data: bytes) -> None:
         if path.name.startswith("train_"):
             raise OSError("No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(prepare_module, "_write_atomic", disk_full_for_train)
+    monkeypatch.setattr(prepare_module, "write_atomic", disk_full_for_train)
     with pytest.raises(OSError):
         prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "out", 10**6, workers=1, progress=False)
-    monkeypatch.setattr(prepare_module, "_write_atomic", real)
+    monkeypatch.setattr(prepare_module, "write_atomic", real)
     resumed = prepare_shards(({"kind": "test"}, iter(texts)), tmp_path / "out", 10**6, workers=1, progress=False)
     assert resumed == reference
     assert (tmp_path / "out" / "train_000000.bin").read_bytes() == (tmp_path / "ref" / "train_000000.bin").read_bytes()
@@ -217,34 +218,126 @@ def test_rerun_of_a_finished_preparation_changes_nothing(tmp_path):
 def test_other_settings_or_foreign_directory_are_refused(tmp_path):
     prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path / "a", 300, workers=1, progress=False)
     manifest = (tmp_path / "a" / MANIFEST).read_bytes()
-    with pytest.raises(ValueError, match="other shard_tokens.*choose another --out"):
+    with pytest.raises(DataError, match="other shard_tokens.*choose another --out"):
         prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path / "a", 500, workers=1, progress=False)
     assert (tmp_path / "a" / MANIFEST).read_bytes() == manifest
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not empty"):
+    with pytest.raises(DataError, match="not empty"):
         prepare_shards(({"kind": "test"}, iter(documents(3))), tmp_path / "b", 300, workers=1, progress=False)
     assert os.listdir(tmp_path / "b") == ["notes.txt"]
 
 
 def test_bad_sources(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="missing.txt"):
+    with pytest.raises(DataError, match="missing.txt"):
         text_source([tmp_path / "missing.txt"])
     (tmp_path / "a.csv").write_text("x")
-    with pytest.raises(ValueError, match="unsupported file type '.csv'"):
+    with pytest.raises(DataError, match="unsupported file type '.csv'"):
         text_source([tmp_path / "a.csv"])
     (tmp_path / "a.jsonl").write_text('{"content": "hi"}\n')
-    with pytest.raises(ValueError, match="no 'text' field.*--field"):
+    with pytest.raises(DataError, match="no 'text' field.*--field"):
         text_source([tmp_path / "a.jsonl"])
     pq.write_table(pa.table({"content": ["hi"]}), tmp_path / "a.parquet")
-    with pytest.raises(ValueError, match="no 'text' field"):
+    with pytest.raises(DataError, match="no 'text' field"):
         fineweb_edu_source(from_dir=tmp_path)
-    with pytest.raises(ValueError, match="workers must be >= 1"):
+    with pytest.raises(DataError, match="--workers must be >= 1"):
         prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "w", 100, workers=0)
     assert not (tmp_path / "w").exists()
     monkeypatch.setattr(prepare_module, "_hub_reachable", lambda: False)
     with pytest.raises(ConnectionError, match="--from-dir"):
         fineweb_edu_source("sample-10BT")
+
+
+def test_unreadable_inputs_name_the_file(tmp_path, monkeypatch):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "late.jsonl").write_text('{"text": "fine"}\n{"text": "cut')
+    (tmp_path / "junk.parquet").write_bytes(b"not a parquet file at all")
+    for name, message in [
+        ("latin1.txt", "is not UTF-8 text .*byte 0xe9"),
+        ("bad.jsonl", "is not UTF-8 text"),
+        ("late.jsonl", ":2 is not valid JSON"),
+        ("junk.parquet", "cannot read .*junk.parquet"),
+    ]:
+        with pytest.raises(DataError, match=message) as info:
+            prepare_shards(text_source([tmp_path / name]), tmp_path / f"out-{name}", 100, workers=2, progress=False)
+        assert name in str(info.value)
+        assert not (tmp_path / f"out-{name}").exists()  # nothing was usable: nothing is left behind
+
+
+def test_failed_fresh_preparation_never_removes_what_was_there(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(DataError, match=f"{empty} holds no text .*1 empty document.*give input that has text"):
+        prepare_shards(text_source([empty]), tmp_path / "mine", 100, workers=1, progress=False)
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())  # emptied, not removed
+    with pytest.raises(DataError, match="holds no text"):
+        prepare_shards(text_source([empty]), tmp_path / "new" / "deeper", 100, workers=1, progress=False)
+    assert not (tmp_path / "new").exists()  # every directory this run created is gone
+
+
+def test_failure_after_a_shard_keeps_it_to_resume(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "a.txt").write_text(" ".join(documents(60)))
+    (tmp_path / "b.txt").write_bytes(b"\xff\xfe broken")
+    with pytest.raises(DataError, match="b.txt is not UTF-8"):
+        prepare_shards(text_source([tmp_path / "a.txt", tmp_path / "b.txt"]), out, 100, workers=1, progress=False)
+    assert json.loads((out / MANIFEST).read_text())["shards"]["val"]  # the finished shards stay for a re-run
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[]", "damaged: it is not a JSON object"),
+        (b'{"format": 1', "is not valid JSON"),
+        (b'{"format": 1, "complete": false, "tokenizer": {}}', "damaged: it has no shards"),
+        ("drop-resume", "damaged: it has no resume position"),
+    ],
+)
+def test_resume_with_a_corrupt_manifest_is_refused_and_changes_nothing(tmp_path, content, message):
+    texts = documents(60)
+    with pytest.raises(Interrupted):
+        prepare_shards(({"kind": "test"}, interrupted_after(texts, 50)), tmp_path, 300, workers=1, progress=False)
+    if content == "drop-resume":
+        m = json.loads((tmp_path / MANIFEST).read_text())
+        del m["resume"]
+        content = json.dumps(m).encode()
+    (tmp_path / MANIFEST).write_bytes(content)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(DataError, match=f"{MANIFEST}.*{message}.*delete {tmp_path} and prepare it again"):
+        prepare_shards(({"kind": "test"}, iter(texts)), tmp_path, 300, workers=1, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_rerun_over_a_truncated_shard_is_refused(tmp_path, complete):
+    texts = documents(60)
+    source = lambda: ({"kind": "test"}, iter(texts) if complete else interrupted_after(texts, 50))  # noqa: E731
+    with pytest.raises(Interrupted) if not complete else contextlib.nullcontext():
+        prepare_shards(source(), tmp_path, 300, workers=1, progress=False)
+    with open(tmp_path / "val_000000.bin", "r+b") as f:
+        f.truncate(599)
+    with pytest.raises(DataError, match="val_000000.bin has 599 bytes, not a whole number of 2-byte tokens"):
+        prepare_shards(({"kind": "test"}, iter(texts)), tmp_path, 300, workers=1, progress=False)
+
+
+def test_out_that_is_a_file_or_a_shard_too_big_for_memory(tmp_path, monkeypatch):
+    (tmp_path / "f").write_text("mine")
+    with pytest.raises(DataError, match="is a file; give a new or empty directory"):
+        prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "f", 100, workers=1, progress=False)
+    assert (tmp_path / "f").read_text() == "mine"
+    real_empty = np.empty
+
+    def no_memory(n, *args, **kwargs):  # what numpy does when the allocation fails
+        if isinstance(n, int) and n > 10**9:
+            raise MemoryError(f"cannot allocate {n} items")
+        return real_empty(n, *args, **kwargs)
+
+    monkeypatch.setattr(prepare_module.np, "empty", no_memory)
+    with pytest.raises(DataError, match="does not fit in memory; lower --shard-tokens"):
+        prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "big", 10**12, workers=1, progress=False)
+    assert not (tmp_path / "big").exists()
 
 
 def test_ensure_default_corpus_prepares_once(tmp_path, monkeypatch):
@@ -257,7 +350,7 @@ def test_ensure_default_corpus_prepares_once(tmp_path, monkeypatch):
     assert ensure_default_corpus(tmp_path) == out and (out / MANIFEST).stat().st_mtime_ns == stamp
     TokenLoader(out, "val", 16, 256).next_batch()  # the tiny recipe's shapes fit the validation split
     (out / "train_000000.bin").unlink()
-    with pytest.raises(FileNotFoundError, match="train_000000.bin"):  # reported, never silently replaced
+    with pytest.raises(DataError, match="train_000000.bin"):  # reported, never silently replaced
         ensure_default_corpus(tmp_path)
 
 
@@ -281,6 +374,42 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: input file") and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool must find the package itself
+    cmd = [sys.executable, "tools/prepare_data.py", *map(str, args), "--quiet", "--workers", "1"]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+
+
+def assert_one_error_line(run: subprocess.CompletedProcess, *names: str) -> str:
+    """Exit 2 with a single ``error:`` line that names each of ``names``, and no traceback."""
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr
+    assert all(name in lines[0] for name in names), lines[0]
+    return lines[0]
+
+
+def test_cli_empty_text_names_the_file_and_leaves_no_output(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    line = assert_one_error_line(run_cli("text", tmp_path / "empty.txt", "--out", tmp_path / "o"), "empty.txt")
+    assert "holds no text" in line and "--val-tokens" not in line
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]
+
+
+def test_cli_binary_text_and_corrupt_manifest_are_one_line(tmp_path, capsys):
+    (tmp_path / "image.txt").write_bytes(bytes(range(256)) * 4)
+    assert prepare_data.main(["text", str(tmp_path / "image.txt"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'image.txt'} is not UTF-8 text")
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / MANIFEST).write_text('{"format": 1, "shards": []}')
+    assert prepare_data.main(["default", "--out", str(tmp_path / "d"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'd' / MANIFEST} is damaged")
+    assert (tmp_path / "d" / MANIFEST).read_text() == '{"format": 1, "shards": []}'
 
 
 def test_cli_default_into_a_directory(tmp_path, capsys):

@@ -196,6 +196,7 @@ def test_cli_ckpt_uses_checkpoint_module(capsys, tmp_path, monkeypatch):
         (["--model", "gpt2-tiny", "--init", "pretrained"], "has no pretrained checkpoint"),
         (["--hf", "/does/not/exist"], "no such directory"),
         (["--ckpt", "/does/not/exist"], "no such directory"),
+        (["--hf", __file__], "not a directory"),
         (["--model", "gpt2-tiny", "--device", "nonsense"], "unknown device"),
     ],
 )
@@ -212,6 +213,52 @@ def test_cli_ckpt_of_a_directory_that_is_no_run(capsys, tmp_path):
 def test_cli_hf_directory_without_checkpoint(capsys, tmp_path):
     code, _, err = _cli(capsys, "--hf", str(tmp_path))
     assert code == 2 and "config.json" in err
+
+
+def _tiny_export(path):
+    from gpt2_scale.hf import export_hf
+
+    return export_hf(GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100)), path)
+
+
+def test_cli_hf_corrupt_weights_is_one_line_without_traceback(tmp_path):
+    out = _tiny_export(tmp_path / "exp")
+    weights = out / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:500])  # an interrupted copy
+    r = _run_module("--hf", str(out), "--prompt", "Hi", "--max-new-tokens", "2", "--device", "cpu")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == "", r.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: --hf {out}: could not read {weights} (SafetensorError")
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "config.json is not valid JSON"),
+        ('{"model_type": "gpt2", "n_layer": "two"}', "config.json: n_layer is 'two', expected a positive integer"),
+        ('{"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 16, "vocab_size": 100, '
+         '"layer_norm_epsilon": "x"}', "config.json: layer_norm_epsilon is 'x', expected a number"),
+    ],
+)
+def test_cli_hf_corrupt_config_is_one_line(capsys, tmp_path, config, message):
+    out = _tiny_export(tmp_path / "exp")
+    (out / "config.json").write_text(config)
+    code, stdout, err = _cli(capsys, "--hf", str(out), "--prompt", "Hi", "--max-new-tokens", "2")
+    assert code == 2 and stdout == "" and err.count("\n") == 1
+    assert err.startswith(f"error: --hf {out}: {out / 'config.json'}") and message in err
+
+
+def test_cli_ckpt_user_error_is_one_line(capsys, tmp_path, monkeypatch):
+    from gpt2_scale import checkpoint
+    from gpt2_scale.errors import UserError
+
+    def broken(run_dir):
+        raise type("BrokenCheckpoint", (UserError,), {})(f"{run_dir}/model_optim.pt is truncated")
+
+    monkeypatch.setattr(checkpoint, "load_model", broken)
+    code, out, err = _cli(capsys, "--ckpt", str(tmp_path))
+    assert (code, out, err) == (2, "", f"error: --ckpt {tmp_path}: {tmp_path}/model_optim.pt is truncated\n")
+    assert issubclass(sample_cli.UsageError, UserError)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
+from gpt2_scale.errors import UserError
 from gpt2_scale.eval import hellaswag
+from gpt2_scale.eval.hellaswag import HellaSwagError
 from gpt2_scale.model import GPT
 from gpt2_scale.tokenizer import VOCAB_SIZE, encode
 from gpt2_scale.zoo import ModelConfig
@@ -66,7 +68,10 @@ def test_load_examples_reads_the_official_schema(tmp_path):
     "line, message",
     [
         ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "la', "not JSON"),
-        ('{"ctx": "a", "endings": ["b", "c", "d", "e"]}', "ctx, endings and label"),
+        ('{"ctx": "a", "endings": ["b", "c", "d", "e"]}', "ctx, endings and label; this one lacks label"),
+        ('{"label": 0}', "this one lacks ctx, endings"),
+        ("[1, 2]", "a JSON object with ctx, endings and label"),
+        ('{"ctx": "caf\udce9", "endings": ["b", "c", "d", "e"], "label": 0}', "not UTF-8 text"),
         ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}', "4 strings"),
         ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "label must be 0-3"),
         ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": ""}', "test split has no labels"),
@@ -75,26 +80,29 @@ def test_load_examples_reads_the_official_schema(tmp_path):
 )
 def test_bad_lines_name_the_file_and_line(tmp_path, line, message):
     path = write_examples(tmp_path / "val.jsonl")
-    with open(path, "a") as f:
+    with open(path, "a", errors="surrogateescape") as f:  # "\udce9" writes the byte 0xe9, not UTF-8
         f.write(line + "\n")
-    with pytest.raises(ValueError, match=message) as info:
+    with pytest.raises(HellaSwagError, match=message) as info:
         hellaswag.load_examples(path)
     assert f"{path}:6" in str(info.value)
+    assert issubclass(HellaSwagError, UserError) and issubclass(HellaSwagError, ValueError)
 
 
 def test_missing_or_empty_files_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(HellaSwagError, match="does not exist"):
         hellaswag.load_examples(tmp_path / "nope.jsonl")
+    with pytest.raises(HellaSwagError, match=f"HellaSwag file {tmp_path} is a directory"):
+        hellaswag.load_examples(tmp_path)
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ValueError, match="no HellaSwag examples"):
+    with pytest.raises(HellaSwagError, match="no HellaSwag examples"):
         hellaswag.load_examples(tmp_path / "empty.jsonl")
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(HellaSwagError, match="limit"):
         hellaswag.load_examples(tmp_path / "empty.jsonl", limit=0)
 
 
 def test_download_without_network_names_data_flag(tmp_path):
     port = _free_port()  # nothing listens there: the connection is refused at once
-    with pytest.raises(RuntimeError, match="--data PATH"):
+    with pytest.raises(HellaSwagError, match="--data PATH"):
         hellaswag.download(tmp_path, url=f"http://127.0.0.1:{port}/hellaswag_val.jsonl")
     assert not (tmp_path / "hellaswag_val.jsonl").exists()
 
@@ -249,12 +257,34 @@ def load_tool():
 
 
 def test_command_line_errors_exit_2_without_traceback(tmp_path, capsys):
-    args = ["--pretrained", "gpt2", "--data", str(tmp_path / "nope.jsonl")]
+    bad = write_examples(tmp_path / "bad.jsonl")
+    with open(bad, "a") as f:
+        f.write('{"ctx": "a", "endings": ["b", "c", "d", "e"], "la\n')
+    args = ["--pretrained", "gpt2", "--data", str(bad)]
     proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {bad}:6: not JSON (Unterminated string starting at); expected a line of hellaswag_val.jsonl"
+    ]
+    tool = load_tool()
     data = str(write_examples(tmp_path / "v.jsonl"))
-    assert load_tool().main(["--ckpt", str(tmp_path), "--data", data, "--limit", "0"]) == 2
-    assert "limit must be >= 1" in capsys.readouterr().err
+    for argv, message in [
+        (["--data", str(tmp_path / "nope.jsonl")], f"error: HellaSwag file {tmp_path / 'nope.jsonl'} does not exist"),
+        (["--data", data, "--limit", "0"], "error: limit must be >= 1"),
+        (["--data", data, "--device", "nonsense"], "error: unknown device 'nonsense'"),
+    ]:
+        assert tool.main(["--ckpt", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_command_line_reports_a_broken_checkpoint_in_one_line(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2", "n_layer": "two"}')
+    data = str(write_examples(tmp_path / "v.jsonl"))
+    assert load_tool().main(["--pretrained", str(tmp_path / "hf"), "--data", data, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'hf' / 'config.json'}: n_layer is 'two', expected a positive integer\n"
 
 
 def test_command_line_evaluates_a_model(tmp_path, capsys, monkeypatch):

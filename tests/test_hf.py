@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import shutil
 
 import pytest
@@ -12,7 +14,10 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from gpt2_scale import GPT, ModelConfig  # noqa: E402
+from gpt2_scale.errors import UserError  # noqa: E402
 from gpt2_scale.hf import HFCheckpointError, export_hf, load_hf  # noqa: E402
+
+TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
 
@@ -208,7 +213,102 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert (out / "model.safetensors").read_bytes() == before
 
 
+def load_export_tool():
+    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(TOOLS, "export.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from gpt2_scale import checkpoint
+
+    loaded = []
+    model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    monkeypatch.setattr(checkpoint, "load_model", lambda run_dir, step=None: loaded.append(run_dir) or model)
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    tool = load_export_tool()
+    assert tool.main([str(tmp_path / "run"), "--hf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} is a non-empty directory") and err.count("\n") == 1
+    assert "pass --overwrite to replace it" in err and "overwrite=True" not in err
+    assert loaded == [] and (out / "notes.txt").read_text() == "keep me"  # failed fast, touched nothing
+    (tmp_path / "file").write_text("mine")
+    assert tool.main([str(tmp_path / "run"), "--hf", str(tmp_path / "file" / "export")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path / 'file'} exists and is not a directory; choose a directory for the export\n"
+    assert tool.main([str(tmp_path / "run"), "--hf", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_export_over_a_directory_whose_config_is_not_an_object(tmp_path):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "config.json").write_text("5")
+    with pytest.raises(HFCheckpointError, match="not an export of this package"):
+        export_hf(GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100)), out)
+
+
 # ------------------------------------------------------------------------------------------- errors
+
+
+def test_errors_are_user_errors():
+    assert issubclass(HFCheckpointError, UserError) and issubclass(HFCheckpointError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (b'{"model_type": "gpt2", "n_layer": 2,', "config.json is not valid JSON"),
+        (b"\xff\xfe\xfd", "config.json is not valid JSON"),
+        ({"n_layer": "two"}, "config.json: n_layer is 'two', expected a positive integer"),
+        ({"n_layer": 2.0}, "config.json: n_layer is 2.0, expected a positive integer"),
+        ({"n_head": -4}, "config.json: n_head is -4, expected a positive integer"),
+        ({"n_embd": True}, "config.json: n_embd is True, expected a positive integer"),
+        ({"layer_norm_epsilon": "tiny"}, "config.json: layer_norm_epsilon is 'tiny', expected a number"),
+        ("directory", "cannot read .*config.json: Is a directory"),
+    ],
+)
+def test_error_corrupt_config_names_the_file(tmp_path, hf_dir, config, message):
+    dest = tmp_path / "ckpt"
+    if isinstance(config, dict):
+        _copy_config(hf_dir[0], dest, **config)
+    elif config == "directory":
+        (dest / "config.json").mkdir(parents=True)
+    else:
+        dest.mkdir()
+        (dest / "config.json").write_bytes(config)
+    shutil.copy(hf_dir[0] / "model.safetensors", dest)
+    with pytest.raises(HFCheckpointError, match=message) as e:
+        load_hf(dest)
+    assert str(dest / "config.json") in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("model.safetensors", "truncated", r"could not read .*model.safetensors \(SafetensorError: .*\): it is trunc"),
+        ("model.safetensors", b"", r"could not read .*model.safetensors \(SafetensorError"),
+        ("pytorch_model.bin", b"not a pickle", r"could not read .*pytorch_model.bin \(UnpicklingError\): it is"),
+        ("pytorch_model.bin", {"a": 3}, "pytorch_model.bin does not hold a state dict of tensors"),
+        ("model.safetensors.index.json", b"{bad", "model.safetensors.index.json is not valid JSON"),
+        ("model.safetensors.index.json", b'{"weight_map": 3}', "index.json has no weight_map"),
+        ("pytorch_model.bin.index.json", b'{"weight_map": {"a": 3}}', "index.json has no weight_map"),
+    ],
+)
+def test_error_corrupt_weights_is_one_line_naming_the_file(tmp_path, hf_dir, name, content, message):
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
+    if content == "truncated":
+        content = (hf_dir[0] / "model.safetensors").read_bytes()[:1000]
+    if isinstance(content, dict):
+        torch.save(content, dest / name)
+    else:
+        (dest / name).write_bytes(content)
+    with pytest.raises(HFCheckpointError, match=message) as e:
+        load_hf(dest)
+    assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
 
 
 def test_error_no_weights_file(tmp_path, hf_dir):

@@ -15,6 +15,19 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpt2_scale import baselines  # noqa: E402
+from gpt2_scale.errors import EXIT_USAGE, UserError, report  # noqa: E402
+
+
+def load_runs(paths: list[str]) -> list[baselines.Run]:
+    """The runs; the metrics lines they skipped are printed as warnings (without a traceback), also those
+    read before a run that fails, since they often say why it failed."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            return [baselines.load_run(path) for path in paths]
+        finally:
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,18 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.runs:
         parser.print_usage(sys.stderr)
         print("error: give at least one RUN_DIR (or --list)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
-        with warnings.catch_warnings(record=True) as caught:  # skipped metrics lines, shown without a traceback
-            warnings.simplefilter("always")
-            runs = [baselines.load_run(path) for path in args.runs]
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+        runs = load_runs(args.runs)
         if args.plot:
             baselines.plot(runs, args.plot)
-    except (baselines.RunError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:
+        return report(e)
     results = [baselines.compare(run) for run in runs]
     print(json.dumps(results, indent=2) if args.json else baselines.format_comparison(results))
     if args.plot:

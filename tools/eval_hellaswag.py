@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from gpt2_scale import checkpoint  # noqa: E402
-from gpt2_scale.device import default_device  # noqa: E402
+from gpt2_scale.device import default_device, resolve_device  # noqa: E402
+from gpt2_scale.errors import UserError, report  # noqa: E402
 from gpt2_scale.eval import hellaswag  # noqa: E402
 from gpt2_scale.model import GPT  # noqa: E402
 
@@ -40,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
+        device = resolve_device(args.device)
         examples = hellaswag.load_examples(args.data, limit=args.limit)  # before the model: fails fast
-        model = load_model(args.ckpt, args.pretrained).to(args.device)
-        result = hellaswag.evaluate(model, examples, args.device, batch_examples=args.batch_examples, progress=True)
-    except (OSError, RuntimeError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        model = load_model(args.ckpt, args.pretrained).to(device)
+        result = hellaswag.evaluate(model, examples, device, batch_examples=args.batch_examples, progress=True)
+    except (UserError, checkpoint.CheckpointError, OSError, ValueError) as e:  # ValueError: an unknown device
+        return report(e)
     if args.json:
         print(json.dumps(result))
     else:

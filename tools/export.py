@@ -19,18 +19,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a training run directory (holds config.yaml and checkpoints/)")
     parser.add_argument("--hf", required=True, metavar="OUT", help="directory to write config.json + model.safetensors")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace OUT even if it holds something else (an earlier export is always replaced)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
-    from gpt2_scale.checkpoint import CheckpointError, load_model
-    from gpt2_scale.hf import HFCheckpointError, export_hf
+    from gpt2_scale import checkpoint
+    from gpt2_scale.errors import UserError, report
+    from gpt2_scale.hf import check_export_target, export_hf
 
     try:
-        model = load_model(args.run_dir, args.step)
+        check_export_target(args.hf, args.overwrite, how="--overwrite")  # before the minutes a large model takes
+        model = checkpoint.load_model(args.run_dir, args.step)
         out = export_hf(model, args.hf, overwrite=args.overwrite)
-    except (FileNotFoundError, CheckpointError, HFCheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, checkpoint.CheckpointError, ValueError, OSError) as e:  # OSError: no such run, a full disk
+        return report(e)
     print(f"exported {model.config.name} ({model.num_params():,} parameters) from {args.run_dir} to {out}")
     return 0
 

@@ -18,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpt2_scale.data import prepare as data  # noqa: E402  (the module)
+from gpt2_scale.errors import UserError, report  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         m = data.prepare_shards(
             source, args.out, args.shard_tokens, args.val_tokens, args.workers, command, progress=not args.quiet
         )
-    except (ValueError, OSError) as e:  # OSError covers FileNotFoundError and ConnectionError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (UserError, OSError) as e:  # OSError: an unreachable hub (ConnectionError), a full disk
+        return report(e)
     t = m["tokens"]
     print(
         f"{args.out}: {t['train']:,} train and {t['val']:,} val tokens from {m['documents']:,} documents in "

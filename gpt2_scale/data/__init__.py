@@ -1,6 +1,6 @@
 """Token shards on disk (prepare) and the batches the trainer reads from them (loader)."""
 
-from gpt2_scale.data.loader import TokenLoader, read_manifest
+from gpt2_scale.data.loader import DataError, TokenLoader, read_manifest
 from gpt2_scale.data.prepare import (
     default_source,
     ensure_default_corpus,
@@ -11,6 +11,7 @@ from gpt2_scale.data.prepare import (
 )
 
 __all__ = [
+    "DataError",
     "TokenLoader",
     "default_source",
     "ensure_default_corpus",

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gpt2_scale import tokenizer
+from gpt2_scale.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -35,43 +36,105 @@ PREPARE_HINT = (
 )
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a finished preparation, with its shards checked to exist at the stated size."""
+class DataError(UserError, ValueError):
+    """Token shards, or the input of their preparation, that cannot be used; the message says what to do."""
+
+
+def is_count(value: object) -> bool:
+    """A count in a JSON file: an int >= 0 (JSON's true is a bool, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_file_name(value: object) -> bool:
+    """A plain file name: a manifest names its shards inside its own directory, never elsewhere."""
+    return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
+
+
+def _shape_problem(manifest: object) -> str | None:
+    """What is missing from a manifest that parsed (a hand edit, another program's file), or None."""
+    if not isinstance(manifest, dict):
+        return "it is not a JSON object"
+    if not isinstance(manifest.get("tokenizer"), dict):
+        return "it has no tokenizer object"
+    shards = manifest.get("shards")
+    if not isinstance(shards, dict) or not all(isinstance(shards.get(split), list) for split in SPLITS):
+        return "it has no shards.train and shards.val lists"
+    for split in SPLITS:
+        for i, shard in enumerate(shards[split]):
+            if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
+                return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
+    if manifest.get("complete"):
+        totals = manifest.get("tokens")
+        if not (isinstance(totals, dict) and all(is_count(totals.get(s)) for s in SPLITS)):
+            return "it has no token counts (tokens.train and tokens.val)"
+        if not is_count(manifest.get("documents")):
+            return "it has no document count"
+    return None
+
+
+def parse_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a preparation, finished or not, checked for everything its readers index into;
+    shared by the loader and by a resumed preparation, so a damaged file is one clear error in both."""
     data_dir = Path(data_dir)
     path = data_dir / MANIFEST
+    redo = f"delete {data_dir} and prepare it again"
     if not path.is_file():
         missing = "directory" if not data_dir.is_dir() else f"{MANIFEST} in directory"
-        raise FileNotFoundError(f"no token shards: {missing} {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}")
+        raise DataError(f"no token shards: {missing} {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete {data_dir} and prepare it again") from e
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT_VERSION}; prepare it again")
-    if not manifest.get("complete"):
-        raise ValueError(
-            f"the preparation of {data_dir} did not finish; run `{manifest.get('command', 'the same command')}` "
-            "again to resume it"
-        )
-    tok = manifest.get("tokenizer", {})
-    if tok.get("hash") != tokenizer.HASH:
-        raise ValueError(
-            f"{data_dir} was tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), not this package's "
-            f"{tokenizer.NAME!r} (hash {tokenizer.HASH}); prepare it again with tools/prepare_data.py"
-        )
-    if manifest.get("dtype") != DTYPE:
-        raise ValueError(f"{path} says dtype {manifest.get('dtype')!r}; only {DTYPE} shards are supported")
+        manifest = json.loads(path.read_bytes())
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text at all
+        raise DataError(f"{path} is not valid JSON ({e}); {redo}") from None
+    if isinstance(manifest, dict) and manifest.get("format") != FORMAT_VERSION:
+        raise DataError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT_VERSION}; {redo}")
+    problem = _shape_problem(manifest)
+    if problem:
+        raise DataError(f"{path} is damaged: {problem}; {redo}")
+    return manifest
+
+
+def check_shards(data_dir: str | Path, manifest: dict) -> None:
+    """Every shard the manifest lists exists at the size it states (a stat each, nothing read)."""
+    data_dir = Path(data_dir)
+    itemsize = np.dtype(DTYPE).itemsize
     for split in SPLITS:
         for shard in manifest["shards"][split]:
             file = data_dir / shard["file"]
             if not file.is_file():
-                raise FileNotFoundError(f"shard {file} listed in {path} is missing; prepare {data_dir} again")
-            expected = shard["tokens"] * np.dtype(DTYPE).itemsize
-            if file.stat().st_size != expected:
-                raise ValueError(
-                    f"shard {file} has {file.stat().st_size} bytes but {path} says {expected}: it is truncated or "
-                    f"was overwritten; prepare {data_dir} again"
+                raise DataError(
+                    f"shard {file} listed in {data_dir / MANIFEST} is missing; delete {data_dir} and prepare it again"
                 )
+            size, expected = file.stat().st_size, shard["tokens"] * itemsize
+            if size != expected:
+                odd = f", not a whole number of {itemsize}-byte tokens" if size % itemsize else ""
+                raise DataError(
+                    f"shard {file} has {size} bytes{odd}, but {data_dir / MANIFEST} says {expected}: it is truncated "
+                    f"or was overwritten; delete {data_dir} and prepare it again"
+                )
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    """The manifest of a finished preparation, with its shards checked to exist at the stated size."""
+    data_dir = Path(data_dir)
+    manifest = parse_manifest(data_dir)
+    if not manifest["complete"]:
+        raise DataError(
+            f"the preparation of {data_dir} did not finish; run `{manifest.get('command') or 'the same command'}` "
+            "again to resume it"
+        )
+    tok = manifest["tokenizer"]
+    if tok.get("hash") != tokenizer.HASH:
+        raise DataError(
+            f"{data_dir} was tokenized with {tok.get('name')!r} (hash {tok.get('hash')}), not this package's "
+            f"{tokenizer.NAME!r} (hash {tokenizer.HASH}); prepare it again with tools/prepare_data.py"
+        )
+    if manifest.get("dtype") != DTYPE:
+        raise DataError(
+            f"{data_dir / MANIFEST} says dtype {manifest.get('dtype')!r}; only {DTYPE} shards are supported"
+        )
+    check_shards(data_dir, manifest)
     return manifest
 
 
@@ -127,7 +190,7 @@ class TokenLoader:
         self.batches_per_epoch = self.num_windows // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             tokens = sum(s["tokens"] for s in shards)
-            raise ValueError(
+            raise DataError(
                 f"the {split} split of {self.data_dir} has {tokens} tokens in {len(shards)} shard(s), "
                 f"{self.num_windows} windows of T+1={seq_len + 1}; one batch on each of {world_size} rank(s) needs "
                 f"{batch_size * world_size} windows (B*T+1 = {batch_size * seq_len + 1} tokens per rank): lower "
@@ -139,7 +202,10 @@ class TokenLoader:
 
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._memmaps:  # a plain ndarray view of the memmap: slicing np.memmap itself is slow
-            self._memmaps[i] = np.memmap(self.files[i], dtype=DTYPE, mode="r").view(np.ndarray)
+            tokens = np.memmap(self.files[i], dtype=DTYPE, mode="r").view(np.ndarray)
+            if len(tokens) != self.manifest["shards"][self.split][i]["tokens"]:  # the strided view must not overrun
+                raise DataError(f"shard {self.files[i]} changed size while in use; prepare {self.data_dir} again")
+            self._memmaps[i] = tokens
         return self._memmaps[i]
 
     def _windows(self, i: int) -> np.ndarray:
@@ -179,7 +245,7 @@ class TokenLoader:
                 rows[mine] = self._windows(shard)[windows[mine]]
         if int(rows.max()) >= tokenizer.VOCAB_SIZE:
             shard = int(shards[rows.max(axis=1).argmax()])
-            raise ValueError(
+            raise DataError(
                 f"shard {self.files[shard]} holds token id {int(rows.max())} >= the vocabulary size "
                 f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
             )
@@ -210,10 +276,11 @@ class TokenLoader:
         mine = self.state_dict()
         for key in ("split", "batch_size", "seq_len", "world_size", "seed", "num_windows"):
             if state.get(key) != mine[key]:
-                raise ValueError(
+                raise DataError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; resume with the "
                     "same data, batch size, sequence length, world size and seed (or start the data afresh)"
                 )
-        if not 0 <= state["step"] < self.batches_per_epoch or state["epoch"] < 0:
-            raise ValueError(f"loader state epoch={state['epoch']} step={state['step']} is out of range")
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        epoch, step = state.get("epoch"), state.get("step")
+        if not (is_count(epoch) and is_count(step) and step < self.batches_per_epoch):
+            raise DataError(f"loader state epoch={epoch!r} step={step!r} is out of range")
+        self.epoch, self.step = epoch, step

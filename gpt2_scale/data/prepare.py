@@ -26,7 +26,18 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2_scale import tokenizer
-from gpt2_scale.data.loader import DTYPE, FORMAT_VERSION, MANIFEST, read_manifest
+from gpt2_scale.data.loader import (
+    DTYPE,
+    FORMAT_VERSION,
+    MANIFEST,
+    DataError,
+    check_shards,
+    is_count,
+    parse_manifest,
+    read_manifest,
+)
+from gpt2_scale.errors import UserError
+from gpt2_scale.fileio import publish_dir, write_atomic
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -47,66 +58,88 @@ def _list_files(paths: Iterable[str | Path], suffixes: tuple[str, ...]) -> list[
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise FileNotFoundError(f"directory {p} holds no {'/'.join(suffixes)} files")
+                raise DataError(f"directory {p} holds no {'/'.join(suffixes)} files")
             files += found
         elif not p.is_file():
-            raise FileNotFoundError(f"input file {p} not found")
+            raise DataError(f"input file {p} not found")
         elif p.suffix not in suffixes:
-            raise ValueError(f"{p}: unsupported file type {p.suffix!r}; give {', '.join(suffixes)} files")
+            raise DataError(f"{p}: unsupported file type {p.suffix!r}; give {', '.join(suffixes)} files")
         else:
             files.append(p)
     if not files:
-        raise ValueError("no input files given")
+        raise DataError("no input files given")
     return files
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Whatever goes wrong while reading an input file, as one DataError that names the file."""
+    try:
+        yield
+    except UserError:
+        raise
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} cannot be decoded); convert it to UTF-8 "
+            "or leave it out"
+        ) from None
+    except (OSError, ValueError) as e:  # unreadable, or a damaged parquet file (pyarrow's errors derive from these)
+        raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
 
 
 def _check_field(path: Path, field: str) -> None:
     """Fail before any work when a file lacks the text field (a parquet schema, a jsonl first record)."""
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    with _reading(path):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        names = pq.read_schema(path).names
-    elif path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "{}")
-        names = list(_json_record(first, path, 1))
-    else:
-        return
+            names = pq.read_schema(path).names
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                lineno, first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (1, "{}"))
+            names = list(_json_record(first, path, lineno))
+        else:
+            return
     if field not in names:
-        raise ValueError(f"{path} has no {field!r} field (it has {', '.join(names) or 'none'}); pass --field NAME")
+        raise DataError(f"{path} has no {field!r} field (it has {', '.join(names) or 'none'}); pass --field NAME")
 
 
 def _json_record(line: str, path: Path, lineno: int) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno} is not valid JSON ({e})") from e
+        raise DataError(f"{path}:{lineno} is not valid JSON ({e})") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path}:{lineno} is not a JSON object")
+        raise DataError(f"{path}:{lineno} is not a JSON object")
     return record
 
 
 def _iter_documents(files: list[Path], field: str) -> Iterator[str]:
     """A document per .txt file, per .jsonl record, per .parquet row."""
     for path in files:
-        if path.suffix == ".txt":
-            yield path.read_text(encoding="utf-8")
-        elif path.suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        text = _json_record(line, path, lineno).get(field)
-                        if not isinstance(text, str):
-                            raise ValueError(f"{path}:{lineno} has no {field!r} string; pass --field NAME")
-                        yield text
-        else:
-            import pyarrow.parquet as pq
+        with _reading(path):
+            yield from _read_documents(path, field)
 
-            for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
-                for text in batch.column(0).to_pylist():
+
+def _read_documents(path: Path, field: str) -> Iterator[str]:
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    text = _json_record(line, path, lineno).get(field)
                     if not isinstance(text, str):
-                        raise ValueError(f"{path}: a row has no {field!r} string; pass --field NAME")
+                        raise DataError(f"{path}:{lineno} has no {field!r} string; pass --field NAME")
                     yield text
+    else:
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if not isinstance(text, str):
+                    raise DataError(f"{path}: a row has no {field!r} string; pass --field NAME")
+                yield text
 
 
 def text_source(paths: Iterable[str | Path], field: str = "text") -> Source:
@@ -161,7 +194,7 @@ def default_source() -> Source:
     try:
         from pydoc_data.topics import topics
     except ImportError as e:
-        raise FileNotFoundError(
+        raise DataError(
             "this Python has no pydoc_data module (some distributions strip it); prepare a text file instead: "
             "`python tools/prepare_data.py text FILE.txt --out DIR`"
         ) from e
@@ -192,17 +225,8 @@ def _tokenized(documents: Iterable[str], workers: int) -> Iterator[Iterator[np.n
         yield pool.imap(tokenize_document, documents, chunksize=16)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _save(out_dir: Path, manifest: dict) -> None:
-    _write_atomic(out_dir / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def _settings(source: dict, shard_tokens: int, val_tokens: int | None) -> dict:
@@ -217,27 +241,26 @@ def _settings(source: dict, shard_tokens: int, val_tokens: int | None) -> dict:
 
 
 def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict:
-    path = out_dir / MANIFEST
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); delete {out_dir} and prepare it again") from e
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a new or empty directory")
+    if (out_dir / MANIFEST).is_file():
+        manifest = parse_manifest(out_dir)
         differing = [k for k in settings if manifest.get(k) != settings[k]]
         if differing:
-            raise ValueError(
+            raise DataError(
                 f"{out_dir} already holds a preparation with other {', '.join(differing)}; choose another --out "
                 "(or delete that directory to replace it)"
             )
-        if not manifest["complete"]:
-            for split in ("val", "train"):
-                for shard in manifest["shards"][split]:
-                    file = out_dir / shard["file"]
-                    if not file.is_file() or file.stat().st_size != shard["tokens"] * np.dtype(DTYPE).itemsize:
-                        raise ValueError(f"{file} is missing or damaged; delete {out_dir} and prepare it again")
+        resume = manifest.get("resume")
+        position = isinstance(resume, dict) and is_count(resume.get("documents")) and is_count(resume.get("offset"))
+        if not (manifest["complete"] or position):
+            raise DataError(
+                f"{out_dir / MANIFEST} is damaged: it has no resume position; delete {out_dir} and prepare it again"
+            )
+        check_shards(out_dir, manifest)
         return manifest
     if out_dir.exists() and any(out_dir.iterdir()):
-        raise ValueError(f"{out_dir} is not empty and holds no {MANIFEST}; choose an empty or new --out directory")
+        raise DataError(f"{out_dir} is not empty and holds no {MANIFEST}; choose an empty or new --out directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": FORMAT_VERSION,
@@ -251,6 +274,37 @@ def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict
     return manifest
 
 
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost directory that creating ``path`` creates (None when it exists): what a failed run removes."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            break
+        missing = p
+    return missing
+
+
+def _remove_fresh_output(out_dir: Path, created: Path | None) -> None:
+    """Undo a fresh preparation that left nothing to resume. It started in a new or empty directory, so
+    everything in it is this run's; a directory that was there already stays."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for p in out_dir.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def _describe(source: dict) -> str:
+    """The input of a source in a few words, for error messages."""
+    files = source.get("files") or []
+    if len(files) == 1:
+        return files[0]
+    return f"the {len(files)} input files" if files else "the source"
+
+
 def prepare_shards(
     source: Source,
     out_dir: str | Path,
@@ -260,20 +314,66 @@ def prepare_shards(
     command: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Tokenize a source into shards under out_dir, resuming an interrupted run there; returns the manifest."""
+    """Tokenize a source into shards under out_dir, resuming an interrupted run there; returns the manifest.
+
+    A fresh preparation that fails before its first shard, or that ends without training data (which
+    no re-run of it can fix), removes what it created; one that fails later keeps its shards to resume.
+    """
     if shard_tokens < 2:
-        raise ValueError(f"shard_tokens must be >= 2, got {shard_tokens}")
+        raise DataError(f"--shard-tokens must be >= 2, got {shard_tokens}")
     if val_tokens is not None and val_tokens < 1:
-        raise ValueError(f"val_tokens must be >= 1 (or None for the first shard), got {val_tokens}")
+        raise DataError(f"--val-tokens must be >= 1 (or unset for the first shard), got {val_tokens}")
     if workers is not None and workers < 1:
-        raise ValueError(f"workers must be >= 1 (or None for all cores), got {workers}")
+        raise DataError(f"--workers must be >= 1 (or unset for all cores), got {workers}")
     workers = workers or os.cpu_count() or 1
+    try:
+        buf = np.empty(shard_tokens, dtype=DTYPE)
+    except MemoryError:
+        raise DataError(f"a shard of {shard_tokens:,} tokens does not fit in memory; lower --shard-tokens") from None
     description, documents = source
     out_dir = Path(out_dir)
+    created, fresh = _outermost_missing(out_dir), not (out_dir / MANIFEST).is_file()
     manifest = _start_or_resume(out_dir, _settings(description, shard_tokens, val_tokens), command)
     if manifest["complete"]:
         return manifest
     shards = manifest["shards"]
+    try:
+        doc = _tokenize_into(out_dir, manifest, documents, buf, val_tokens, workers, progress)
+    except BaseException:
+        if fresh and not (shards["val"] or shards["train"]):
+            _remove_fresh_output(out_dir, created)
+        raise
+    if not shards["train"]:
+        total = sum(s["tokens"] for s in shards["val"])
+        if total <= doc:  # each document gave only its <|endoftext|>
+            problem = f"{_describe(description)} holds no text" + (f" ({doc} empty document(s))" if doc else "")
+            fix = "give input that has text"
+        else:
+            problem = f"the source gave only {total} tokens, all taken by the validation split"
+            fix = "lower --val-tokens"
+        if fresh:
+            _remove_fresh_output(out_dir, created)
+            raise DataError(f"{problem}; {fix}")
+        raise DataError(f"{problem}; {fix} and prepare into a new --out (or delete {out_dir})")
+    manifest["tokens"] = {k: sum(s["tokens"] for s in v) for k, v in shards.items()}
+    manifest["documents"] = doc
+    manifest["complete"] = True
+    _save(out_dir, manifest)
+    return manifest
+
+
+def _tokenize_into(
+    out_dir: Path,
+    manifest: dict,
+    documents: Iterator[str],
+    buf: np.ndarray,
+    val_tokens: int | None,
+    workers: int,
+    progress: bool,
+) -> int:
+    """Tokenize the documents after the manifest's resume position into shards of len(buf) tokens, saving
+    the manifest after each; returns the number of documents done."""
+    shards, shard_tokens = manifest["shards"], len(buf)
 
     def split() -> str:
         if val_tokens is None:
@@ -288,12 +388,11 @@ def prepare_shards(
     def flush(tokens: np.ndarray, documents_done: int, offset: int) -> None:
         name = split()
         file = f"{name}_{len(shards[name]):06d}.bin"
-        _write_atomic(out_dir / file, tokens.tobytes())
+        write_atomic(out_dir / file, tokens.tobytes())
         shards[name].append({"file": file, "tokens": len(tokens), "documents": int((tokens == tokenizer.EOT).sum())})
         manifest["resume"] = {"documents": documents_done, "offset": offset}
         _save(out_dir, manifest)
 
-    buf = np.empty(shard_tokens, dtype=DTYPE)
     fill = 0
     doc, offset = manifest["resume"]["documents"], manifest["resume"]["offset"]
     remaining = itertools.islice(documents, doc, None)
@@ -318,17 +417,7 @@ def prepare_shards(
         buf, fill = buf[n_val:fill], fill - n_val
     if fill:
         flush(buf[:fill], doc, 0)
-    if not shards["train"]:
-        total = sum(s["tokens"] for s in shards["val"])
-        raise ValueError(
-            f"the source gave only {total} tokens, all taken by the validation split; lower --val-tokens "
-            f"and prepare into a new --out (or delete {out_dir})"
-        )
-    manifest["tokens"] = {k: sum(s["tokens"] for s in v) for k, v in shards.items()}
-    manifest["documents"] = doc
-    manifest["complete"] = True
-    _save(out_dir, manifest)
-    return manifest
+    return doc
 
 
 # --- the embedded default corpus -----------------------------------------------------------------
@@ -349,7 +438,7 @@ def ensure_default_corpus(root: str | Path | None = None) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         prepare_shards(default_source(), tmp, workers=1, progress=False, command="ensure_default_corpus()")
-        os.rename(tmp, out)  # all or nothing; fails if another process got there first
+        publish_dir(tmp, out)  # all or nothing; fails if another process got there first
     except OSError:
         if not (out / MANIFEST).is_file():
             raise

@@ -25,11 +25,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gpt2_scale.errors import UserError
 from gpt2_scale.tokenizer import encode
 
 VAL_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 NUM_VAL_EXAMPLES = 10042
 NUM_ENDINGS = 4
+
+
+class HellaSwagError(UserError, ValueError):
+    """A HellaSwag file that cannot be read or fetched; the message names it (file:line) and says what to do."""
 
 
 @dataclass(frozen=True)
@@ -54,51 +59,63 @@ def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> 
     try:
         torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
-        raise RuntimeError(
+        raise HellaSwagError(
             f"could not download HellaSwag from {url} ({e}). Without network, copy hellaswag_val.jsonl "
             f"from a machine that has it and pass its path with --data PATH (or load_examples(PATH))."
         ) from None
     return path
 
 
-def parse_example(line: str, where: str = "HellaSwag line") -> Example:
-    """One JSON line of the official files; ``where`` names it in errors (file:line)."""
+def parse_example(line: str | bytes, where: str = "HellaSwag line") -> Example:
+    """One JSON line of the official files (UTF-8); ``where`` names it in errors (file:line)."""
+    expected = "expected a line of hellaswag_val.jsonl"
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg}); expected a line of hellaswag_val.jsonl") from None
-    if not isinstance(obj, dict) or not all(k in obj for k in ("ctx", "endings", "label")):
-        raise ValueError(f"{where}: a HellaSwag line is a JSON object with ctx, endings and label")
+        raise HellaSwagError(f"{where}: not JSON ({e.msg}); {expected}") from None
+    except UnicodeDecodeError:
+        raise HellaSwagError(f"{where}: not UTF-8 text; {expected}") from None
+    if not isinstance(obj, dict):
+        raise HellaSwagError(f"{where}: a HellaSwag line is a JSON object with ctx, endings and label; {expected}")
+    missing = [k for k in ("ctx", "endings", "label") if k not in obj]
+    if missing:
+        raise HellaSwagError(
+            f"{where}: a HellaSwag line is a JSON object with ctx, endings and label; "
+            f"this one lacks {', '.join(missing)}"
+        )
     ctx, endings, label = obj["ctx"], obj["endings"], obj["label"]
     if not isinstance(ctx, str) or not ctx.strip():
-        raise ValueError(f"{where}: ctx must be a non-empty string")
+        raise HellaSwagError(f"{where}: ctx must be a non-empty string")
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
-        raise ValueError(f"{where}: endings must be a list of {NUM_ENDINGS} strings")
+        raise HellaSwagError(f"{where}: endings must be a list of {NUM_ENDINGS} strings")
     try:
         label = int(label)  # the official files store it as an int, some copies as a string
     except (TypeError, ValueError):
         label = -1
     if not 0 <= label < NUM_ENDINGS:
-        raise ValueError(f"{where}: label must be 0-3, got {obj['label']!r} (the test split has no labels: use val)")
+        raise HellaSwagError(
+            f"{where}: label must be 0-3, got {obj['label']!r} (the test split has no labels: use val)"
+        )
     return Example(ctx, tuple(endings), label)
 
 
 def load_examples(path: str | os.PathLike | None, limit: int | None = None) -> list[Example]:
     """The examples of ``path`` (a .jsonl in the official schema), or of the downloaded val file when None."""
     if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
+        raise HellaSwagError(f"limit must be >= 1, got {limit}")
     path = download() if path is None else Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"HellaSwag file {path} does not exist; pass the path of hellaswag_val.jsonl")
+        problem = "is a directory" if path.is_dir() else "does not exist"
+        raise HellaSwagError(f"HellaSwag file {path} {problem}; pass the path of hellaswag_val.jsonl")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is then reported with its number
         for lineno, line in enumerate(f, 1):
             if limit is not None and len(examples) == limit:
                 break
-            if line.strip():
+            if line := line.strip():
                 examples.append(parse_example(line, f"{path}:{lineno}"))
     if not examples:
-        raise ValueError(f"{path} holds no HellaSwag examples")
+        raise HellaSwagError(f"{path} holds no HellaSwag examples; pass the path of hellaswag_val.jsonl")
     return examples
 
 
@@ -163,8 +180,10 @@ def evaluate(
     """{"acc", "acc_norm", "n"} over all examples; call it on every rank with the same examples."""
     if not examples:
         raise ValueError("no HellaSwag examples to evaluate")
-    if not 0 <= rank < world_size or batch_examples < 1:
-        raise ValueError(f"need 0 <= rank < world_size and batch_examples >= 1: {rank}, {world_size}, {batch_examples}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+    if batch_examples < 1:
+        raise HellaSwagError(f"batch_examples must be >= 1, got {batch_examples}")
     device = torch.device(device)
     block_size = _block_size(model)
     mine = examples[rank::world_size]
