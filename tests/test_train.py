@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -237,3 +238,22 @@ def test_hellaswag_during_sharded_training_then_eval_and_export_the_checkpoint(c
     missing = run("recipes/tiny.py", TINY + ["--data", str(corpus), "--log.hellaswag_every=1",
                                              f"--log.hellaswag_data={tmp_path / 'absent.jsonl'}", "--run-dir", str(tmp_path / "x")], launcher="python")
     assert missing.returncode == 2 and "--log.hellaswag_every=0" in missing.stderr
+
+
+def test_damaged_data_is_one_error_line_on_every_rank(corpus, tmp_path):
+    broken = tmp_path / "data"
+    shutil.copytree(corpus, broken)
+    args = TINY + ["--data", str(broken), "--total-batch-tokens", "128", "--max-steps", "1", "--run-dir", str(tmp_path / "run")]
+    (broken / "manifest.json").write_text('{"format": 1, "shards": [')
+    proc = run("recipes/tiny.py", args, nproc=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(str(broken / "manifest.json") in line for line in errors), errors  # one per rank
+    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks exited 2
+    assert f'File "{REPO}' not in proc.stderr, proc.stderr[-3000:]  # no traceback from our code (torchrun prints its own)
+    shutil.copy(corpus / "manifest.json", broken / "manifest.json")
+    shard = broken / "train_000000.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 1)
+    proc = run("recipes/tiny.py", args, launcher="python")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"shard {shard}" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()  # nothing written for a run that never started
