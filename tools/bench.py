@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpt2_scale import bench  # noqa: E402
 from gpt2_scale.config import ENGINES, Config, ConfigError  # noqa: E402
+from gpt2_scale.fileio import write_atomic  # noqa: E402
 
 
 def assignment(text: str, flag: str) -> tuple[str, list[str]]:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = f"failed: {result.error}" if result.error else f"{result.ms_per_step:,.1f} ms/step"
         print(f"bench: row {len(done)}/{len(specs)} {result.spec.name}: {outcome}", file=sys.stderr, flush=True)
         if args.json:
-            Path(args.json).write_text(json.dumps(bench.to_json(done, command), indent=2) + "\n")
+            write_atomic(args.json, json.dumps(bench.to_json(done, command), indent=2) + "\n")
 
     if args.world > 1:
         results = bench.spawn_cpu(specs, args.world, args.peak_tflops, on_result)
