@@ -11,6 +11,7 @@ Use it to validate a new cluster, or a new PyTorch / DeepSpeed version, before a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -38,8 +39,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--deterministic", action="store_true", help="train.deterministic=true for the engine runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=int, default=2, help="ranks of the CPU world spawned without a launcher")
-    p.add_argument("--rtol", type=float, help="default: 1e-5 for fp32, 2^-7 for bf16 (see gpt2_scale/harness/compare.py)")
-    p.add_argument("--atol", type=float, help="default: 1e-6 for fp32")
+    p.add_argument("--rtol", type=float, help="losses, gradient norms, weights and logits; default: 1e-5 for fp32, "
+                   "2^-7 for bf16 (see gpt2_scale/harness/compare.py)")
+    p.add_argument("--atol", type=float, help="logits; default: 1e-6 for fp32")
+    p.add_argument("--grad-rtol", type=float, help="gradient elements as a fraction of their tensor's largest, which "
+                   "bounds the weights through Adam; default: 1e-4 for fp32")
     p.add_argument("--workdir", default="runs/check_equivalence", help="scratch directory every rank can reach (launched runs)")
     args = p.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
@@ -62,8 +66,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
         seed=args.seed,
         deterministic=args.deterministic,
     )
-    tol = Tolerance.for_dtype(args.dtype)
-    tol = Tolerance(args.rtol if args.rtol is not None else tol.rtol, args.atol if args.atol is not None else tol.atol, tol.weights)
+    given = {name: getattr(args, name) for name in ("rtol", "atol", "grad_rtol") if getattr(args, name) is not None}
+    tol = dataclasses.replace(Tolerance.for_dtype(args.dtype), **given)
     return args, case, engines, tol
 
 
@@ -101,14 +105,14 @@ def report(case: Case, engines: list[str], results: dict[str, Result | str], ref
     print(f"{case.model.name}: {case.steps} steps, {case.world_size} rank(s) x {case.accum} micro-step(s) x "
           f"{case.micro_batch} sequence(s) of {case.seq_len} tokens, {case.dtype}, lr {case.lr:g}; "
           f"reference: one process, the whole batch at once\n")
-    print(format_table(reference, {e: r if isinstance(r, Result) else "error" for e, r in results.items()}))
+    print(format_table(reference, {e: r if isinstance(r, Result) else "error" for e, r in results.items()}, tol))
     failed = False
     for engine, r in results.items():
         problems = [r] if isinstance(r, str) else mismatches(r, reference, tol)
         for line in problems:
             print(f"{engine}: {line}")
         failed |= bool(problems)
-    weights = f", weights atol {tol.atol:.1e}" if tol.weights else " (weights not compared in bf16)"
+    weights = f", logits atol {tol.atol:.1e}, gradients {tol.grad_rtol:.1e} through Adam" if tol.weights else " (weights not compared in bf16)"
     print(f"\n{'FAIL' if failed else 'OK'}: tolerance rtol {tol.rtol:.1e}{weights}")
     return 1 if failed else 0
 

@@ -3,7 +3,8 @@
 Both drive ``gpt2_scale.train.optimizer_step``, the function the training loop uses, so the harness
 checks the real step. The reference is a plain model with the same AdamW on one process that sees the
 whole total batch at once (one micro-batch of all sequences): any correct split of that batch over
-micro-steps and ranks must give the same losses, norms and weights.
+micro-steps and ranks must give the same losses, norms and weights. The reference also records what
+its AdamW saw at every step, which is how compare.py knows how far rounding can move each weight.
 """
 
 from __future__ import annotations
@@ -32,7 +33,20 @@ class Result:
     grad_norms: list[float]
     weights: dict[str, torch.Tensor]  # full fp32 weights after the last step
     logits: torch.Tensor  # of eval_batch, from the trained model
+    model_logits: torch.Tensor  # the same from the plain model holding ``weights``: what ``logits`` must be
     exported_logits: torch.Tensor | None = None  # the same, after export and load under case.export_to
+    adam: dict[str, list[AdamStep]] | None = None  # the reference's only: its optimizer, per weight and step
+
+
+@dataclass
+class AdamStep:
+    """What the reference's AdamW saw of one parameter in one step; compare.py bounds an engine's weights with it."""
+
+    lr: float
+    eps: float
+    max_grad: float  # the largest |gradient| in the tensor, after clipping
+    m: torch.Tensor  # bias-corrected first moment
+    d: torch.Tensor  # the update's denominator: sqrt(bias-corrected second moment) + eps
 
 
 class PlainStrategy(Strategy):
@@ -68,13 +82,38 @@ def reference(case: Case, device: torch.device | None = None) -> Result:
     env = DistEnv(0, 0, 1, device)
     strategy = PlainStrategy(run_config(ref), env)
     strategy.setup(initial_model(ref, device))
+    adam: dict[torch.Tensor, list[AdamStep]] = {}
+    strategy.optimizer.register_step_post_hook(lambda optimizer, *_: record_adam_step(optimizer, adam))
     losses, norms = [], []
     for step, step_tokens in enumerate(tokens(ref)):
         batch = [(step_tokens[:, :-1], step_tokens[:, 1:])]
         loss, norm = optimizer_step(strategy, batch, ref.lr_at(step), device)
         losses.append(loss.item())
         norms.append(float(norm))
-    return Result(losses, norms, strategy.full_state_dict(), _logits(strategy, ref, device))
+    named = strategy.module.state_dict(keep_vars=True)  # the tied weight under both of its names
+    logits = _logits(strategy, ref, device)
+    return Result(losses, norms, strategy.full_state_dict(), logits, logits, adam={name: adam[p] for name, p in named.items()})
+
+
+@torch.no_grad()
+def record_adam_step(optimizer: torch.optim.AdamW, steps: dict[torch.Tensor, list[AdamStep]]) -> None:
+    """An AdamW step post-hook: append each parameter's AdamStep (its gradient is still there: zero_grad comes after)."""
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            state = optimizer.state[p]
+            t = state["step"].item()
+            m = state["exp_avg"] / (1 - beta1**t)
+            d = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt() + group["eps"]
+            steps.setdefault(p, []).append(AdamStep(group["lr"], group["eps"], p.grad.abs().max().item(), m.cpu(), d.cpu()))
+
+
+def plain_logits(case: Case, weights: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The eval batch's logits from a plain model holding ``weights``, under the case's dtype."""
+    strategy = PlainStrategy(run_config(case), DistEnv(0, 0, 1, device))
+    strategy.setup(GPT(case.model).to(device))
+    strategy.module.load_state_dict(weights)
+    return _logits(strategy, case, device)
 
 
 @torch.no_grad()
@@ -139,8 +178,9 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[
         loss, norm = optimizer_step(strategy, batches, case.lr_at(step), env.device)
         losses.append(loss.item())
         norms.append(float(norm))
-    weights = strategy.full_state_dict()
+    weights = strategy.full_state_dict()  # complete on rank 0 only
     logits = _logits(strategy, case, env.device)
+    model_logits = plain_logits(case, weights, env.device) if env.is_main else None
     exported = None
     if case.export_to:
         path = checkpoint.save(strategy, workdir, case.steps, meta, {"step": case.steps}, env, keep=1)
@@ -153,5 +193,5 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[
     barrier()
     if env.is_main:
         shutil.rmtree(workdir, ignore_errors=True)
-        return Result(losses, norms, weights, logits, exported)
+        return Result(losses, norms, weights, logits, model_logits, exported)
     return None
