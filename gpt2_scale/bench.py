@@ -200,37 +200,39 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     batches = token_batches(cfg, spec.data, env, model_cfg.vocab_size)
     take = lambda: [next(batches) for _ in range(spec.accum)]  # noqa: E731
     strategy = None
-    if spec.engine == SEED:
-        step = _seed_runner(cfg, env)
-    else:
-        strategy = strategies.build(cfg, env)
-        strategy.setup(build_model(cfg).to(env.device))
+    try:  # the engine is closed however the row ends: a failed row must not leave its groups' references behind
+        if spec.engine == SEED:
+            step = _seed_runner(cfg, env)
+        else:
+            strategy = strategies.build(cfg, env)
+            strategy.setup(build_model(cfg).to(env.device))
 
-        def step(micro_batches):
-            loss, _ = optimizer_step(strategy, micro_batches, cfg.optim.lr, env.device)
-            return loss
+            def step(micro_batches):
+                loss, _ = optimizer_step(strategy, micro_batches, cfg.optim.lr, env.device)
+                return loss
 
-    for _ in range(spec.warmup):
-        torch.as_tensor(step(take())).item()
-    memory.reset_peak_memory(env.device)
-    work = [take() for _ in range(spec.steps)]  # data loading stays outside the timed region
-    distributed.barrier()
-    t0 = time.perf_counter()
-    for micro_batches in work:
-        loss = step(micro_batches)
-    torch.as_tensor(loss).item()  # waits for the device
-    elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
-    peak = memory.peak_memory(env.device)
-    state = memory.measure_state_bytes(strategy, lambda: step(take())) if strategy is not None else None
-    stats = torch.tensor([elapsed.item()] + [float(v) for v in peak.values()], dtype=torch.float64, device=env.device)
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        for _ in range(spec.warmup):
+            torch.as_tensor(step(take())).item()
+        memory.reset_peak_memory(env.device)
+        work = [take() for _ in range(spec.steps)]  # data loading stays outside the timed region
+        distributed.barrier()
+        t0 = time.perf_counter()
+        for micro_batches in work:
+            loss = step(micro_batches)
+        torch.as_tensor(loss).item()  # waits for the device
+        elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
+        peak = memory.peak_memory(env.device)
+        state = memory.measure_state_bytes(strategy, lambda: step(take())) if strategy is not None else None
+        stats = torch.tensor([elapsed.item()] + [float(v) for v in peak.values()], dtype=torch.float64, device=env.device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+    finally:
+        if strategy is not None:
+            strategy.close()
+        strategy = step = work = None  # the seed loop's DDP model lives in ``step``
     ms = 1000 * stats[0].item() / spec.steps
     tokens_per_s = B * T * spec.accum * env.world_size / (ms / 1000)
     flops = model_cfg.flops_per_token(T)
     per_rank = tokens_per_s / env.world_size
-    if strategy is not None:
-        strategy.close()
-    del strategy, step, work
     _release()
     return BenchResult(spec, cfg, env.world_size, device_name(env.device), ms, tokens_per_s, mfu(per_rank, flops, peak_tflops),
                        mfu(per_rank, flops, matmul_tflops), dict(zip(peak, (int(v) for v in stats[1:].tolist()))), state)

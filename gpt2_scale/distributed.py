@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
 import os
 import socket
+import sys
+import time
+import types
 from dataclasses import dataclass
 
 import torch
@@ -52,9 +57,189 @@ def init(device: str = "auto") -> DistEnv:
     return DistEnv(rank, local_rank, world, dev)
 
 
-def shutdown() -> None:
+def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:
+    """Leave the process group and free every process group object of this process before returning.
+
+    Call it last, after ``Strategy.close()``, on every way out: success, error and signal. It
+
+    1. waits for the other ranks (``sync``; by default only when no exception is propagating, since after an
+       error a peer may be gone or stuck in another collective), so that no rank closes its connections
+       while another still has a collective in flight; bounded by ``timeout`` seconds on gloo;
+    2. destroys the groups, through ``deepspeed.comm`` when DeepSpeed joined, which also drops the groups
+       DeepSpeed caches (``deepspeed.utils.groups``: its cloned world group, data-parallel groups ...);
+    3. drops the other references that outlive a group: function defaults captured at import
+       (``group=group.WORLD``), DTensor's mesh caches; then collects garbage, so groups only held in reference
+       cycles are freed now, and each ProcessGroupGloo's destructor joins its worker threads here;
+    4. waits until the gloo worker threads of groups that something still holds are idle (on the error path
+       the exception's traceback does: the frames of the failed collective hold their group).
+
+    Why: a gloo worker thread drops its last collective's work, and with it the tensors' Python objects,
+    *after* the caller's ``wait()`` returned. A group still alive when Python finalizes leaves that thread
+    running; on a loaded machine it can get to that decref only once the interpreter is finalizing, and a
+    thread taking the GIL then is ended with ``pthread_exit`` inside a noexcept C++ destructor:
+    ``terminate called without an active exception``, SIGABRT, and the launcher reports the finished run
+    as failed. Safe to call when no group exists, and twice.
+    """
+    if sync is None:
+        sync = sys.exc_info()[0] is None
     if dist.is_initialized():
-        dist.destroy_process_group()
+        if sync and dist.get_world_size() > 1:
+            _barrier(timeout)
+        ds_comm = sys.modules.get("deepspeed.comm")
+        if ds_comm is not None and ds_comm.is_initialized():
+            ds_comm.destroy_process_group()  # torch's destroy, then DeepSpeed's own references to the groups
+        else:
+            dist.destroy_process_group()
+    _release_deepspeed_groups()  # also when someone else destroyed the groups: DeepSpeed's cache outlives them
+    _forget_default_groups()
+    _clear_torch_caches()
+    gc.collect()
+    wait_for_idle_backend_threads(timeout)
+
+
+def _barrier(timeout: float) -> None:
+    """A barrier that gives up after ``timeout`` on gloo (a peer that died leaves nobody to wait for)."""
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout))
+        else:
+            dist.barrier()
+    except RuntimeError as e:  # a peer left or timed out: tear down anyway, the run's outcome is decided elsewhere
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"distributed.shutdown: rank {dist.get_rank()}: barrier before teardown failed: {first}", file=sys.stderr, flush=True)
+
+
+def _release_deepspeed_groups() -> None:
+    """Drop the process groups DeepSpeed keeps in module globals (only if DeepSpeed was imported)."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(None)
+    elif groups is not None:  # an older DeepSpeed: the same globals by hand
+        for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
+                     "_TENSOR_MODEL_PARALLEL_GROUP"):
+            if getattr(groups, name, None) is not None:
+                setattr(groups, name, None)
+        for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_DATA_PARALLEL_GROUP", "_ALL_TO_ALL_GROUP"):
+            if isinstance(getattr(groups, name, None), dict):
+                getattr(groups, name).clear()
+
+
+def _forget_default_groups(packages: tuple[str, ...] = ("torch.distributed", "deepspeed")) -> None:
+    """Replace process groups captured as default argument values by None (each function's own default group).
+
+    ``def barrier(self, group=torch.distributed.GroupMember.WORLD)`` (DeepSpeed's TorchBackend) or
+    ``def all_reduce(tensor, op, group=group.WORLD)`` (torch.distributed.nn.functional) evaluate the default when
+    their module is imported: imported while a group exists, the function holds that group for the life of the
+    process, past its destruction (and hands the dead group to a call after a new init)."""
+    from torch.distributed import ProcessGroup
+
+    def is_group(value) -> bool:
+        return issubclass(type(value), ProcessGroup)
+
+    def scrub(fn) -> None:
+        if type(fn) in (staticmethod, classmethod):
+            fn = fn.__func__
+        if type(fn) is not types.FunctionType:  # type(), not isinstance: some module attributes warn when touched
+            return
+        if fn.__defaults__ and any(map(is_group, fn.__defaults__)):
+            fn.__defaults__ = tuple(None if is_group(d) else d for d in fn.__defaults__)
+        if fn.__kwdefaults__ and any(map(is_group, fn.__kwdefaults__.values())):
+            fn.__kwdefaults__ = {k: None if is_group(d) else d for k, d in fn.__kwdefaults__.items()}
+
+    prefixes = tuple(p + "." for p in packages)
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name in packages or name.startswith(prefixes)):
+            continue
+        for value in list(vars(module).values()):
+            if issubclass(type(value), type):
+                if value.__module__ == name:
+                    for member in list(vars(value).values()):
+                        scrub(member)
+            elif type(value) is types.FunctionType and value.__module__ == name:
+                scrub(value)
+
+
+def _clear_torch_caches() -> None:
+    """Empty DTensor's caches (FSDP2's parameters are DTensors): they key on device meshes and sharding specs, and
+    a mesh holds its process groups, so each cache would keep the groups of a destroyed world alive. Only the
+    modules already imported; losing a cache costs a recomputation in a later world of this process."""
+    redistribute = sys.modules.get("torch.distributed.tensor._redistribute")
+    if redistribute is not None:
+        _call(redistribute, "clear_redistribute_planner_cache")  # its planners hold the mesh their key only weakly refers to
+        _call(getattr(redistribute, "_gen_transform_infos", None), "cache_clear")
+    collective_utils = sys.modules.get("torch.distributed.tensor._collective_utils")
+    if collective_utils is not None:
+        _call(getattr(getattr(collective_utils, "MeshTopoInfo", None), "build_from_mesh", None), "cache_clear")
+    if "torch.distributed.tensor._sharding_prop" in sys.modules:
+        from torch.distributed.tensor import debug
+
+        _call(debug, "_clear_sharding_prop_cache")  # the Python and the C++ fast-path caches of sharding propagation
+        prop = sys.modules["torch.distributed.tensor._sharding_prop"]
+        _call(getattr(getattr(prop, "ShardingPropagator", None), "_propagate_tensor_meta_cached", None), "cache_clear")
+
+
+def _call(owner, name: str) -> None:
+    fn = getattr(owner, name, None)
+    if callable(fn):
+        fn()
+
+
+GLOO_WORKER = "pt_gloo_runloop"  # the name ProcessGroupGloo gives its worker threads (Linux shows it in /proc)
+
+
+def backend_threads() -> list[str]:
+    """Names of this process's live process-group threads (gloo workers and transport loops, NCCL watchdogs);
+    empty once every group is freed. Linux only (an empty list elsewhere)."""
+    return [name for _, name in _threads() if name.startswith(("pt_gloo", "gloo_", "pt_nccl", "pt_tcpstore"))]
+
+
+def _threads() -> list[tuple[str, str]]:
+    out = []
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                out.append((tid, f.read().strip()))
+        except OSError:
+            pass  # exited meanwhile
+    return out
+
+
+def _activity(tid: str) -> tuple[str, int] | None:
+    """(scheduler state, context switches so far) of one thread, or None once it is gone."""
+    try:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+        with open(f"/proc/self/task/{tid}/status") as f:
+            switches = sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+    except (OSError, IndexError, ValueError):
+        return None
+    return state, switches
+
+
+def wait_for_idle_backend_threads(timeout: float = 60.0, interval: float = 0.02) -> bool:
+    """Wait until every gloo worker thread still alive is idle, i.e. asleep and not woken for ``interval``.
+
+    A worker asleep on its queue has dropped its last work (it does so before it takes the next); one that
+    is runnable, or woke up meanwhile (for the GIL, to free that work's tensors), is not done yet. Needed
+    only for groups something still holds after ``shutdown`` destroyed them; True when idle (or none)."""
+    deadline = time.monotonic() + timeout
+    before: dict[str, tuple[str, int] | None] = {}
+    while True:
+        workers = [tid for tid, name in _threads() if name == GLOO_WORKER]
+        if not workers:
+            return True
+        now = {tid: _activity(tid) for tid in workers}
+        if all(a is None or (a[0] in "SD" and before.get(tid) == a) for tid, a in now.items()):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        before = now
+        time.sleep(interval)  # releases the GIL, which a worker freeing Python tensors needs
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

@@ -241,10 +241,13 @@ def train(cfg: Config) -> dict:
     if cfg.engine.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("engine.device=cuda but no CUDA device is visible here; use --engine.device=cpu (or auto)")
     env = distributed.init(cfg.engine.device)
+    finished = False
     try:
-        return _train(cfg, env)
+        summary = _train(cfg, env)  # closes its engine on every way out
+        finished = True
+        return summary
     finally:
-        distributed.shutdown()
+        distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
 
 
 def _train(cfg: Config, env: distributed.DistEnv) -> dict:

@@ -115,7 +115,14 @@ class Strategy(ABC):
         )
 
     def close(self) -> None:
-        """Release what the engine holds beyond its tensors, before another engine is built in this process."""
+        """Release the engine: its hooks, buffers and every reference it holds to a process group.
+
+        Every way out of a run calls it (success, error, signal), before ``distributed.shutdown()``, which can
+        only free (and join the threads of) groups nothing holds any more; as must a caller that builds another
+        engine in the same process. It runs no collective (after an error a peer may be gone), may be called
+        twice, and leaves the strategy unusable. Engines that attach state to the model override it to take
+        that off as well, and call this."""
+        self.model = self.module = self.optimizer = None  # type: ignore[assignment]
 
     @abstractmethod
     def save(self, path: Path) -> None:

@@ -33,6 +33,11 @@ class DDPStrategy(Strategy):
         # What DDP.no_sync() sets, without a context manager spanning forward and backward.
         self.model.require_backward_grad_sync = sync
 
+    def close(self) -> None:
+        """Drop the DDP wrapper: its reducer holds the process group and the gradient hooks on the parameters
+        (removed when the reducer is freed), so a model the caller still holds keeps neither."""
+        super().close()
+
     def save(self, path: Path) -> None:
         if self.env.is_main:
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -89,6 +89,7 @@ class DeepSpeedStrategy(Strategy):
         prepare_model(model, self.cfg, self.env, compile_model=False)
         ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
+        self._own_attrs = _attributes(model)  # what DeepSpeed adds from here on, close() takes off again
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         self.module = self.model.module
         if compile_scope(self.cfg, self.env) == "model":
@@ -100,7 +101,20 @@ class DeepSpeedStrategy(Strategy):
         self.model.set_gradient_accumulation_boundary(sync)
 
     def close(self) -> None:
-        self.model.destroy()  # the engine holds hooks and buffers until destroyed
+        """Destroy the engine (hooks, buffers, DeepSpeed's GC hold) and take back from the model what DeepSpeed
+        hung on it: every parameter carries process groups and the engine's optimizer (ZeRO-1/2: ``_dp_group``
+        and bound methods of the optimizer; ZeRO-3: ``ds_process_group``, ``_z3_optimizer``, closures over the
+        partitioner). A caller still holding the model (a traceback on the error path does) would otherwise keep
+        the groups alive past ``distributed.shutdown()``, and their gloo threads into interpreter exit."""
+        engine = getattr(self, "model", None)  # None: closed already, or setup failed before an engine existed
+        try:
+            if engine is not None:
+                engine.destroy()
+        finally:
+            _strip_added_attributes(getattr(self, "_own_attrs", None) or {})
+            _clear_deepspeed_caches()
+            self._own_attrs = None
+            super().close()
 
     def _backward(self, loss: torch.Tensor) -> None:
         self.model.backward(loss, scale_wrt_gas=False)  # the loop already scaled by 1/accumulation
@@ -135,6 +149,44 @@ class DeepSpeedStrategy(Strategy):
         sd = {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
         sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: named_parameters yields it once
         return sd
+
+
+Snapshot = dict[int, tuple[object, frozenset[str], dict[str, frozenset]]]
+
+
+def _attributes(model: torch.nn.Module) -> Snapshot:
+    """Every module and parameter of ``model``, by id, with the names of its instance attributes and the keys of
+    its hook dicts (``_forward_pre_hooks``, ``_forward_hooks``, ..., a tensor's ``_backward_hooks``) now."""
+    return {
+        id(o): (o, frozenset(vars(o)), {k: frozenset(v) for k, v in vars(o).items() if "hooks" in k and isinstance(v, dict)})
+        for o in [*model.modules(), *model.parameters()]
+    }
+
+
+def _strip_added_attributes(before: Snapshot) -> None:
+    """Delete from those same objects the instance attributes and hooks added since ``before`` (DeepSpeed's: its
+    engine's forward hooks on the root module, for one, are closures over the engine that ``destroy`` leaves)."""
+    for o, names, hooks in before.values():
+        state = vars(o)
+        for name in set(state) - names:
+            state.pop(name, None)
+        for name, keys in hooks.items():
+            table = state.get(name)
+            if isinstance(table, dict):
+                for key in set(table) - keys:
+                    table.pop(key, None)
+
+
+def _clear_deepspeed_caches() -> None:
+    """ZeRO-3's coordinator memoizes ``__params_to_release`` with a class-level lru_cache keyed by the coordinator
+    and the submodules: it would keep every destroyed engine's modules (and their groups) for the process's life."""
+    import sys
+
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    cached = getattr(cls, "_PartitionedParameterCoordinator__params_to_release", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:

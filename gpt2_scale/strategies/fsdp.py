@@ -49,6 +49,16 @@ class FSDPStrategy(Strategy):
     def _set_sync(self, sync: bool) -> None:
         self.model.set_requires_gradient_sync(sync)
 
+    def close(self) -> None:
+        """``fully_shard`` turned the model itself into the engine: its FSDP state, parameter groups and DTensor
+        parameters hold the device mesh and process groups. Take the groups off them, so that a caller still
+        holding the model (a traceback on the error path does) does not keep them alive past
+        ``distributed.shutdown()``; the model is not usable for training after this."""
+        model = getattr(self, "model", None)
+        if model is not None:
+            _drop_process_groups(model)
+        super().close()
+
     def save(self, path: Path) -> None:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
@@ -62,6 +72,39 @@ class FSDPStrategy(Strategy):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.float() for k, v in get_model_state_dict(self.model, options=options).items()}
+
+
+def _drop_process_groups(model: torch.nn.Module) -> None:
+    """Remove every ProcessGroup reachable from ``model`` through torch.distributed's own objects (FSDP states,
+    parameter groups, mesh infos, device meshes, DTensor specs) and their containers."""
+    from torch.distributed import ProcessGroup
+
+    seen: set[int] = set()
+    todo: list[object] = [m._get_fsdp_state() for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+    todo += [p._spec for p in model.parameters() if hasattr(p, "_spec")]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            for key in [k for k, v in obj.items() if isinstance(v, ProcessGroup)]:
+                del obj[key]
+            todo += obj.values()
+        elif isinstance(obj, (list, tuple, set)):
+            todo += obj
+        elif type(obj).__module__.startswith("torch.distributed"):
+            fields = dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+            for cls in type(obj).__mro__:  # dataclasses with slots, DTensorSpec among them
+                fields.update({n: getattr(obj, n) for n in getattr(cls, "__slots__", ()) if isinstance(n, str) and hasattr(obj, n)})
+            for name, value in fields.items():
+                if isinstance(value, ProcessGroup):
+                    try:
+                        object.__setattr__(obj, name, None)
+                    except (AttributeError, TypeError):
+                        pass
+                else:
+                    todo.append(value)
 
 
 def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
