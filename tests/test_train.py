@@ -246,9 +246,11 @@ def test_damaged_data_is_one_error_line_on_every_rank(corpus, tmp_path):
     args = TINY + ["--data", str(broken), "--total-batch-tokens", "128", "--max-steps", "1", "--run-dir", str(tmp_path / "run")]
     (broken / "manifest.json").write_text('{"format": 1, "shards": [')
     proc = run("recipes/tiny.py", args, nproc=2)
+    # Each rank that gets there prints one line and exits 2; torchrun SIGTERMs a rank still running when the first
+    # one exits, so on a loaded machine only one of them may have printed.
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all(str(broken / "manifest.json") in line for line in errors), errors  # one per rank
-    assert proc.stderr.count("exitcode  : 2") == 2, proc.stderr[-3000:]  # torchrun's report: both ranks exited 2
+    assert 1 <= len(errors) <= 2 and all(str(broken / "manifest.json") in line for line in errors), errors
+    assert proc.stderr.count("exitcode  : 2") >= 1, proc.stderr[-3000:]  # the root cause in torchrun's report
     assert f'File "{REPO}' not in proc.stderr, proc.stderr[-3000:]  # no traceback from our code (torchrun prints its own)
     shutil.copy(corpus / "manifest.json", broken / "manifest.json")
     shard = broken / "train_000000.bin"
