@@ -30,7 +30,7 @@ if [ "$mode" = suite ]; then
     done
     python -m pip install -q -e "$REPO[test]" > /dev/null  # .ci/run pointed the editable install at the clone
 elif [ "$mode" = runs ]; then
-    cd "$REPO"
+    cd "$REPO" && mkdir -p "$OUT/runs"
     args=(--model gpt2-tiny --micro-batch 2 --seq-len 32 --total-batch-tokens 128 --log.val_every=0 --log.sample_every=0
           --log.tensorboard=false --checkpoint.every=3)
     launch() { OMP_NUM_THREADS=1 python -m torch.distributed.run --nproc_per_node 2 --master_port "$(python -c 'from gpt2_scale.distributed import free_port; print(free_port())')" recipes/tiny.py "$@"; }
