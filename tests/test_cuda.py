@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -38,9 +39,14 @@ def test_every_engine_trains_in_bf16_with_compile_and_fused_adam(tmp_path):
     agree to bf16 resolution, and the loss must fall."""
     args = TINY + ["--max-steps", "30", "--total-batch-tokens", "256", "--lr", "3e-3", "--optim.warmup_steps=3",
                    "--log.val_every=0", "--engine.device=cuda"]
+    def train(engine: str):  # the five runs share the GPU at once: a tiny model, and a lent GPU's minutes are few
+        return run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], timeout=600)
+
+    with ThreadPoolExecutor(len(ENGINES)) as pool:
+        procs = dict(zip(ENGINES, pool.map(train, ENGINES)))
     losses = {}
     for engine in ENGINES:
-        out = ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], timeout=600))
+        out = ok(procs[engine])
         assert "on cuda" in out, out[:2000]
         losses[engine] = metrics(tmp_path / engine)
         assert all(math.isfinite(x) for x in losses[engine]), (engine, losses[engine])

@@ -7,7 +7,10 @@
 #   bash tools/gpu_session.sh levers     # on the GPU: CUDA graphs (reduce-overhead), the other engines at B=64
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
+#   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs seed, then every engine at world 1
 #
+# BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
+# deadline, so a part that hangs or runs long costs its box, not the call (and its tables up to then come back).
 # Each stage fits one 10-minute call on one H100 and writes its tables and JSON under $OUT (default runs/gpu_session).
 # The predictions for every lever are written in docs/benchmarks.md before the runs; record the results there.
 set -euo pipefail
@@ -26,10 +29,38 @@ use_wheels() {
 }
 
 bench() { $PY tools/bench.py "$@"; }
+DEADLINE=$(( $(date +%s) + ${BUDGET:-450} ))
+# boxed SECONDS CMD...: run CMD for at most SECONDS and never past DEADLINE; report a timeout or failure and go on.
+boxed() {
+    local cap=$1 left rc=0; shift
+    left=$(( DEADLINE - $(date +%s) ))
+    (( left < cap )) && cap=$left
+    if (( cap < 20 )); then echo "gpu_session: no time left for: $*"; return 0; fi
+    local t0; t0=$(date +%s)
+    timeout --kill-after=20 "$cap" bash -c '"$@"' boxed "$@" || rc=$?
+    echo "gpu_session: exit $rc after $(( $(date +%s) - t0 )) s (box $cap s): $*"
+}
+header() {
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    $PY -c 'import sys, torch, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__)'
+}
+# pytest on the GPU: xdist (4 workers) and a per-test timeout where the image has them
+check_tests() {
+    local opts=()
+    $PY -c 'import xdist' 2>/dev/null && opts+=(-n 4)
+    $PY -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout "$1")
+    $PY -m pytest -q -p no:cacheprovider "${opts[@]}" tests/test_cuda.py
+}
+# DeepSpeed JIT-builds FusedAdam with nvcc on first use: time it once, so later runs find it cached
+build_fused_adam() {
+    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; t = time.time(); B().load(); print(f"FusedAdam JIT build: {time.time() - t:.0f} s")'
+}
 M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 
+export PY
+export -f bench check_tests build_fused_adam
 STAGE=${1:-}
-[[ $STAGE =~ ^(check|speed|levers|autotune|scale)$ ]] && use_wheels
+[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first)$ ]] && use_wheels
 case "$STAGE" in
 wheels)
     # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
@@ -44,9 +75,17 @@ wheels)
     ls -la .whl
     ;;
 check)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    $PY -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)'
-    $PY -m pytest -q -x tests/test_cuda.py 2>&1 | tee "$OUT/check.log"
+    header
+    boxed 200 build_fused_adam
+    boxed 300 check_tests 280 2>&1 | tee "$OUT/check.log"
+    ;;
+first)
+    # Stage 1 (check) and stage 2 (speed) of issue 15 in one call, in priority order.
+    header
+    boxed 180 build_fused_adam
+    boxed 240 check_tests 220 2>&1 | tee "$OUT/check.log"
+    boxed 150 bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --json "$OUT/1-ours-seed.json" 2>&1 | tee "$OUT/speed.md"
+    boxed 240 bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
 speed)
     # (a) ours (per-block + loss compile) vs the seed walk-through's loop (whole-model compile), and compile scope.
