@@ -17,7 +17,8 @@ TINY = ["--model", "gpt2-tiny", "--micro-batch", "2", "--seq-len", "32", "--log.
 
 
 def env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # keep the caller's (carried wheels)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def command(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:

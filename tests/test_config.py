@@ -83,3 +83,19 @@ def test_deepspeed_auto_fields_filled_and_conflicts_refused():
         fill_auto(ds, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "optimizer.params.lr": 3e-4})
     with pytest.raises(ConfigError, match="no value"):
         fill_auto({"mystery": "auto"}, {})
+
+
+def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):
+    """CUDA images set TORCH_CUDA_ARCH_LIST entries such as 9.0a, which DeepSpeed 0.19's JIT builder cannot parse
+    (seen on an H200: FusedAdam failed to build for every ZeRO stage); the builder sees the plain archs."""
+    import os
+
+    from gpt2_scale.strategies.deepspeed import arch_list_deepspeed_reads, plain_arch_list
+
+    assert plain_arch_list("9.0a") == "9.0"
+    assert plain_arch_list("8.0 9.0;9.0a 10.0f+PTX") == "8.0;9.0;10.0+PTX"
+    assert plain_arch_list("8.6;9.0+PTX") == "8.6;9.0+PTX"
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    with arch_list_deepspeed_reads():
+        assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"

@@ -43,6 +43,7 @@ boxed() {
 header() {
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     $PY -c 'import sys, torch, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__)'
+    echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST-unset}"
 }
 # pytest on the GPU: xdist (4 workers) and a per-test timeout where the image has them
 check_tests() {
@@ -53,7 +54,10 @@ check_tests() {
 }
 # DeepSpeed JIT-builds FusedAdam with nvcc on first use: time it once, so later runs find it cached
 build_fused_adam() {
-    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; t = time.time(); B().load(); print(f"FusedAdam JIT build: {time.time() - t:.0f} s")'
+    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; from gpt2_scale.strategies.deepspeed import arch_list_deepspeed_reads as archs
+t = time.time()
+with archs(): B().load()
+print(f"FusedAdam JIT build: {time.time() - t:.0f} s")'
 }
 M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 
@@ -86,6 +90,13 @@ first)
     boxed 240 check_tests 220 2>&1 | tee "$OUT/check.log"
     boxed 150 bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --json "$OUT/1-ours-seed.json" 2>&1 | tee "$OUT/speed.md"
     boxed 240 bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee -a "$OUT/speed.md"
+    # stage 3's start, if time is left: gpt2-xl eager (the estimator's constants are eager PyTorch's) and its estimates
+    for args in "--engine ddp" "--engine ddp --activation-checkpointing" "--engine fsdp" "--engine fsdp --activation-checkpointing"; do
+        # shellcheck disable=SC2086
+        $PY tools/estimate_memory.py --model gpt2-xl --world 1 --micro-batch 8 --seq-len 1024 $args
+    done 2>&1 | tee "$OUT/scale.md"
+    boxed 200 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines ddp,fsdp --micro-batch 8 \
+        --vary engine.activation_checkpointing=true --json "$OUT/6-xl.json" 2>&1 | tee -a "$OUT/scale.md"
     ;;
 speed)
     # (a) ours (per-block + loss compile) vs the seed walk-through's loop (whole-model compile), and compile scope.

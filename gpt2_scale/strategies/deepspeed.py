@@ -6,7 +6,10 @@ config is an error: the batch, accumulation, clipping, precision and optimizer s
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
 from pathlib import Path
 
 import torch
@@ -82,6 +85,34 @@ def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
     return fill_auto(ds, values)
 
 
+def plain_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST with arch suffixes dropped ("9.0a;10.0f+PTX" -> "9.0;10.0+PTX").
+
+    DeepSpeed's JIT builder (0.19) reads each entry as digits and fails on the suffixed entries PyTorch accepts
+    and CUDA images set (ValueError: invalid literal for int() ... '0a'). FusedAdam uses no arch-specific
+    instruction, so the plain architecture builds the same kernel."""
+    entries = []
+    for entry in value.replace(";", " ").split():
+        plain = re.sub(r"^(\d+\.\d+)[a-z]*", r"\1", entry)
+        if plain not in entries:
+            entries.append(plain)
+    return ";".join(entries)
+
+
+@contextlib.contextmanager
+def arch_list_deepspeed_reads():
+    """TORCH_CUDA_ARCH_LIST as DeepSpeed's JIT builder can parse it, for the duration of ``deepspeed.initialize``."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value is None or plain_arch_list(value) == value:
+        yield
+        return
+    os.environ["TORCH_CUDA_ARCH_LIST"] = plain_arch_list(value)
+    try:
+        yield
+    finally:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = value
+
+
 class DeepSpeedStrategy(Strategy):
     def setup(self, model: GPT) -> None:
         import deepspeed
@@ -90,7 +121,8 @@ class DeepSpeedStrategy(Strategy):
         ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         self._own_attrs = _attributes(model)  # what DeepSpeed adds from here on, close() takes off again
-        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        with arch_list_deepspeed_reads():  # FusedAdam (CUDA) is JIT-built here on first use
+            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         self.module = self.model.module
         if compile_scope(self.cfg, self.env) == "model":
             # DeepSpeed's supported way: it compiles engine.module in place (names unchanged) once its ZeRO-3
