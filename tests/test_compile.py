@@ -95,3 +95,21 @@ def test_block_compile_with_the_fused_loss_trains_as_eager(results):
 
 def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):
     assert "engine.compile_scope=block" in results.get("refused", "")
+
+
+def test_zero3_stays_eager_on_cuda_and_refuses_block_compile_there():
+    """Measured on an H200: ZeRO-3 with compiled blocks trains wrong on CUDA (right on CPU, so this test pins the
+    rule rather than the failure): the default leaves ZeRO-3 eager on CUDA, an explicit block compile is refused."""
+    from gpt2_scale.config import Config, ConfigError, EngineSection
+    from gpt2_scale.distributed import DistEnv
+    from gpt2_scale.strategies.base import check_compile, compile_scope
+
+    cuda, cpu = DistEnv(0, 0, 1, torch.device("cuda")), DistEnv(0, 0, 1, torch.device("cpu"))
+    for engine in ["ddp", "fsdp", "zero1", "zero2"]:
+        assert compile_scope(Config(engine=EngineSection(name=engine)), cuda) == "block", engine
+    assert compile_scope(Config(engine=EngineSection(name="zero3")), cuda) is None
+    check_compile(Config(engine=EngineSection(name="zero3")), cuda)
+    check_compile(Config(engine=EngineSection(name="zero3", compile=True)), cpu)
+    check_compile(Config(engine=EngineSection(name="zero3", compile=True, compile_scope="model")), cuda)
+    with pytest.raises(ConfigError, match="--engine.compile=false"):
+        check_compile(Config(engine=EngineSection(name="zero3", compile=True)), cuda)

@@ -53,7 +53,8 @@ def test_every_engine_trains_in_bf16_with_compile_and_fused_adam(tmp_path):
         assert losses[engine][-1] < losses[engine][0] - 1.0, (engine, losses[engine])
     for engine in ENGINES[1:]:
         # bf16 compute: a relative 2^-7 per operation; over 30 steps the runs drift apart slowly
-        torch.testing.assert_close(losses[engine][:5], losses["ddp"][:5], rtol=2e-2, atol=0, msg=engine)
+        torch.testing.assert_close(losses[engine][:5], losses["ddp"][:5], rtol=2e-2, atol=0,
+                                   msg=lambda m, e=engine: f"{e} {losses[e][:5]} vs ddp {losses['ddp'][:5]}: {m}")
 
 
 def test_engines_match_the_fp32_reference_on_the_gpu():

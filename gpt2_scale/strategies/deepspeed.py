@@ -19,7 +19,7 @@ from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, compile_options, compile_scope, prepare_model
+from gpt2_scale.strategies.base import Strategy, check_compile, compile_options, compile_scope, prepare_model
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 TAG = "engine"  # sub-directory of a checkpoint that holds DeepSpeed's files
@@ -117,6 +117,7 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: GPT) -> None:
         import deepspeed
 
+        check_compile(self.cfg, self.env)
         prepare_model(model, self.cfg, self.env, compile_model=False)
         ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
