@@ -8,6 +8,7 @@
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs seed, then every engine at world 1
+#   bash tools/gpu_session.sh second     # on the GPU, one call: check again, ZeRO-2/3 against ddp, gpt2-xl's largest B
 #
 # BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
 # deadline, so a part that hangs or runs long costs its box, not the call (and its tables up to then come back).
@@ -64,7 +65,7 @@ M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 export PY
 export -f bench check_tests build_fused_adam
 STAGE=${1:-}
-[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first)$ ]] && use_wheels
+[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|second)$ ]] && use_wheels
 case "$STAGE" in
 wheels)
     # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
@@ -129,6 +130,19 @@ scale)
         # shellcheck disable=SC2086
         $PY tools/estimate_memory.py --model gpt2-xl --world 1 --micro-batch 8 --seq-len 1024 $args | tee -a "$OUT/scale.md"
     done
+    ;;
+second)
+    # After the H200 session of 2026-11-26 (docs/benchmarks.md): the zero3 fix checked, ZeRO-2/3's overhead at world 1
+    # (zero3 now eager on CUDA), gpt2-xl's largest micro-batch with checkpointing (an OOM row is recorded as failed),
+    # and zero3 with offload.
+    header
+    boxed 120 build_fused_adam
+    boxed 200 check_tests 180 2>&1 | tee "$OUT/check.log"
+    boxed 200 bench "${M124[@]}" --engines ddp,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee "$OUT/speed.md"
+    boxed 240 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines ddp,fsdp --micro-batch 16 \
+        --set engine.activation_checkpointing=true --vary train.micro_batch=32,64 --json "$OUT/6-xl-batch.json" 2>&1 | tee "$OUT/scale.md"
+    boxed 180 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines zero3 --micro-batch 8 \
+        --offload --activation-checkpointing --json "$OUT/7-xl-offload.json" 2>&1 | tee -a "$OUT/scale.md"
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
