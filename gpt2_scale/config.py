@@ -1,7 +1,8 @@
-"""The run configuration: one dataclass tree, loadable from YAML, overridable from the command line.
+"""The run configuration: one dataclass tree, loadable from YAML, overridable from the command line (gpt2_scale.cli).
 
-Precedence: recipe defaults < ``--config file.yaml`` < ``--section.field=value`` and the shortcut flags
-(``--model``, ``--engine`` ...). Unknown keys are rejected with the list of valid ones.
+Precedence: recipe defaults < ``--config file.yaml`` < ``--section.field=value`` and the short flags (``--model``,
+``--engine`` ..., the ``aliases`` below). A field's comment is its ``--help`` line; a ``Literal`` type is its list of
+choices, checked the same way for the command line, YAML and ``set_value``.
 """
 
 from __future__ import annotations
@@ -11,82 +12,89 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
+import tyro
 import yaml
 
 from gpt2_scale.errors import UserError
 
-ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
-COMPILE_SCOPES = ("block", "model")
+EngineName = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
+ENGINES: tuple[str, ...] = typing.get_args(EngineName)
 # torch.compile's modes; None is its default. "reduce-overhead" adds CUDA graphs.
-COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+
+
+def short(*flags: str):
+    """A short command-line flag for a field (``--model`` for ``--model.name``)."""
+    return tyro.conf.arg(aliases=flags)
 
 
 @dataclass
 class ModelSection:
-    name: str = "gpt2-124m"  # any zoo name (gpt2_scale.zoo)
+    name: Annotated[str, short("--model")] = "gpt2-124m"  # any zoo name (gpt2_scale.zoo)
     pad_vocab: bool = True  # 50257 -> 50304 rows: faster matmuls, padded rows never predicted
     init_from: str | None = None  # a Hugging Face GPT-2 directory or hub name to start from
 
 
 @dataclass
 class DataSection:
-    dir: str = "default"  # a shard directory from tools/prepare_data.py, or "default" (embedded corpus)
+    dir: Annotated[str, short("--data")] = "default"  # a shard directory from tools/prepare_data.py, or "default" (embedded corpus)
     seed: int = 1337  # shard and window order
     prepare_hint: str = ""  # the command that makes `dir`, printed when it is missing
 
 
 @dataclass
 class TrainSection:
-    micro_batch: int = 64
-    seq_len: int = 1024
-    total_batch_tokens: int = 524_288  # 2^19 tokens per optimizer step, as GPT-3 Small
-    max_steps: int = 19_073  # 10B tokens at 2^19 tokens/step
-    seed: int = 1337
+    micro_batch: Annotated[int, short("--micro-batch")] = 64  # sequences per rank per forward pass
+    seq_len: Annotated[int, short("--seq-len")] = 1024  # tokens per sequence (T)
+    total_batch_tokens: Annotated[int, short("--total-batch-tokens")] = 524_288  # 2^19 tokens per optimizer step, as GPT-3 Small
+    max_steps: Annotated[int, short("--max-steps")] = 19_073  # 10B tokens at 2^19 tokens/step
+    seed: Annotated[int, short("--seed")] = 1337  # weights' init and every random draw of training
     deterministic: bool = False  # deterministic algorithms where PyTorch has them (slower on GPU)
 
 
 @dataclass
 class OptimSection:
-    lr: float = 6e-4
+    lr: Annotated[float, short("--lr")] = 6e-4  # peak learning rate, after warmup
     min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
     warmup_steps: int = 715  # 375M tokens / 2^19, as GPT-3
     decay_steps: int | None = None  # cosine length; defaults to train.max_steps
     weight_decay: float = 0.1  # on 2-D weights only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9  # AdamW's first-moment decay
+    beta2: float = 0.95  # AdamW's second-moment decay
+    eps: float = 1e-8  # AdamW's denominator epsilon
     grad_clip: float = 1.0  # global norm, across shards; 0 disables
 
 
 @dataclass
 class EngineSection:
-    name: str = "ddp"  # ddp | fsdp | zero1 | zero2 | zero3
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool | None = None  # torch.compile (see compile_scope); None = on CUDA only
-    compile_scope: str = "block"  # block: each transformer block compiled | model: the whole GPT (as the walk-through)
-    compile_mode: str | None = None  # torch.compile's mode: None | default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    name: Annotated[EngineName, short("--engine")] = "ddp"  # DDP, FSDP2 or DeepSpeed ZeRO stage 1/2/3
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    compile: bool | None = None  # torch.compile (see compile_scope); null = on CUDA, except ZeRO-3
+    compile_scope: Literal["block", "model"] = "block"  # block: each transformer block and the loss | model: the whole GPT (as the walk-through)
+    compile_mode: CompileMode | None = None  # torch.compile's mode; null = its default; reduce-overhead adds CUDA graphs
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 0  # tokens per chunk of the fused lm_head + cross-entropy; 0 = full logits, the walk-through's way
     ds_config: str | None = None  # DeepSpeed JSON; default ds_configs/zero{1,2,3}[_offload].json
-    device: str = "auto"  # auto | cpu | cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
 
 
 @dataclass
 class LogSection:
-    run_dir: str = "runs/latest"
-    log_every: int = 1
-    val_every: int = 250
+    run_dir: Annotated[str, short("--run-dir")] = "runs/latest"  # metrics, config, checkpoints and TensorBoard events
+    log_every: int = 1  # steps between training-loss lines (each reads the loss from the device)
+    val_every: int = 250  # steps between validation losses; 0 = off
     val_tokens: int = 20 * 64 * 1024  # fixed amount, so val loss is comparable across runs
-    sample_every: int = 250
-    sample_prompt: str = "Hello, I'm a language model,"
-    num_samples: int = 4
-    sample_tokens: int = 32
+    sample_every: int = 250  # steps between printed samples; 0 = off
+    sample_prompt: str = "Hello, I'm a language model,"  # the walk-through's prompt
+    num_samples: int = 4  # samples per sampling step
+    sample_tokens: int = 32  # new tokens per sample
     hellaswag_every: int = 0  # 0 = off
     hellaswag_data: str | None = None  # hellaswag_val.jsonl; None downloads it (needs network)
-    hellaswag_limit: int | None = None
-    tensorboard: bool = True
+    hellaswag_limit: int | None = None  # first N examples only (quick checks); null = all 10,042
+    tensorboard: bool = True  # also write TensorBoard events to run_dir
     peak_tflops: float | None = None  # for MFU; None = detect the GPU (none on CPU)
 
 
@@ -94,7 +102,7 @@ class LogSection:
 class CheckpointSection:
     every: int = 5000  # steps; 0 = only at the end
     keep: int = 2  # newest checkpoints kept
-    resume: str | None = None  # a run directory to continue
+    resume: Annotated[str | None, short("--resume")] = None  # a run directory to continue
 
 
 @dataclass
@@ -112,22 +120,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-# The command-line contract's shortcut flags.
-SHORTCUTS = {
-    "model": "model.name",
-    "data": "data.dir",
-    "engine": "engine.name",
-    "max-steps": "train.max_steps",
-    "micro-batch": "train.micro_batch",
-    "seq-len": "train.seq_len",
-    "total-batch-tokens": "train.total_batch_tokens",
-    "run-dir": "log.run_dir",
-    "resume": "checkpoint.resume",
-    "lr": "optim.lr",
-    "seed": "train.seed",
-}
 
 
 class ConfigError(UserError, ValueError):
@@ -157,12 +149,17 @@ def _parse_string(text: str, annotation, where: str):
 
 
 def _coerce(value, annotation, where: str):
-    """Check and convert one value against a field's annotation (str | None, int, bool ...)."""
-    args = typing.get_args(annotation)
+    """Check and convert one value against a field's annotation (str | None, int, bool, a Literal ...)."""
+    args, nullable = typing.get_args(annotation), False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             return None
-        annotation = next(a for a in args if a is not type(None))
+        annotation, nullable = next(a for a in args if a is not type(None)), True
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {', '.join(('null',) * nullable + args)}, got {value!r}")
+        return value
     if isinstance(value, str) and annotation is not str:
         value = _parse_string(value, annotation, where)
     if value is None:
@@ -210,40 +207,6 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
 
 
-def parse_args(defaults: Config, argv: list[str]) -> Config:
-    """Apply ``--config FILE``, shortcut flags and ``--section.field=value`` overrides to the defaults."""
-    cfg = dataclasses.replace(defaults, **{f.name: dataclasses.replace(getattr(defaults, f.name)) for f in dataclasses.fields(defaults)})
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}; use --section.field=value (see --help)")
-        key, eq, value = arg[2:].partition("=")
-        if key in ("local_rank", "local-rank"):  # added by the deepspeed launcher; LOCAL_RANK is read from the env
-            i += 1 if eq else 2
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        pairs.append((key, value))
-        i += 1
-    for key, value in pairs:
-        if key == "config":
-            apply_dict(cfg, load_yaml(value), value)
-    for key, value in pairs:
-        if key == "config":
-            continue
-        dotted = SHORTCUTS.get(key, key.replace("-", "_") if "." in key else None)
-        if dotted is None:
-            flags = ", ".join(f"--{k}" for k in SHORTCUTS)
-            raise ConfigError(f"unknown flag --{key}; valid flags: --config, {flags}, or --section.field=value")
-        set_value(cfg, dotted, value)
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: Config) -> None:
     from gpt2_scale.zoo import ModelConfig
 
@@ -251,17 +214,10 @@ def validate(cfg: Config) -> None:
         ModelConfig.from_name(cfg.model.name)
     except ValueError as e:  # unknown names list the valid ones
         raise ConfigError(f"model.name: {e}") from None
-    if cfg.engine.name not in ENGINES:
-        raise ConfigError(f"engine.name must be one of {', '.join(ENGINES)}, got {cfg.engine.name!r}")
-    if cfg.engine.dtype not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"engine.dtype must be auto, bf16 or fp32, got {cfg.engine.dtype!r}")
-    if cfg.engine.compile_scope not in COMPILE_SCOPES:
-        raise ConfigError(f"engine.compile_scope must be one of {', '.join(COMPILE_SCOPES)}, got {cfg.engine.compile_scope!r}")
-    if cfg.engine.compile_mode not in COMPILE_MODES:
-        modes = ", ".join(m or "null (torch's default)" for m in COMPILE_MODES)
-        raise ConfigError(f"engine.compile_mode must be one of {modes}, got {cfg.engine.compile_mode!r}")
-    if cfg.engine.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"engine.device must be auto, cpu or cuda, got {cfg.engine.device!r}")
+    for section in dataclasses.fields(cfg):  # types and choices of a config built in code, as for YAML and argv
+        values = getattr(cfg, section.name)
+        for key, annotation in _field_types(values).items():
+            _coerce(getattr(values, key), annotation, f"{section.name}.{key}")
     positive = {
         "train.micro_batch": cfg.train.micro_batch,
         "train.seq_len": cfg.train.seq_len,

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from gpt2_scale import checkpoint, distributed, strategies
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps, parse_args
+from gpt2_scale.cli import parse_args
+from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps
 from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
@@ -35,13 +36,13 @@ class TrainingError(RuntimeError):
     pass
 
 
-def resolve_config(defaults: Config, argv: list[str]) -> Config:
+def resolve_config(defaults: Config, argv: list[str], description: str | None = None) -> Config:
     """Recipe defaults + argv; with --resume, the resumed run's saved config + argv instead.
 
     A run's cosine length is fixed when it starts (``optim.decay_steps`` = ``train.max_steps`` unless set),
     so resuming with a larger --max-steps trains on at the final learning rate instead of reshaping the
     schedule that the finished steps followed; pass --optim.decay_steps to change it deliberately."""
-    cfg = parse_args(defaults, argv)
+    cfg = parse_args(defaults, argv, description)
     if cfg.checkpoint.resume:
         run_dir = Path(cfg.checkpoint.resume)
         if not (run_dir / "config.yaml").is_file():
@@ -58,7 +59,8 @@ def main(defaults: Config, argv: list[str] | None = None) -> None:
     """Entry point of every recipe. Exit codes: 0 finished, 2 bad input (one ``error:`` line), 1 training
     failed (a non-finite loss), EXIT_PREEMPTED stopped by a signal after saving a checkpoint."""
     try:
-        cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv)
+        recipe = sys.modules["__main__"].__doc__  # --help opens with the recipe's own description
+        cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv, recipe)
         summary = train(cfg)
     except (UserError, FileNotFoundError) as e:
         sys.exit(report(e))

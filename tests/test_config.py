@@ -1,8 +1,11 @@
+import dataclasses
 import math
+import re
 
 import pytest
 
-from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, parse_args
+from gpt2_scale.cli import parse_args
+from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, validate
 from gpt2_scale.optim import lr_at, param_groups
 from gpt2_scale.strategies.deepspeed import fill_auto
 from gpt2_scale.model import GPT
@@ -23,22 +26,60 @@ def test_deepspeed_launcher_local_rank_is_accepted():
 @pytest.mark.parametrize(
     "argv,match",
     [
-        (["--optim.lrr=1"], "valid keys: optim.lr"),
-        (["--nope", "1"], "valid flags"),
-        (["--train.micro_batch=abc"], "must be int"),
-        (["--engine", "zero4"], "one of ddp, fsdp"),
+        (["--optim.lrr=1"], "Perhaps you meant:.*--optim.lr "),
+        (["--nope", "1"], "Unrecognized options: --nope"),
+        (["--train.micro_batch=abc"], "Error parsing --micro-batch/--train.micro-batch"),
+        (["--engine", "zero4"], "invalid choice 'zero4'.*'ddp', 'fsdp'"),
+        (["--max-steps"], "--max-steps"),
+        (["stray"], "Unrecognized options: stray"),
+        (["--engine.compile_scope=layer"], "invalid choice 'layer'.*'block', 'model'"),
+        (["--engine.compile_mode=cudagraphs"], "compile-mode.*reduce-overhead"),
+        (["--log.tensorboard=maybe"], "expected true or false, got 'maybe'"),
+    ],
+)
+def test_bad_flags_exit_2_naming_the_fix(argv, match, capsys):
+    """tyro refuses what the types say is wrong: unknown flags (with the nearest valid ones), bad values, choices."""
+    with pytest.raises(SystemExit) as e:
+        parse_args(Config(), argv)
+    assert e.value.code == 2
+    assert re.search(match, " ".join(capsys.readouterr().err.split()), re.S), match
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
         (["--model", "gpt9"], "valid names"),
         (["--train.micro_batch=0"], "must be > 0"),
-        (["--max-steps"], "needs a value"),
-        (["stray"], "unexpected argument"),
         (["--config", "/does/not/exist.yaml"], "does not exist"),
-        (["--engine.compile_scope=layer"], "compile_scope must be one of block, model, got 'layer'"),
-        (["--engine.compile_mode=cudagraphs"], "compile_mode must be one of null .*reduce-overhead, max-autotune"),
+        (["--config"], "--config needs a value"),
     ],
 )
 def test_bad_configs_name_the_fix(argv, match):
     with pytest.raises(ConfigError, match=match):
         parse_args(Config(), argv)
+
+
+def test_yaml_values_are_checked_against_the_same_types(tmp_path):
+    (tmp_path / "c.yaml").write_text("engine:\n  name: zero4\n")
+    with pytest.raises(ConfigError, match="engine.name must be one of ddp, fsdp, zero1, zero2, zero3, got 'zero4'"):
+        parse_args(Config(), ["--config", str(tmp_path / "c.yaml")])
+    cfg = Config()
+    cfg.engine.compile_mode = "cudagraphs"  # a config built in code is checked too
+    with pytest.raises(ConfigError, match="engine.compile_mode must be one of null, default, reduce-overhead"):
+        validate(cfg)
+
+
+def test_help_lists_every_field_with_its_default_and_meaning(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(Config(), ["--help"], "The tiny recipe.")
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.count("The tiny recipe.") == 1 and "--config FILE.yaml" in out
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.default_factory()):
+            flag = f"--{section.name}.{f.name.replace('_', '-')}"  # tyro shows hyphens and accepts either
+            assert flag in out, flag
+    assert "--micro-batch" in out and "2^19 tokens per optimizer step" in out and "(default: 524288)" in out
 
 
 def test_yaml_round_trip(tmp_path):

