@@ -281,13 +281,20 @@ def load_weights(model, state: dict[str, torch.Tensor], source) -> None:
     """Load full weights, accepting a state dict that lists the tied lm_head.weight or not."""
     state = dict(state)
     state.setdefault("lm_head.weight", state.get("transformer.wte.weight"))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{source} does not match model {model.config.name}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches (checkpoint vs model) {wrong[:5]}"
-        )
+    problem = weights_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, state)
+    if problem:
+        raise CheckpointError(f"{source} does not match model {model.config.name}: {problem}")
     model.load_state_dict(state)
+
+
+def weights_mismatch(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], limit: int = 10) -> str:
+    """What keeps ``state`` from loading into tensors of the ``expected`` shapes, in one line; "" when nothing."""
+
+    def listing(items: list[str]) -> str:
+        return "; ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+    wrong = [f"{k}: checkpoint {list(state[k].shape)}, model {list(shape)}"
+             for k, shape in expected.items() if k in state and tuple(state[k].shape) != tuple(shape)]
+    parts = {"missing keys": missing, "unexpected keys": unexpected, "mismatched shapes": wrong}
+    return "; ".join(f"{what}: {listing(items)}" for what, items in parts.items() if items)

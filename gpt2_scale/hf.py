@@ -1,7 +1,8 @@
 """Hugging Face interop: load GPT-2 checkpoints in Hugging Face layout, export ours to it.
 
-The layout is a directory with ``config.json`` (``model_type: gpt2``) and the weights in
-``model.safetensors`` or ``pytorch_model.bin`` (or sharded, with an ``*.index.json``). Hugging Face
+The layout is a directory with ``config.json`` (``model_type: gpt2``) and the weights in one
+``model.safetensors``: what the hub's GPT-2 repositories hold, what the downloader fetches and what the
+export writes (other layouts get one line saying how to convert them). Hugging Face
 GPT-2 stores the attention and MLP projections as ``Conv1D`` weights of shape (in, out); ours are
 ``nn.Linear`` weights of shape (out, in), so those are transposed both ways. Everything else maps one
 to one by name (``h.0.attn.c_attn.weight`` ...), with or without the ``transformer.`` prefix.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import re
 import shutil
 import uuid
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from gpt2_scale.checkpoint import weights_mismatch
 from gpt2_scale.errors import UserError
 from gpt2_scale.fileio import publish_dir
 from gpt2_scale.model import GPT
@@ -30,10 +31,6 @@ from gpt2_scale.zoo import HF_HUB_NAMES, ModelConfig, available_models
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
-BIN_FILE = "pytorch_model.bin"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-WEIGHT_FILES = (SAFETENSORS_FILE, SAFETENSORS_INDEX, BIN_FILE, BIN_INDEX)
 
 # Hugging Face Conv1D modules: weight stored (in, out), the transpose of nn.Linear's (out, in).
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -229,48 +226,24 @@ def _zoo_match(config: ModelConfig) -> ModelConfig | None:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if (path / SAFETENSORS_FILE).exists():
-        return _load_file(path / SAFETENSORS_FILE)
-    if (path / SAFETENSORS_INDEX).exists() or (path / BIN_INDEX).exists():
-        index = path / (SAFETENSORS_INDEX if (path / SAFETENSORS_INDEX).exists() else BIN_INDEX)
-        weight_map = _read_json(index)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise HFCheckpointError(f"{index} has no weight_map of tensor names to file names in {path}")
-        state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(weight_map.values())):
-            if not (path / shard).exists():
-                raise HFCheckpointError(f"{index} lists the shard {shard}, which is not in {path}")
-            state.update(_load_file(path / shard))
-        return state
-    if (path / BIN_FILE).exists():
-        return _load_file(path / BIN_FILE)
-    raise HFCheckpointError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+    from safetensors.torch import load_file
 
-
-def _load_file(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        if file.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which one, in one line
+    file = path / SAFETENSORS_FILE
+    if not file.exists():
+        others = sorted(p.name for p in path.iterdir() if p.name.endswith((".bin", ".safetensors", ".index.json")))
+        held = f" (it holds {', '.join(others)})" if others else ""
         raise HFCheckpointError(
-            f"could not read {file} ({_reason(e)}): it is truncated or not a weights file; download or export it again"
+            f"{path} has no {SAFETENSORS_FILE}{held}; only that one file is read: write it with transformers, "
+            "GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(DIR, max_shard_size='100GB')"
+        )
+    try:
+        return load_file(str(file))
+    except Exception as e:  # a truncated or foreign file: say which one, in one line
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise HFCheckpointError(
+            f"could not read {file} ({type(e).__name__}: {first}): it is truncated or not a weights file; "
+            "download or export it again"
         ) from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise HFCheckpointError(f"{file} does not hold a state dict of tensors")
-    return state
-
-
-def _reason(error: Exception) -> str:
-    """Why a weights file did not load, in one line. torch's unpickling error is a paragraph that suggests
-    weights_only=False, which would run code from the file: its type name says enough."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines or isinstance(error, pickle.UnpicklingError):
-        return type(error).__name__
-    return f"{type(error).__name__}: {lines[0]}"
 
 
 def _normalise_keys(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
@@ -316,36 +289,13 @@ def _fitting_config(state: dict[str, torch.Tensor]) -> str:
 def _check_keys_and_shapes(
     state: dict[str, torch.Tensor], expected: dict[str, tuple], config: ModelConfig, path: Path
 ) -> None:
-    def listing(keys, limit=10):
-        keys = sorted(keys)
-        return ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-    described = (
-        f"config.json in {path} (n_layer={config.n_layer}, n_head={config.n_head}, n_embd={config.n_embd}, "
-        f"n_positions={config.block_size}, vocab_size={config.vocab_size})"
-    )
-    missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {listing(unexpected)}")
+    expected = {**expected, "transformer.wte.weight": (config.vocab_size, config.n_embd)}  # no padded rows on disk
+    problem = weights_mismatch(expected, state)
+    if problem:
         raise HFCheckpointError(
-            f"the weights do not match the model of {described}: {'; '.join(parts)}{_fitting_config(state)}"
-        )
-    wrong = []
-    for key, shape in expected.items():
-        got = tuple(state[key].shape)
-        if key == "transformer.wte.weight":
-            shape = (config.vocab_size, shape[1])  # padded rows are not in the checkpoint
-        if got != shape:
-            wrong.append(f"{key}: checkpoint {list(got)}, model {list(shape)}")
-    if wrong:
-        more = f" and {len(wrong) - 10} more" if len(wrong) > 10 else ""
-        raise HFCheckpointError(
-            f"the weights do not fit the model of {described}; mismatched shapes (shown in nn.Linear "
-            f"(out, in) layout): {'; '.join(wrong[:10])}{more}{_fitting_config(state)}"
+            f"the weights do not match the model of config.json in {path} (n_layer={config.n_layer}, n_head="
+            f"{config.n_head}, n_embd={config.n_embd}, n_positions={config.block_size}, vocab_size={config.vocab_size}), "
+            f"shapes in nn.Linear (out, in) layout: {problem}{_fitting_config(state)}"
         )
 
 
@@ -378,61 +328,55 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -
 
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     model = getattr(model, "module", model)  # DDP wrapper
-    config: ModelConfig = model.config
     out = check_export_target(out_dir, overwrite)
-
-    wte, lm_head = model.transformer.wte.weight, model.lm_head.weight
-    if lm_head is not wte and not torch.equal(lm_head, wte):
-        raise HFCheckpointError("the model's lm_head.weight is not tied to wte.weight; GPT-2 checkpoints tie them")
-    tensors: dict[str, torch.Tensor] = {}
-    for key, tensor in model.state_dict().items():
-        if key == "lm_head.weight":
-            continue  # tied: written once, as wte
-        tensor = tensor.detach().to("cpu")
-        if key == "transformer.wte.weight":
-            tensor = tensor[: config.vocab_size]  # drop the padded rows
-        elif key.endswith(_CONV1D):
-            tensor = tensor.t()
-        tensors[key] = tensor.contiguous().clone()
-    dtype = str(wte.dtype).removeprefix("torch.")
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "summary_first_dropout": 0.0,
-        "layer_norm_epsilon": _LAYER_NORM_EPS,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        _EXPORT_MARKER: {"model": config.name, "pad_vocab": config.pad_vocab},
-    }
-    if config.vocab_size > 50256:
-        hf_config.update(bos_token_id=50256, eos_token_id=50256)
-
+    tensors = _hf_tensors(model)
+    config = _hf_config(model.config, model.transformer.wte.weight.dtype)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
         publish_dir(tmp, out, replace=True)  # an earlier export is swapped out only once this one is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _hf_tensors(model: GPT) -> dict[str, torch.Tensor]:
+    """Our weights in Hugging Face's layout: Conv1D (in, out) projections, no padded vocabulary rows, the tied
+    lm_head written once (as wte)."""
+    wte, lm_head = model.transformer.wte.weight, model.lm_head.weight
+    if lm_head is not wte and not torch.equal(lm_head, wte):
+        raise HFCheckpointError("the model's lm_head.weight is not tied to wte.weight; GPT-2 checkpoints tie them")
+    tensors = {}
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue
+        tensor = tensor.detach().to("cpu")
+        if key == "transformer.wte.weight":
+            tensor = tensor[: model.config.vocab_size]
+        elif key.endswith(_CONV1D):
+            tensor = tensor.t()
+        tensors[key] = tensor.contiguous().clone()
+    return tensors
+
+
+def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """transformers' GPT2Config for our model: GPT-2's architecture, and no dropout (ours has none)."""
+    hf = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+        "n_positions": config.block_size, "n_ctx": config.block_size, "n_embd": config.n_embd,
+        "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0,
+        "layer_norm_epsilon": _LAYER_NORM_EPS, "initializer_range": 0.02, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False, "tie_word_embeddings": True,
+        "use_cache": True, "torch_dtype": str(dtype).removeprefix("torch."),
+        _EXPORT_MARKER: {"model": config.name, "pad_vocab": config.pad_vocab},
+    }
+    if config.vocab_size > 50256:
+        hf.update(bos_token_id=50256, eos_token_id=50256)
+    return hf
 
 
 def _is_export(path: Path) -> bool:

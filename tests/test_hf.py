@@ -60,12 +60,8 @@ def _copy_config(hf_dir, dest, **changes):
     return dest
 
 
-def _write_weights(dest, state, fmt="safetensors"):
-    if fmt == "safetensors":
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(state, dest / "pytorch_model.bin")
+def _write_weights(dest, state):
+    save_file({k: v.contiguous() for k, v in state.items()}, str(dest / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -87,10 +83,9 @@ def test_from_pretrained_classmethod(hf_dir, idx):
     torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 @pytest.mark.parametrize("prefix", [True, False])
-def test_load_both_formats_with_buffers_and_tied_head(tmp_path, hf_dir, idx, fmt, prefix):
-    """pytorch_model.bin and model.safetensors; keys with and without `transformer.`; old mask buffers."""
+def test_load_with_buffers_and_tied_head(tmp_path, hf_dir, idx, prefix):
+    """Keys with and without `transformer.`; old mask buffers; the tied lm_head listed or not."""
     path, hf = hf_dir
     state = {k: v.clone() for k, v in hf.state_dict().items()}  # includes the tied lm_head.weight
     for i in range(TINY["n_layer"]):  # what older transformers versions saved along with the weights
@@ -99,17 +94,22 @@ def test_load_both_formats_with_buffers_and_tied_head(tmp_path, hf_dir, idx, fmt
     if not prefix:  # the layout of the hub's own gpt2 checkpoints (saved from GPT2Model)
         state = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
     dest = _copy_config(path, tmp_path / "ckpt")
-    _write_weights(dest, state, fmt)
+    _write_weights(dest, state)
     model = load_hf(dest)
     torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
 
 
-def test_safetensors_preferred_over_bin(tmp_path, hf_dir, idx):
-    path, hf = hf_dir
-    dest = _copy_config(path, tmp_path / "ckpt")
-    shutil.copy(path / "model.safetensors", dest)
-    (dest / "pytorch_model.bin").write_bytes(b"not a checkpoint")
-    torch.testing.assert_close(_our_logits(load_hf(dest), idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+@pytest.mark.parametrize("files", [["pytorch_model.bin"], ["model-00001-of-00002.safetensors", "model.safetensors.index.json"]])
+def test_other_layouts_get_one_line_saying_how_to_convert(tmp_path, hf_dir, files):
+    """Only model.safetensors is read (what the hub's GPT-2 repositories and our export hold); a .bin or sharded
+    checkpoint is named, with the transformers call that writes the one file."""
+    dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
+    for name in files:
+        (dest / name).write_bytes(b"x")
+    with pytest.raises(HFCheckpointError) as e:
+        load_hf(dest)
+    msg = str(e.value)
+    assert "\n" not in msg and all(name in msg for name in files) and "save_pretrained(DIR, max_shard_size=" in msg
 
 
 def test_load_pad_vocab(hf_dir, idx):
@@ -291,21 +291,13 @@ def test_error_corrupt_config_names_the_file(tmp_path, hf_dir, config, message):
     [
         ("model.safetensors", "truncated", r"could not read .*model.safetensors \(SafetensorError: .*\): it is trunc"),
         ("model.safetensors", b"", r"could not read .*model.safetensors \(SafetensorError"),
-        ("pytorch_model.bin", b"not a pickle", r"could not read .*pytorch_model.bin \(UnpicklingError\): it is"),
-        ("pytorch_model.bin", {"a": 3}, "pytorch_model.bin does not hold a state dict of tensors"),
-        ("model.safetensors.index.json", b"{bad", "model.safetensors.index.json is not valid JSON"),
-        ("model.safetensors.index.json", b'{"weight_map": 3}', "index.json has no weight_map"),
-        ("pytorch_model.bin.index.json", b'{"weight_map": {"a": 3}}', "index.json has no weight_map"),
     ],
 )
 def test_error_corrupt_weights_is_one_line_naming_the_file(tmp_path, hf_dir, name, content, message):
     dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
     if content == "truncated":
         content = (hf_dir[0] / "model.safetensors").read_bytes()[:1000]
-    if isinstance(content, dict):
-        torch.save(content, dest / name)
-    else:
-        (dest / name).write_bytes(content)
+    (dest / name).write_bytes(content)
     with pytest.raises(HFCheckpointError, match=message) as e:
         load_hf(dest)
     assert "\n" not in str(e.value) and "weights_only=False" not in str(e.value)
@@ -313,9 +305,8 @@ def test_error_corrupt_weights_is_one_line_naming_the_file(tmp_path, hf_dir, nam
 
 def test_error_no_weights_file(tmp_path, hf_dir):
     dest = _copy_config(hf_dir[0], tmp_path / "ckpt")
-    with pytest.raises(HFCheckpointError, match="no weights") as e:
+    with pytest.raises(HFCheckpointError, match="has no model.safetensors; only that one file is read"):
         load_hf(dest)
-    assert "model.safetensors" in str(e.value) and "pytorch_model.bin" in str(e.value)
 
 
 def test_error_no_config(tmp_path, hf_dir):
