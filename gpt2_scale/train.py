@@ -92,7 +92,8 @@ def open_data(cfg: Config, env: distributed.DistEnv):
     if cfg.data.prepare_hint and not (data_dir / MANIFEST).is_file():
         raise ConfigError(f"no complete token shards in {data_dir}; prepare them with: {cfg.data.prepare_hint}")
     B, T = cfg.train.micro_batch, cfg.train.seq_len
-    train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    per_step = cfg.train.total_batch_tokens // T  # a step's windows, the same set at any world size and micro-batch
+    train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed, windows_per_step=per_step)
     val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
     return train_loader, val_loader
 

@@ -84,7 +84,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path_factory, world_size, B,
     root = make_shards(tmp_path_factory.mktemp("d"), train=sizes, val=[50], seed=seed)
     all_windows = {(s, w) for s, n in enumerate(sizes) for w in range(max(0, (n - 1) // T))}
     if len(all_windows) < B * world_size:
-        with pytest.raises(ValueError, match="one batch on each"):
+        with pytest.raises(ValueError, match="one step needs"):
             TokenLoader(root, "train", B, T, rank=0, world_size=world_size, seed=seed)
         return
     loaders = [TokenLoader(root, "train", B, T, rank=r, world_size=world_size, seed=seed) for r in range(world_size)]
@@ -94,7 +94,7 @@ def test_ranks_are_disjoint_and_cover_the_epoch(tmp_path_factory, world_size, B,
         assert set(seen) <= all_windows
         # Only the epoch's tail that cannot fill one step on every rank is dropped.
         assert len(all_windows) - len(seen) == len(all_windows) % (B * world_size)
-        assert all(loader.epoch == epoch + 1 and loader.step == 0 for loader in loaders)
+        assert all(loader.epoch == epoch + 1 and loader.position == 0 for loader in loaders)
 
 
 def test_exact_cover_when_windows_divide(tmp_path):
@@ -301,15 +301,15 @@ def test_token_id_beyond_vocabulary_is_refused(tmp_path):
     loader = TokenLoader(root, "train", 1, 32)
     with pytest.raises(DataError, match=f"token id {tokenizer.VOCAB_SIZE} >= the vocabulary"):
         loader.next_batch()
-    assert loader.step == 0
+    assert loader.position == 0
 
 
 def test_split_shorter_than_a_batch_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[5000], val=[16 * 4])  # 3 windows of T=16
     TokenLoader(root, "val", 3, 16)
-    with pytest.raises(DataError, match=r"B\*T\+1 = 65 tokens"):
+    with pytest.raises(DataError, match=r"3 windows of T\+1=17; one step needs 4 windows"):
         TokenLoader(root, "val", 4, 16)
-    with pytest.raises(ValueError, match="one batch on each of 2 rank"):
+    with pytest.raises(ValueError, match=r"one step needs 4 windows \(2 per rank and call on 2 rank"):
         TokenLoader(root, "val", 2, 16, rank=1, world_size=2)
 
 
@@ -325,8 +325,64 @@ def test_bad_arguments(tmp_path, kwargs):
 def test_state_from_another_configuration_is_refused(tmp_path):
     root = make_shards(tmp_path, train=[500], val=[100])
     state = TokenLoader(root, "train", 2, 8, world_size=2).state_dict()
-    with pytest.raises(DataError, match="world_size=2"):
+    with pytest.raises(DataError, match="windows_per_step=4"):  # another total batch
         TokenLoader(root, "train", 2, 8).load_state_dict(state)
-    for bad in ({**state, "world_size": 1, "step": "3"}, {**state, "world_size": 1, "epoch": None}):
+    with pytest.raises(DataError, match="seq_len=8"):
+        TokenLoader(root, "train", 2, 16, windows_per_step=4).load_state_dict(state)
+    for bad in ({**state, "position": "3"}, {**state, "epoch": None}, {**state, "position": 10**6}):
         with pytest.raises(DataError, match="out of range"):
-            TokenLoader(root, "train", 2, 8).load_state_dict(bad)
+            TokenLoader(root, "train", 4, 8).load_state_dict(bad)
+    with pytest.raises(DataError, match="inside a step"):
+        TokenLoader(root, "train", 4, 8).load_state_dict({**state, "position": 2})
+
+
+# (B, world size) splits of one step of 12 windows: accumulation = 12 / (B * world)
+SPLITS = [(12, 1), (6, 2), (3, 2), (2, 3), (1, 4), (4, 3)]
+
+
+def step_windows(root: Path, B: int, world: int, steps: int, state: dict | None = None) -> tuple[list[set], dict]:
+    """The window set of each of ``steps`` optimizer steps of 12 windows, read by ``world`` ranks at micro-batch B."""
+    loaders = [TokenLoader(root, "train", B, 8, rank=r, world_size=world, seed=5, windows_per_step=12) for r in range(world)]
+    for loader in loaders:
+        if state:
+            loader.load_state_dict(state)
+    out = []
+    for _ in range(steps):
+        seen = []
+        for _ in range(12 // (B * world)):
+            for loader in loaders:
+                seen += loader.window_ids()
+                loader.next_batch()
+        assert len(set(seen)) == 12  # no window twice within a step
+        out.append(set(seen))
+    return out, loaders[0].state_dict()
+
+
+def test_a_steps_windows_do_not_depend_on_world_size_or_micro_batch(tmp_path):
+    """The data half of elastic resume: step k reads the same 12 windows under every split, epochs included."""
+    root = make_shards(tmp_path, train=[300, 170, 90], val=[100])  # 68 windows: 5 steps an epoch, 8 dropped
+    reference, _ = step_windows(root, 12, 1, 12)
+    for B, world in SPLITS[1:]:
+        assert step_windows(root, B, world, 12)[0] == reference, (B, world)
+
+
+@pytest.mark.parametrize("before, after", [((6, 2), (2, 3)), ((1, 4), (12, 1)), ((4, 3), (3, 2))])
+def test_resume_at_another_world_size_neither_repeats_nor_skips(tmp_path, before, after):
+    root = make_shards(tmp_path, train=[300, 170, 90], val=[100])
+    reference, _ = step_windows(root, 12, 1, 9)
+    first, state = step_windows(root, *before, 4)
+    state = json.loads(json.dumps(state))  # as the trainer's JSON state holds it
+    second, _ = step_windows(root, *after, 5, state)
+    assert first + second == reference
+
+
+def test_a_state_written_before_positions_resumes_at_the_same_window(tmp_path):
+    root = make_shards(tmp_path, train=[500], val=[100])
+    loader = TokenLoader(root, "train", 2, 8, world_size=2, windows_per_step=8)
+    for _ in range(6):
+        loader.next_batch()
+    old = {"epoch": 0, "step": 6, "split": "train", "batch_size": 2, "seq_len": 8, "world_size": 2, "seed": 1337,
+           "num_windows": loader.num_windows}
+    resumed = TokenLoader(root, "train", 2, 8, world_size=2, windows_per_step=8)
+    resumed.load_state_dict(old)
+    assert resumed.window_ids() == loader.window_ids()

@@ -4,11 +4,15 @@ A shard of n tokens holds (n - 1) // T windows of T + 1 tokens at stride T, so a
 crosses a shard boundary (each shard's last < T tokens are never a target). An epoch is every
 window of the split once. For the train split each epoch draws, from (seed, epoch), a shard order
 and then a window order inside each shard; the validation split is read in file order, always the
-same. A global step takes the next B * world_size windows of the epoch and rank r reads the r-th
-block of B, so ranks never overlap and together cover the epoch; the last < B * world_size windows
-of an epoch are dropped so every rank takes the same number of steps.
+same. An optimizer step takes the next G windows of the epoch (G = ``windows_per_step``, the total
+batch in windows); each call of ``next_batch`` takes the next B * world_size of them and rank r reads
+the r-th block of B, so ranks never overlap and together cover the epoch. A step's G windows are thus
+the same set whatever the world size and the micro-batch/accumulation split; the last < G windows of
+an epoch are dropped so every step is whole.
 
-The state is (epoch, step) and is the same on every rank: rank 0's copy resumes them all.
+The state is (epoch, position): windows of the epoch consumed by all ranks together. It is the same on
+every rank, so rank 0's copy resumes them all, and it means the same at any world size and micro-batch
+that divide G: a run resumed on another number of ranks neither repeats nor skips a window.
 Memory is O(windows of one shard) for the permutations plus page cache for the memmaps, whatever
 the corpus size.
 """
@@ -170,13 +174,20 @@ class TokenLoader:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 1337,
+        windows_per_step: int | None = None,
     ) -> None:
+        """``windows_per_step``: windows one optimizer step reads across all ranks (total batch tokens / T);
+        default B * world_size (one call per step, as the validation loader)."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank {rank} and world_size {world_size}")
+        per_call = batch_size * world_size
+        windows_per_step = windows_per_step or per_call
+        if windows_per_step % per_call:
+            raise ValueError(f"windows_per_step {windows_per_step} is not a multiple of batch_size x world_size = {per_call}")
         self.data_dir = Path(data_dir)
         self.manifest = read_manifest(self.data_dir)
         self.split, self.B, self.T = split, batch_size, seq_len
@@ -187,18 +198,20 @@ class TokenLoader:
         self.counts = tuple(windows_per_shard(s["tokens"], seq_len) for s in shards)
         self._counts = np.array(self.counts, dtype=np.int64)
         self.num_windows = sum(self.counts)
-        self.batches_per_epoch = self.num_windows // (batch_size * world_size)
+        self.windows_per_step = windows_per_step
+        self.epoch_windows = self.num_windows // windows_per_step * windows_per_step  # whole steps only
+        self.batches_per_epoch = self.epoch_windows // per_call  # calls of next_batch
         if self.batches_per_epoch == 0:
             tokens = sum(s["tokens"] for s in shards)
             raise DataError(
                 f"the {split} split of {self.data_dir} has {tokens} tokens in {len(shards)} shard(s), "
-                f"{self.num_windows} windows of T+1={seq_len + 1}; one batch on each of {world_size} rank(s) needs "
-                f"{batch_size * world_size} windows (B*T+1 = {batch_size * seq_len + 1} tokens per rank): lower "
-                "--batch-size/--seq-len or prepare more data (--val-tokens for the validation split)"
+                f"{self.num_windows} windows of T+1={seq_len + 1}; one step needs {windows_per_step} windows "
+                f"({batch_size} per rank and call on {world_size} rank(s)): lower the batch or --seq-len, or prepare "
+                "more data (--val-tokens for the validation split)"
             )
         self._memmaps: dict[int, np.ndarray] = {}
         self._window_views: dict[int, np.ndarray] = {}
-        self.epoch, self.step = 0, 0
+        self.epoch, self.position = 0, 0
 
     def _shard(self, i: int) -> np.ndarray:
         if i not in self._memmaps:  # a plain ndarray view of the memmap: slicing np.memmap itself is slow
@@ -231,11 +244,11 @@ class TokenLoader:
 
     def window_ids(self) -> list[tuple[int, int]]:
         """(shard, window) of each row of the next batch, without consuming it (for tests and debugging)."""
-        return list(zip(*(a.tolist() for a in self._locate((self.step * self.world_size + self.rank) * self.B))))
+        return list(zip(*(a.tolist() for a in self._locate(self.position + self.rank * self.B))))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.T
-        shards, windows = self._locate((self.step * self.world_size + self.rank) * self.B)
+        shards, windows = self._locate(self.position + self.rank * self.B)
         if shards[0] == shards[-1]:  # a batch's shards come in blocks: usually a single one
             rows = self._windows(int(shards[0]))[windows]
         else:
@@ -249,38 +262,46 @@ class TokenLoader:
                 f"shard {self.files[shard]} holds token id {int(rows.max())} >= the vocabulary size "
                 f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
             )
-        self.step += 1
-        if self.step == self.batches_per_epoch:  # the train split reshuffles; val starts over in the same order
-            self.epoch, self.step = self.epoch + 1, 0
+        self.position += self.B * self.world_size
+        if self.position == self.epoch_windows:  # the train split reshuffles; val starts over in the same order
+            self.epoch, self.position = self.epoch + 1, 0
         # One cast; x and y are overlapping views of it (copying them apart would double the bytes written).
         xy = torch.from_numpy(rows.astype(np.int64))
         return xy[:, :-1], xy[:, 1:]
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""
-        self.epoch, self.step = 0, 0
+        self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict:
+        """What resumes the order at any world size and micro-batch: the position, and what fixes its meaning."""
         return {
             "epoch": self.epoch,
-            "step": self.step,
+            "position": self.position,
             "split": self.split,
-            "batch_size": self.B,
             "seq_len": self.T,
-            "world_size": self.world_size,
+            "windows_per_step": self.windows_per_step,
             "seed": self.seed,
             "num_windows": self.num_windows,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if "position" not in state and is_count(state.get("step")):  # written before positions (B x world per call)
+            state = {**state, "position": state["step"] * state.get("batch_size", 0) * state.get("world_size", 0),
+                     "windows_per_step": self.windows_per_step}
         mine = self.state_dict()
-        for key in ("split", "batch_size", "seq_len", "world_size", "seed", "num_windows"):
+        for key in ("split", "seq_len", "windows_per_step", "seed", "num_windows"):
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; resume with the "
-                    "same data, batch size, sequence length, world size and seed (or start the data afresh)"
+                    "same data, total batch, sequence length and seed (or start the data afresh)"
                 )
-        epoch, step = state.get("epoch"), state.get("step")
-        if not (is_count(epoch) and is_count(step) and step < self.batches_per_epoch):
-            raise DataError(f"loader state epoch={epoch!r} step={step!r} is out of range")
-        self.epoch, self.step = epoch, step
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (is_count(epoch) and is_count(position) and position < self.epoch_windows):
+            raise DataError(f"loader state epoch={epoch!r} position={position!r} is out of range")
+        if position % (self.B * self.world_size):
+            raise DataError(
+                f"loader state position {position} is inside a step of {self.B * self.world_size} windows per call; "
+                "resume from a checkpoint taken between optimizer steps"
+            )
+        self.epoch, self.position = epoch, position
