@@ -77,7 +77,7 @@ class EngineSection:
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 0  # tokens per chunk of the fused lm_head + cross-entropy; 0 = full logits, the walk-through's way
-    ds_config: str | None = None  # DeepSpeed JSON; default ds_configs/zero{1,2,3}[_offload].json
+    ds_config: str | None = None  # DeepSpeed JSON; default gpt2_scale/ds_configs/zero{1,2,3}[_offload].json
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
 
 

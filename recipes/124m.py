@@ -8,11 +8,6 @@ per GPU (fits 80 GB; use --micro-batch 32 or 16 on 40 GB cards: accumulation gro
 Needs the shards: python tools/prepare_data.py fineweb-edu --out data/fineweb-edu-10BT
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from gpt2_scale.recipes import fineweb_edu
 from gpt2_scale.train import main
 

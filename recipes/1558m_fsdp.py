@@ -13,13 +13,8 @@ On one 80 GB GPU (FSDP CPU offload: weights, gradients and Adam state on the hos
 Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpt2_scale.recipes import gpt2_size  # noqa: E402
-from gpt2_scale.train import main  # noqa: E402
+from gpt2_scale.recipes import gpt2_size
+from gpt2_scale.train import main
 
 CONFIG = gpt2_size("gpt2-1558m", engine="fsdp", micro_batch=8)
 

@@ -8,13 +8,8 @@ Fits 8 x 80 GB: micro-batch 32 x 1024, 2 micro-steps per step, no activation che
 Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpt2_scale.recipes import gpt2_size  # noqa: E402
-from gpt2_scale.train import main  # noqa: E402
+from gpt2_scale.recipes import gpt2_size
+from gpt2_scale.train import main
 
 CONFIG = gpt2_size("gpt2-350m", engine="zero2", micro_batch=32)
 

@@ -7,11 +7,6 @@ Shows the whole loop on a laptop: falling loss, validation loss, samples, Tensor
 runs/tiny/tensorboard and a checkpoint in runs/tiny/checkpoints.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 from gpt2_scale.config import CheckpointSection, Config, DataSection, EngineSection, LogSection, ModelSection, OptimSection, TrainSection
 from gpt2_scale.train import main
 

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import os
 import re
@@ -10,6 +9,8 @@ import pytest
 from gpt2_scale import baselines
 from gpt2_scale.baselines import RunError
 from gpt2_scale.errors import UserError
+from gpt2_scale.tools import compare_baselines
+from launch import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")
@@ -173,16 +174,8 @@ def test_config_that_is_not_text_is_clear(tmp_path):
 # --- command line ---
 
 
-def load_tool():
-    """The command line's module, to call its main() in this process (no interpreter start-up)."""
-    spec = importlib.util.spec_from_file_location("compare_baselines", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def run_tool(*args, cwd):
-    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, TOOL, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env())
 
 
 def test_command_line_table_json_and_plot(tmp_path, capsys):
@@ -197,14 +190,14 @@ def test_command_line_table_json_and_plot(tmp_path, capsys):
     assert "in progress" in proc.stdout and "GPT-3 Small (125M)" in proc.stdout and "no published baseline" in proc.stdout
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    assert load_tool().main([str(a), str(b), "--json"]) == 0
+    assert compare_baselines.main([str(a), str(b), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
     assert [r["status"] for r in results] == ["finished", "in progress"]
     assert results[1]["metrics"]["val_loss"]["final"] == 3.1
 
 
 def test_command_line_bad_input_exits_2(tmp_path, capsys):
-    tool = load_tool()
+    tool = compare_baselines
     empty = tmp_path / "empty"
     empty.mkdir()
     for args, message in [([tmp_path / "missing"], "does not exist"), ([empty], "is empty"), ([], "at least one RUN_DIR")]:
@@ -231,7 +224,7 @@ def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
 
 def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys):
     run = write_run(tmp_path / "run", records=RECORDS)
-    assert load_tool().main([str(run), "--plot", str(tmp_path / "curves.xyz")]) == 2
+    assert compare_baselines.main([str(run), "--plot", str(tmp_path / "curves.xyz")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot plot to {tmp_path / 'curves.xyz'}: give a name")
     assert not (tmp_path / "curves.xyz").exists()

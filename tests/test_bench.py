@@ -11,13 +11,13 @@ import pytest
 from gpt2_scale import bench, memory
 from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
 from gpt2_scale.zoo import ModelConfig
+from launch import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tool(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, "tools/bench.py", *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "tools/bench.py", *args], cwd=ROOT, capture_output=True, text=True, env=env(), timeout=300)
 
 
 def _rows(stdout: str) -> list[list[str]]:
@@ -104,10 +104,7 @@ def test_seq_len_beyond_the_context_is_refused():
 
 
 def test_loss_chunk_flag_reaches_the_engine_config():
-    import importlib.util
+    from gpt2_scale.tools import bench as bench_cli
 
-    spec = importlib.util.spec_from_file_location("bench_cli", os.path.join(ROOT, "tools", "bench.py"))
-    bench_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_cli)
     _, specs = bench_cli.parse(["--model", "gpt2-tiny", "--engines", "zero3", "--seq-len", "16", "--loss-chunk", "8"])
     assert specs[0].config(1).engine.loss_chunk == 8

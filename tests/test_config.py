@@ -126,6 +126,24 @@ def test_deepspeed_auto_fields_filled_and_conflicts_refused():
         fill_auto({"mystery": "auto"}, {})
 
 
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("offload", [False, True])
+def test_deepspeed_default_configs_are_package_data(engine, offload):
+    """Every ZeRO engine's default JSON ships inside the package (so any install finds it) and fills from the config."""
+    import torch
+
+    from gpt2_scale.distributed import DistEnv
+    from gpt2_scale.strategies.deepspeed import build_ds_config, default_ds_config_path
+
+    flags = ["--engine", engine, f"--engine.offload={str(offload).lower()}", "--micro-batch", "4", "--seq-len", "64"]
+    cfg = parse_args(Config(), flags + ["--total-batch-tokens", "512"])
+    path = default_ds_config_path(cfg)
+    assert path.parent.name == "ds_configs" and path.parent.parent.name == "gpt2_scale"
+    ds = build_ds_config(cfg, DistEnv(0, 0, 1, torch.device("cpu")), bf16=False)
+    assert ds["zero_optimization"]["stage"] == int(engine[-1]) and ds["gradient_accumulation_steps"] == 2
+    assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+
+
 def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):
     """CUDA images set TORCH_CUDA_ARCH_LIST entries such as 9.0a, which DeepSpeed 0.19's JIT builder cannot parse
     (seen on an H200: FusedAdam failed to build for every ZeRO stage); the builder sees the plain archs."""

@@ -29,11 +29,11 @@ from gpt2_scale.data import (
 )
 from gpt2_scale.data import prepare as prepare_module
 from gpt2_scale.data.loader import MANIFEST
+from gpt2_scale.tools import prepare_data
+from launch import env
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
-sys.path.insert(0, str(REPO / "tools"))
-import prepare_data  # noqa: E402
 
 WORDS = "the of and to a in is was for that on with as by it he at from his an were are which this be".split()
 
@@ -361,8 +361,7 @@ def test_ensure_default_corpus_prepares_once(tmp_path, monkeypatch):
 def test_cli_text_tinyshakespeare(tmp_path):
     out = tmp_path / "ts"
     cmd = [sys.executable, "tools/prepare_data.py", "text", str(SHAKESPEARE), "--out", str(out), "--quiet"]
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool must find the package itself
-    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env())
     assert run.returncode == 0, run.stderr
     m = read_manifest(out)
     assert m["tokens"]["train"] + m["tokens"]["val"] == len(tokenizer.encode(SHAKESPEARE.read_text())) + 1
@@ -377,9 +376,8 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the tool must find the package itself
     cmd = [sys.executable, "tools/prepare_data.py", *map(str, args), "--quiet", "--workers", "1"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env())
 
 
 def assert_one_error_line(run: subprocess.CompletedProcess, *names: str) -> str:

@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import os
@@ -17,7 +16,9 @@ from gpt2_scale.eval import hellaswag
 from gpt2_scale.eval.hellaswag import HellaSwagError
 from gpt2_scale.model import GPT
 from gpt2_scale.tokenizer import VOCAB_SIZE, encode
+from gpt2_scale.tools import eval_hellaswag
 from gpt2_scale.zoo import ModelConfig
+from launch import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -248,25 +249,17 @@ def test_two_ranks_equal_one_process(tmp_path):
 TOOL = os.path.join(ROOT, "tools", "eval_hellaswag.py")
 
 
-def load_tool():
-    """The command line's module, to call its main() in this process (no interpreter start-up)."""
-    spec = importlib.util.spec_from_file_location("eval_hellaswag", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_command_line_errors_exit_2_without_traceback(tmp_path, capsys):
     bad = write_examples(tmp_path / "bad.jsonl")
     with open(bad, "a") as f:
         f.write('{"ctx": "a", "endings": ["b", "c", "d", "e"], "la\n')
     args = ["--pretrained", "gpt2", "--data", str(bad)]
-    proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, cwd=tmp_path, env=env())
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: {bad}:6: not JSON (Unterminated string starting at); expected a line of hellaswag_val.jsonl"
     ]
-    tool = load_tool()
+    tool = eval_hellaswag
     data = str(write_examples(tmp_path / "v.jsonl"))
     for argv, message in [
         (["--data", str(tmp_path / "nope.jsonl")], f"error: HellaSwag file {tmp_path / 'nope.jsonl'} does not exist"),
@@ -282,13 +275,13 @@ def test_command_line_reports_a_broken_checkpoint_in_one_line(tmp_path, capsys):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "gpt2", "n_layer": "two"}')
     data = str(write_examples(tmp_path / "v.jsonl"))
-    assert load_tool().main(["--pretrained", str(tmp_path / "hf"), "--data", data, "--device", "cpu"]) == 2
+    assert eval_hellaswag.main(["--pretrained", str(tmp_path / "hf"), "--data", data, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'hf' / 'config.json'}: n_layer is 'two', expected a positive integer\n"
 
 
 def test_command_line_evaluates_a_model(tmp_path, capsys, monkeypatch):
-    tool = load_tool()
+    tool = eval_hellaswag
     monkeypatch.setattr(tool, "load_model", lambda ckpt, pretrained: tiny_model())
     path = write_examples(tmp_path / "val.jsonl")
     assert tool.main(["--ckpt", str(tmp_path), "--data", str(path), "--limit", "3", "--device", "cpu", "--json"]) == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -16,8 +15,6 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from gpt2_scale import GPT, ModelConfig  # noqa: E402
 from gpt2_scale.errors import UserError  # noqa: E402
 from gpt2_scale.hf import HFCheckpointError, export_hf, load_hf  # noqa: E402
-
-TOOLS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
 
 TINY = dict(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=50257)
 
@@ -213,13 +210,6 @@ def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
     assert (out / "model.safetensors").read_bytes() == before
 
 
-def load_export_tool():
-    spec = importlib.util.spec_from_file_location("export_tool", os.path.join(TOOLS, "export.py"))
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
 def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path, monkeypatch, capsys):
     from gpt2_scale import checkpoint
 
@@ -229,7 +219,8 @@ def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path,
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    tool = load_export_tool()
+    from gpt2_scale.tools import export as tool
+
     assert tool.main([str(tmp_path / "run"), "--hf", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {out} is a non-empty directory") and err.count("\n") == 1

@@ -15,7 +15,7 @@ import torch
 from gpt2_scale import memory
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
-from launch import spawned_world
+from launch import env, spawned_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -187,7 +187,7 @@ def test_estimate_with_a_fused_loss_chunk():
 
 
 def _tool(*args):
-    return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True, env=env())
 
 
 def test_estimate_memory_tool():

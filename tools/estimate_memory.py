@@ -1,56 +1,8 @@
-"""Predicted per-GPU memory of a training run: model states (ZeRO accounting) + activations + logits.
+"""`gpt2-estimate-memory` from a checkout: the tool is gpt2_scale/tools/estimate_memory.py (the package must be installed, e.g. pip install -e .)."""
 
-    python tools/estimate_memory.py --model gpt2-xl --engine zero3 --world 8 --micro-batch 16 --seq-len 1024 \
-        [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096]
-
-The formulas and their constants are in gpt2_scale/memory.py.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from gpt2_scale import memory  # noqa: E402
-from gpt2_scale.config import ENGINES  # noqa: E402
-from gpt2_scale.zoo import ModelConfig  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="gpt2-124m", help="a zoo name (gpt2-124m ... gpt2-xl, gpt3-*)")
-    parser.add_argument("--engine", default="ddp", help="|".join(ENGINES))
-    parser.add_argument("--world", type=int, default=1, help="data-parallel ranks (GPUs)")
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
-    parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--offload", action="store_true", help="optimizer state on the host (fsdp: all model states)")
-    parser.add_argument("--no-pad-vocab", action="store_true", help="50257 rows instead of 50304")
-    parser.add_argument("--loss-chunk", type=int, default=0,
-                        help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
-    args = parser.parse_args(argv)
-    try:
-        model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
-        if args.engine not in ENGINES:
-            raise ValueError(f"--engine must be one of {', '.join(ENGINES)}, got {args.engine!r}")
-        for flag in ("world", "micro_batch", "seq_len"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
-        if args.loss_chunk < 0:
-            raise ValueError("--loss-chunk must be >= 0")
-        if args.seq_len > model.block_size:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
-        print(memory.explain(model, args.engine, args.world, args.micro_batch, args.seq_len, bf16=args.dtype == "bf16",
-                             checkpointing=args.activation_checkpointing, offload=args.offload, loss_chunk=args.loss_chunk))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
+from gpt2_scale.tools.estimate_memory import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,58 +1,8 @@
-"""HellaSwag accuracy of a trained run or a pretrained GPT-2.
+"""`gpt2-eval-hellaswag` from a checkout: the tool is gpt2_scale/tools/eval_hellaswag.py (the package must be installed, e.g. pip install -e .)."""
 
-    python tools/eval_hellaswag.py --ckpt RUN_DIR [--limit N] [--data PATH] [--device cuda]
-    python tools/eval_hellaswag.py --pretrained gpt2 --data hellaswag_val.jsonl
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-
-from gpt2_scale import checkpoint  # noqa: E402
-from gpt2_scale.device import default_device, resolve_device  # noqa: E402
-from gpt2_scale.errors import UserError, report  # noqa: E402
-from gpt2_scale.eval import hellaswag  # noqa: E402
-from gpt2_scale.model import GPT  # noqa: E402
-
-
-def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
-    """The model of a run directory (any engine's checkpoint) or of a Hugging Face checkpoint."""
-    if ckpt is not None:
-        return checkpoint.load_model(ckpt)
-    return GPT.from_pretrained(pretrained)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", metavar="RUN_DIR", help="a run directory written by the trainer")
-    source.add_argument("--pretrained", metavar="HF_DIR_OR_NAME", help="a Hugging Face GPT-2 directory or hub name")
-    parser.add_argument("--data", metavar="PATH", help="hellaswag_val.jsonl (default: download it into the cache)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
-    parser.add_argument("--device", default=default_device(), help="default: cuda, then mps, then cpu")
-    parser.add_argument("--batch-examples", type=int, default=4, help="examples (4 candidates each) per forward pass")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    args = parser.parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        examples = hellaswag.load_examples(args.data, limit=args.limit)  # before the model: fails fast
-        model = load_model(args.ckpt, args.pretrained).to(device)
-        result = hellaswag.evaluate(model, examples, device, batch_examples=args.batch_examples, progress=True)
-    except (UserError, checkpoint.CheckpointError, OSError, ValueError) as e:  # ValueError: an unknown device
-        return report(e)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"HellaSwag: {result['n']} examples  acc {result['acc']:.4f}  acc_norm {result['acc_norm']:.4f}")
-    return 0
-
+from gpt2_scale.tools.eval_hellaswag import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-1/2/3 (and ZeRO-Offload) through ``deepspeed.initialize`` and a JSON from ds_configs/.
+"""DeepSpeed ZeRO-1/2/3 (and ZeRO-Offload) through ``deepspeed.initialize`` and a JSON from gpt2_scale/ds_configs/.
 
 The JSON's "auto" fields are filled from our config, and a concrete value that disagrees with our
 config is an error: the batch, accumulation, clipping, precision and optimizer settings have one source.
@@ -10,7 +10,9 @@ import contextlib
 import json
 import os
 import re
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,11 +23,14 @@ from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
 from gpt2_scale.strategies.base import Strategy, check_compile, compile_options, compile_scope, prepare_model
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+DS_CONFIG_DIR = resources.files("gpt2_scale") / "ds_configs"  # package data: found in a checkout and in any install
 TAG = "engine"  # sub-directory of a checkpoint that holds DeepSpeed's files
 
 
-def default_ds_config_path(cfg: Config) -> Path:
+def default_ds_config_path(cfg: Config) -> Traversable:
     return DS_CONFIG_DIR / f"{cfg.engine.name}{'_offload' if cfg.engine.offload else ''}.json"
 
 

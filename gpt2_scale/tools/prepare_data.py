@@ -1,0 +1,72 @@
+"""Tokenize a corpus into GPT-2 token shards that TokenLoader reads.
+
+    python tools/prepare_data.py default --out data/default          # embedded corpus, no download
+    python tools/prepare_data.py text corpus.txt more/ --out data/mine   # .txt / .jsonl / .parquet
+    python tools/prepare_data.py fineweb-edu --out data/fineweb-edu-10BT      # streams the hub
+    python tools/prepare_data.py fineweb-edu --from-dir parquet/ --out data/fineweb-edu
+
+Re-running the same command resumes after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+from gpt2_scale.data import prepare as data  # the module
+from gpt2_scale.errors import UserError, report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="source", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--shard-tokens", type=int, default=data.DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    common.add_argument(
+        "--val-tokens", type=int, default=None,
+        help="tokens of the validation split (default: the first shard, or 10%% when the corpus fits in one)",
+    )  # fmt: skip
+    common.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    common.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("default", parents=[common], help="CPython's documentation text, shipped with Python")
+    p.add_argument("--out", help=f"output directory (default: the cache, {data.default_cache_dir() / 'default'})")
+    p = sub.add_parser("text", parents=[common], help="local .txt / .jsonl / .parquet files or directories")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--field", default="text", help="the text field of .jsonl / .parquet records")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("fineweb-edu", parents=[common], help=f"{data.FINEWEB_EDU} from the hub or a local copy")
+    p.add_argument("--config", default="sample-10BT", help="hub config: sample-10BT, sample-100BT, default, ...")
+    p.add_argument("--from-dir", help="a directory of the data set's parquet/jsonl files (no network)")
+    p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    command = "python tools/prepare_data.py " + shlex.join(argv)
+    try:
+        if args.source == "default" and args.out is None:
+            out = data.ensure_default_corpus()
+            print(f"default corpus ready in {out}")
+            return 0
+        if args.source == "default":
+            source = data.default_source()
+        elif args.source == "text":
+            source = data.text_source(args.paths, args.field)
+        else:
+            source = data.fineweb_edu_source(args.config, args.from_dir)
+        m = data.prepare_shards(
+            source, args.out, args.shard_tokens, args.val_tokens, args.workers, command, progress=not args.quiet
+        )
+    except (UserError, OSError) as e:  # OSError: an unreachable hub (ConnectionError), a full disk
+        return report(e)
+    t = m["tokens"]
+    print(
+        f"{args.out}: {t['train']:,} train and {t['val']:,} val tokens from {m['documents']:,} documents in "
+        f"{len(m['shards']['train'])} + {len(m['shards']['val'])} shards"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
