@@ -414,3 +414,31 @@ def test_cli_default_into_a_directory(tmp_path, capsys):
     assert prepare_data.main(["default", "--out", str(tmp_path / "d"), "--quiet", "--workers", "1"]) == 0
     assert "train and" in capsys.readouterr().out
     assert read_manifest(tmp_path / "d")["source"]["kind"] == "default"
+
+
+def test_hellaswag_is_fetched_into_the_cache_the_recipes_read(tmp_path, monkeypatch, capsys):
+    """`prepare_data.py hellaswag` (and `fineweb-edu`, after its shards) put the eval set where training looks
+    when --log.hellaswag_data is unset, so an offline node needs no network; a failed fetch leaves the shards."""
+    from gpt2_scale.eval import hellaswag
+    from test_hellaswag import write_examples
+
+    (tmp_path / "mirror").mkdir()
+    source = write_examples(tmp_path / "mirror" / "hellaswag_val.jsonl")
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path / "cache"))
+    assert prepare_data.main(["hellaswag", "--url", source.as_uri()]) == 0
+    assert "5 validation examples" in capsys.readouterr().out
+    assert len(hellaswag.load_examples(None)) == 5  # what train.py reads without --log.hellaswag_data
+
+    (tmp_path / "fw").mkdir()
+    write_fineweb_parquet(tmp_path / "fw" / "000_00000.parquet", documents(50))
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path / "cache2"))
+    monkeypatch.setattr(hellaswag, "VAL_URL", source.as_uri())
+    args = ["fineweb-edu", "--from-dir", str(tmp_path / "fw"), "--out", str(tmp_path / "out"), "--quiet", "--shard-tokens", "1000"]
+    assert prepare_data.main(args) == 0
+    assert (tmp_path / "cache2" / "hellaswag" / "hellaswag_val.jsonl").is_file()
+
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path / "cache3"))
+    monkeypatch.setattr(hellaswag, "VAL_URL", (tmp_path / "nowhere.jsonl").as_uri())
+    assert prepare_data.main([*args[:3], "--out", str(tmp_path / "out2"), *args[5:]]) == 0
+    assert "warning: HellaSwag was not fetched" in capsys.readouterr().err
+    TokenLoader(tmp_path / "out2", "train", 2, 64).next_batch()

@@ -4,8 +4,10 @@
     python tools/prepare_data.py text corpus.txt more/ --out data/mine   # .txt / .jsonl / .parquet
     python tools/prepare_data.py fineweb-edu --out data/fineweb-edu-10BT      # streams the hub
     python tools/prepare_data.py fineweb-edu --from-dir parquet/ --out data/fineweb-edu
+    python tools/prepare_data.py hellaswag                            # the eval set, into the recipes' cache
 
-Re-running the same command resumes after the last complete shard.
+Re-running the same command resumes after the last complete shard. `fineweb-edu` also fetches HellaSwag (the
+124M recipes evaluate it), so a node without network finds everything it needs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 
 from gpt2_scale.data import prepare as data  # the module
 from gpt2_scale.errors import UserError, report
+from gpt2_scale.eval import hellaswag
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,10 +44,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="sample-10BT", help="hub config: sample-10BT, sample-100BT, default, ...")
     p.add_argument("--from-dir", help="a directory of the data set's parquet/jsonl files (no network)")
     p.add_argument("--out", required=True)
+    p.add_argument("--no-hellaswag", action="store_true", help="do not also fetch HellaSwag into the cache")
+    p = sub.add_parser("hellaswag", help="HellaSwag's validation set into the cache the recipes read")
+    p.add_argument("--out", help=f"directory (default: {hellaswag.cache_dir()}, from $GPT2_SCALE_CACHE)")
+    p.add_argument("--url", default=hellaswag.VAL_URL, help="where to fetch it from: a mirror, or a file:// URL")
     args = parser.parse_args(argv)
 
     command = "python tools/prepare_data.py " + shlex.join(argv)
     try:
+        if args.source == "hellaswag":
+            print(fetch_hellaswag(args.out, args.url))
+            return 0
         if args.source == "default" and args.out is None:
             out = data.ensure_default_corpus()
             print(f"default corpus ready in {out}")
@@ -65,7 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.out}: {t['train']:,} train and {t['val']:,} val tokens from {m['documents']:,} documents in "
         f"{len(m['shards']['train'])} + {len(m['shards']['val'])} shards"
     )
+    if args.source == "fineweb-edu" and not args.no_hellaswag:
+        try:
+            print(fetch_hellaswag(None, hellaswag.VAL_URL))
+        except UserError as e:  # the shards are ready; HellaSwag can follow where there is network
+            print(f"warning: HellaSwag was not fetched: {e} (or: python tools/prepare_data.py hellaswag)", file=sys.stderr)
     return 0
+
+
+def fetch_hellaswag(out: str | None, url: str) -> str:
+    """Download (or find) HellaSwag's validation file and check that every line parses."""
+    path = hellaswag.download(out, url=url)
+    return f"HellaSwag: {len(hellaswag.load_examples(path)):,} validation examples in {path}"
 
 
 if __name__ == "__main__":
