@@ -1,4 +1,4 @@
-"""Training-step benchmark: times ``train.optimizer_step`` (the step the trainer runs, not a copy) per row, a row
+"""Training-step benchmark: times ``step.optimizer_step`` (the step the trainer runs, not a copy) per row, a row
 being an engine and config overrides (``BenchSpec``; ``sweep`` varies one key at a time from a base row).
 
 Each row reports ms/step, tokens/s, MFU against a datasheet peak and, on CUDA, against a bf16
@@ -27,7 +27,8 @@ from gpt2_scale.config import Config, ConfigError, set_value, validate
 from gpt2_scale.metrics import detect_peak_tflops, mfu
 from gpt2_scale.model import GPT
 from gpt2_scale.strategies.base import compile_scope
-from gpt2_scale.train import build_model, optimizer_step
+from gpt2_scale.step import optimizer_step
+from gpt2_scale.train import build_model
 from gpt2_scale.zoo import ModelConfig
 
 SEED = "seed"  # the pseudo-engine of --compare-seed

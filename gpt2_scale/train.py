@@ -24,6 +24,7 @@ from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
+from gpt2_scale.step import optimizer_step
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -185,23 +186,6 @@ def hellaswag(strategy, cfg: Config, env, examples) -> dict:
     from gpt2_scale.eval.hellaswag import evaluate
 
     return evaluate(strategy.module, examples, env.device, env.rank, env.world_size)
-
-
-def optimizer_step(strategy, batches, lr: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches: returns (loss averaged over micro-batches and
-    ranks, global gradient norm before clipping), both still on the device.
-
-    Each micro-batch loss is scaled by 1/accumulation so the summed gradients are the mean over the
-    whole batch; gradients are synchronized on the last micro-batch only.
-    """
-    batches = list(batches)
-    strategy.set_lr(lr)
-    loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum += strategy.micro_step(x, y, 1.0 / len(batches), sync=i == len(batches) - 1)
-    norm = strategy.step()
-    return distributed.all_reduce_mean(loss_sum / len(batches)), norm
 
 
 class StopFlag:

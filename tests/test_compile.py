@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
     from gpt2_scale import distributed, strategies
     from gpt2_scale.config import ConfigError
-    from gpt2_scale.train import optimizer_step
+    from gpt2_scale.step import optimizer_step
 
     env = distributed.init("cpu")
     gen = torch.Generator().manual_seed(0)

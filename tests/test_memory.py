@@ -51,7 +51,7 @@ def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from gpt2_scale import distributed, strategies
-    from gpt2_scale.train import optimizer_step
+    from gpt2_scale.step import optimizer_step
 
     env = distributed.init("cpu")
     gen = torch.Generator().manual_seed(rank)
