@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt2_scale import memory
-from gpt2_scale.model import GPT
+from gpt2_scale.model import GPT, Options
 from gpt2_scale.zoo import ModelConfig
 from launch import spawned_world
 
@@ -120,9 +120,8 @@ def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine)
 
 def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,
                        loss_chunk: int = 0) -> int:
-    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128))
-    model.activation_checkpointing = checkpointing
-    model.loss_chunk = loss_chunk
+    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128),
+                Options(activation_checkpointing=checkpointing, loss_chunk=loss_chunk))
     saved: dict[int, int] = {}
 
     def pack(t):

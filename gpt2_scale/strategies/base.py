@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import torch.nn as nn
 from gpt2_scale.config import Config, ConfigError
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
-from gpt2_scale.loss import chunk_loss
-from gpt2_scale.model import GPT, cross_entropy
+from gpt2_scale.loss import chunk_loss, cross_entropy
+from gpt2_scale.model import GPT, Options
 
 
 def use_bf16(cfg: Config, env: DistEnv) -> bool:
@@ -51,25 +52,26 @@ def compile_options(cfg: Config) -> dict:
 
 
 def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = True) -> None:
-    """Activation checkpointing, the fused loss's chunk and torch.compile, applied in place before any engine
-    wraps the model.
+    """Apply the run's engine settings to the model, in place, before any engine wraps it: the one place that does.
 
-    Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and
-    state-dict names those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it.
-    Scope "block" compiles each transformer block and the loss; scope "model" the whole GPT, unless ``compile_model``
-    is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
+    The model's ``Options`` (activation checkpointing, the fused loss's chunk, compiled loss functions), then
+    torch.compile, as torchtitan's ``parallelize`` applies activation checkpointing and compile before FSDP.
+    Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and state-dict names
+    those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it. Scope "block" compiles each
+    transformer block and the two loss functions (outside the blocks but B·T·V wide: the loss of the full logits
+    and the fused loss's per-chunk softmax); scope "model" the whole GPT, unless ``compile_model`` is False because
+    the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
     """
-    model.activation_checkpointing = cfg.engine.activation_checkpointing
-    model.loss_chunk = cfg.engine.loss_chunk
+    options = Options(activation_checkpointing=cfg.engine.activation_checkpointing, loss_chunk=cfg.engine.loss_chunk)
     scope = compile_scope(cfg, env)
     if scope == "block":
         for block in model.transformer.h:
             block.compile(**compile_options(cfg))
-        # Outside the blocks but B·T·V wide: the loss (full logits) and the fused loss's per-chunk softmax.
-        model.cross_entropy = torch.compile(cross_entropy, **compile_options(cfg))
-        model.lm_head.chunk_fn = torch.compile(chunk_loss, **compile_options(cfg))
+        options = dataclasses.replace(options, cross_entropy=torch.compile(cross_entropy, **compile_options(cfg)),
+                                      chunk_loss=torch.compile(chunk_loss, **compile_options(cfg)))
     elif scope == "model" and compile_model:
         model.compile(**compile_options(cfg))
+    model.options = options
 
 
 class Strategy(ABC):
