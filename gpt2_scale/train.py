@@ -20,6 +20,7 @@ from gpt2_scale.errors import UserError, report
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps
+from gpt2_scale.device import enable_tf32
 from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
@@ -246,9 +247,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
 
         make_deterministic(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(env.device)
     train_loader, val_loader = open_data(cfg, env)
     examples = load_hellaswag(cfg)
     model = build_model(cfg).to(env.device)

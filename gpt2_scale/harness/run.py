@@ -57,7 +57,7 @@ class PlainStrategy(Strategy):
         self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, self.env.device)
 
     def autocast(self):
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return self.runtime.autocast()
 
     def _set_sync(self, sync: bool) -> None:
         pass
