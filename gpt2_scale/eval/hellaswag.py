@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gpt2_scale import fileio
 from gpt2_scale.device import resolve
 from gpt2_scale.errors import UserError
 from gpt2_scale.tokenizer import encode
@@ -47,8 +48,7 @@ class Example:
 
 def cache_dir() -> Path:
     """Where the downloaded file lives: $GPT2_SCALE_CACHE/hellaswag, default ~/.cache/gpt2_scale/hellaswag."""
-    root = os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale"
-    return Path(root) / "hellaswag"
+    return fileio.cache_dir() / "hellaswag"
 
 
 def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> Path:
