@@ -3,17 +3,17 @@
 ``resolve(purpose, ...)`` decides all three for training (the trainer, every engine and the bench), evaluation
 (HellaSwag) and sampling. The purposes differ, and only here:
 
-    "auto"     train                        evaluate                 sample
-    device     cuda, else cpu               cuda, else mps, else cpu  cuda, else mps, else cpu
-    dtype      bf16 autocast on CUDA,       bf16 autocast on CUDA,   fp32 on every device
-               fp32 elsewhere               fp32 elsewhere           (python -m gpt2_scale.sample has no autocast)
-    compile    on CUDA, except ZeRO-3       never                    never
-               (``compile_scope``)
+    "auto"    train                       evaluate                    sample
+    device    cuda, else cpu              cuda, else mps, else cpu    cuda, else mps, else cpu
+    dtype     bf16 autocast on CUDA,      bf16 autocast on CUDA,      fp32 on every device
+              fp32 elsewhere              fp32 elsewhere
+    compile   on CUDA, except ZeRO-3      never                       never
+              (``compile_scope``)
+    TF32      on for CUDA (enable_tf32)   not set (PyTorch's default) not set (PyTorch's default)
 
 Training never picks Apple's MPS: its process groups are NCCL (CUDA) or gloo (CPU), and neither runs on MPS.
 The validation loss and the samples printed during training run under the engine's settings (``Strategy.autocast``);
-HellaSwag, during training or not, under "evaluate".
-TF32, the precision setting every CUDA run shares, is set here too (``enable_tf32``).
+HellaSwag, during training or not, under "evaluate" (TF32 is process-wide: inside a training run it is on).
 """
 
 from __future__ import annotations
