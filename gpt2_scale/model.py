@@ -104,7 +104,7 @@ class Options:
 
     A new GPT runs the plain way; an engine sets its run's options once, before it wraps the model
     (``strategies.base.prepare_model``, from ``engine.activation_checkpointing``, ``engine.loss_chunk`` and the
-    compile scope), as torchtitan's ``parallelize`` applies a job's settings to a model that declares nothing else.
+    compile scope), the way torchtitan's ``parallelize`` applies a job's settings to its model.
     """
 
     activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
