@@ -1,4 +1,4 @@
-"""Training-step benchmark: times ``train.optimizer_step`` (the step the trainer runs, not a copy) per row, a row
+"""Training-step benchmark: times ``step.optimizer_step`` (the step the trainer runs, not a copy) per row, a row
 being an engine and config overrides (``BenchSpec``; ``sweep`` varies one key at a time from a base row).
 
 Each row reports ms/step, tokens/s, MFU against a datasheet peak and, on CUDA, against a bf16
@@ -24,10 +24,11 @@ import torch.distributed as dist
 
 from gpt2_scale import distributed, memory, strategies
 from gpt2_scale.config import Config, ConfigError, set_value, validate
+from gpt2_scale.device import enable_tf32, resolve
 from gpt2_scale.metrics import detect_peak_tflops, mfu
 from gpt2_scale.model import GPT
-from gpt2_scale.strategies.base import compile_scope
-from gpt2_scale.train import build_model, optimizer_step
+from gpt2_scale.step import optimizer_step
+from gpt2_scale.train import build_model
 from gpt2_scale.zoo import ModelConfig
 
 SEED = "seed"  # the pseudo-engine of --compare-seed
@@ -174,9 +175,9 @@ def _seed_runner(cfg: Config, env: distributed.DistEnv) -> Callable[[list], obje
 
     from gpt2_scale.optim import param_groups
 
-    torch.set_float32_matmul_precision("high")  # TF32
+    torch.set_float32_matmul_precision("high")  # the walk-through's own TF32 line, kept as it wrote it (run_one set ours)
     model = GPT(ModelConfig.from_name(cfg.model.name, pad_vocab=True)).to(env.device)
-    if compile_scope(cfg, env) is not None:  # compile on, as ours: the seed always compiles the whole model
+    if resolve("train", env.device, cfg.engine).compile is not None:  # compile on, as ours: the seed always compiles the whole model
         model = torch.compile(model)
     model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(param_groups(model, 0.1), lr=6e-4, betas=(0.9, 0.95), eps=1e-8,
@@ -193,9 +194,7 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     cfg = spec.config(env.world_size)
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     torch.manual_seed(cfg.train.seed)
-    if env.device.type == "cuda":  # as the trainer
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(env.device)  # as the trainer
     model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=spec.engine == SEED or cfg.model.pad_vocab)
     batches = token_batches(cfg, spec.data, env, model_cfg.vocab_size)
     take = lambda: [next(batches) for _ in range(spec.accum)]  # noqa: E731

@@ -1,10 +1,71 @@
-"""Which torch device to run on: ``auto`` picks CUDA, then Apple MPS, then the CPU."""
+"""Where and how a process computes: the one place where "auto" (device, dtype, compile) becomes a concrete choice.
+
+``resolve(purpose, ...)`` decides all three for training (the trainer, every engine and the bench), evaluation
+(HellaSwag) and sampling. The purposes differ, and only here:
+
+    "auto"    train                       evaluate                    sample
+    device    cuda, else cpu              cuda, else mps, else cpu    cuda, else mps, else cpu
+    dtype     bf16 autocast on CUDA,      bf16 autocast on CUDA,      fp32 on every device
+              fp32 elsewhere              fp32 elsewhere
+    compile   on CUDA, except ZeRO-3      never                       never
+              (``compile_scope``)
+    TF32      on for CUDA (enable_tf32)   not set (PyTorch's default) not set (PyTorch's default)
+
+Training never picks Apple's MPS: its process groups are NCCL (CUDA) or gloo (CPU), and neither runs on MPS.
+The validation loss and the samples printed during training run under the engine's settings (``Strategy.autocast``);
+HellaSwag, during training or not, under "evaluate" (TF32 is process-wide: inside a training run it is on).
+"""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
 import torch
 
+if TYPE_CHECKING:
+    from gpt2_scale.config import EngineSection
+
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+Purpose = Literal["train", "evaluate", "sample"]
+CompileScope = Literal["block", "model"]
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The concrete choices for one process."""
+
+    device: torch.device
+    dtype: torch.dtype  # what forward computes in: torch.bfloat16 (autocast, or the engine's own cast) or torch.float32
+    compile: CompileScope | None  # what torch.compile covers; None = eager
+
+    @property
+    def bf16(self) -> bool:
+        return self.dtype == torch.bfloat16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when the dtype is bf16, else nothing."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+
+def resolve(purpose: Purpose, device: str | torch.device = "auto", engine: EngineSection | None = None) -> Runtime:
+    """Every "auto" made concrete for ``purpose`` (the table above).
+
+    ``device`` is a name to resolve ("auto", "cpu", "cuda:1" ...) or a device already chosen (a training rank's
+    GPU, which ``distributed.init`` picks). ``engine`` holds training's dtype and compile settings (the defaults when
+    None); evaluation and sampling take none. Training refuses a compile setting measured to train wrong
+    (``check_compile``)."""
+    device = device if isinstance(device, torch.device) else resolve_device(device, purpose)
+    if purpose != "train":
+        return Runtime(device, torch.bfloat16 if purpose == "evaluate" and device.type == "cuda" else torch.float32, None)
+    if engine is None:
+        from gpt2_scale.config import EngineSection
+
+        engine = EngineSection()
+    check_compile(engine, device)
+    bf16 = engine.dtype == "bf16" or (engine.dtype == "auto" and device.type == "cuda")
+    return Runtime(device, torch.bfloat16 if bf16 else torch.float32, compile_scope(engine, device))
 
 
 def _mps_available() -> bool:
@@ -12,19 +73,20 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def default_device() -> str:
-    """The best device here: ``cuda`` when a CUDA GPU is visible, else ``mps`` (Apple silicon), else ``cpu``."""
+def default_device(purpose: Purpose = "sample") -> str:
+    """The best device here: ``cuda`` when a CUDA GPU is visible, else ``mps`` (Apple silicon; not for training),
+    else ``cpu``."""
     if torch.cuda.is_available():
         return "cuda"
-    if _mps_available():
+    if purpose != "train" and _mps_available():
         return "mps"
     return "cpu"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` -> ``default_device()``; a named device is checked to exist (ValueError if it does not)."""
+def resolve_device(name: str = "auto", purpose: Purpose = "sample") -> torch.device:
+    """``auto`` -> ``default_device(purpose)``; a named device is checked to exist (ValueError if it does not)."""
     if name == "auto":
-        return torch.device(default_device())
+        return torch.device(default_device(purpose))
     try:
         device = torch.device(name)
     except RuntimeError as e:
@@ -36,3 +98,43 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not _mps_available():
         raise ValueError(f"device {name!r} was asked for but MPS is not available here; use --device cpu or auto")
     return device
+
+
+def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope | None:
+    """What torch.compile covers for a training run: "block", "model", or None (eager).
+
+    By default (engine.compile unset) compile is on for CUDA, except under ZeRO-3, which stays eager there:
+    its per-block compile trains wrong on CUDA (see ``check_compile``)."""
+    default = device.type == "cuda" and engine.name != "zero3"
+    on = engine.compile if engine.compile is not None else default
+    return engine.compile_scope if on else None
+
+
+def check_compile(engine: EngineSection, device: torch.device) -> None:
+    """Refuse a combination measured to train wrong.
+
+    ZeRO-3 with per-block compile on CUDA (H200, torch 2.11, DeepSpeed 0.19.8, 2026-11-26): dynamo traces
+    DeepSpeed's parameter and pre-backward hooks inside each compiled block; the first loss is right and every
+    later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after 6 steps). The same
+    run on CPU matches DDP, so only a GPU shows it (docs/benchmarks.md)."""
+    if engine.name == "zero3" and device.type == "cuda" and compile_scope(engine, device) == "block":
+        from gpt2_scale.config import ConfigError
+
+        raise ConfigError(
+            "engine zero3 with engine.compile_scope=block trains wrong on CUDA (DeepSpeed's ZeRO-3 hooks traced inside "
+            "the compiled blocks); leave engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), "
+            "or try --engine.compile_scope=model (DeepSpeed's engine.compile)"
+        )
+
+
+def compile_options(engine: EngineSection) -> dict:
+    """Keyword arguments for torch.compile / nn.Module.compile: the mode, when one is set."""
+    return {"mode": engine.compile_mode} if engine.compile_mode else {}
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA (the walk-through's setting; fp32 inputs, 10-bit mantissa
+    products, several times fp32's rate on Ampere and later). Process-wide; the trainer and the bench call it."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from gpt2_scale.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -44,9 +46,7 @@ def init(device: str = "auto") -> DistEnv:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is visible; use --engine.device=cpu")
+    use_cuda = resolve_device(device, "train").type == "cuda"  # "auto": CUDA when visible, else the CPU
     if use_cuda:
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

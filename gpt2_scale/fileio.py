@@ -1,4 +1,4 @@
-"""Durable, atomic writes: the one way the package replaces a file or publishes a directory.
+"""Durable, atomic writes: the one way the package replaces a file or publishes a directory; and where it caches.
 
 A crash or a power loss at any moment leaves the old content or the new, never a mix. Data goes to a
 temporary name in the target's directory, is fsync'ed, is renamed over the target, and then the
@@ -10,6 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Where prepared and downloaded files are kept between runs (the default corpus, HellaSwag):
+    ``$GPT2_SCALE_CACHE``, else ``~/.cache/gpt2_scale``."""
+    return Path(os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

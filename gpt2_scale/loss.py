@@ -1,6 +1,7 @@
-"""The lm_head matmul and the cross-entropy fused and chunked over tokens: the B·T·V logits never exist at once.
+"""The model's loss: the plain cross-entropy of the full logits, and the lm_head matmul and the cross-entropy fused
+and chunked over tokens, so that the B·T·V logits never exist at once (``engine.loss_chunk``).
 
-The plain path (``F.cross_entropy(lm_head(h).float(), ...)``) holds the logits, their fp32 log-softmax (saved
+The plain path (``cross_entropy(lm_head(h), ...)``) holds the logits, their fp32 log-softmax (saved
 for backward) and, when backward starts, the fp32 gradient of the logits: 10 bytes x B·T·V under bf16
 (``memory.LOGIT_BYTES``), 7.7 GiB at B=16, T=1024, V=50257. Here each chunk of ``chunk`` tokens goes logits -> fp32 log-softmax -> loss and
 (softmax - onehot) / N -> its rows of grad_h and a share of grad_weight accumulated in fp32, all during forward
@@ -17,9 +18,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+# cross_entropy's signature: (logits, targets, vocab_size) -> mean loss
+LossFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 # chunk_loss's signature: (logits, targets, count, vocab_size, grads) -> (loss sum, logits gradient or None)
 ChunkFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token cross-entropy over the first ``vocab_size`` (unpadded) columns, in fp32; targets -1 ignored.
+
+    A function of its own so that it can be compiled apart from the blocks: fused, the slice, the fp32 cast and
+    the softmax read the B·T·V logits once instead of writing fp32 copies of them.
+    """
+    logits = logits[..., :vocab_size]
+    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-1)
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -64,7 +78,6 @@ def chunk_loss(logits: torch.Tensor, targets: torch.Tensor, count: torch.Tensor,
     probs = logp.exp_()  # in place: the chunk's fp32 log-softmax is its largest tensor
     probs.scatter_add_(1, picked_targets, -valid.to(probs.dtype).unsqueeze(1))
     return loss, probs.div_(count).masked_fill_(~valid.unsqueeze(1), 0.0).to(logits.dtype)
-
 
 
 def _compute_dtype(h: torch.Tensor) -> torch.dtype:

@@ -153,7 +153,7 @@ def tensors_in(obj) -> list[torch.Tensor]:
 
 
 def measure_state_bytes(strategy, step: Callable[[], object]) -> StateBytes:
-    """Run ``step`` (one call of train.optimizer_step) and count, between the last backward and the
+    """Run ``step`` (one call of step.optimizer_step) and count, between the last backward and the
     optimizer update, what ``strategy.state_bytes()`` reports: the moment gradients exist and, after the
     first step, the optimizer state too."""
     seen: list[StateBytes] = []

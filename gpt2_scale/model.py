@@ -1,19 +1,21 @@
 """The GPT-2 model: pre-LayerNorm transformer, learned positions, tied embeddings.
 
 Knows nothing of engines, data or logging. Parameter names follow the OpenAI/Hugging Face
-checkpoints (``transformer.h.0.attn.c_attn.weight`` ...) so weights map one to one.
+checkpoints (``transformer.h.0.attn.c_attn.weight`` ...) so weights map one to one. How it computes
+(activation checkpointing, the fused loss, compiled loss functions) is one ``Options`` value, which an
+engine sets in one place (``strategies.base.prepare_model``) before it wraps the model.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from gpt2_scale.loss import chunk_loss, linear_cross_entropy
+from gpt2_scale.loss import ChunkFn, LossFn, chunk_loss, cross_entropy, linear_cross_entropy
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -88,28 +90,34 @@ class LMHead(nn.Linear):
     def __init__(self, n_embd: int, padded_vocab_size: int, vocab_size: int) -> None:
         super().__init__(n_embd, padded_vocab_size, bias=False)
         self.vocab_size = vocab_size  # rows from here on are padding, never predicted
-        self.chunk_fn = chunk_loss  # the per-chunk softmax and gradient; compiled with the blocks (prepare_model)
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0,
+                chunk_fn: ChunkFn = chunk_loss) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk, self.chunk_fn)
+        return linear_cross_entropy(x, self.weight, targets, self.vocab_size, chunk, chunk_fn)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy over the first ``vocab_size`` (unpadded) columns, in fp32; targets -1 ignored.
+@dataclass(frozen=True)
+class Options:
+    """How the model computes, never what: every option gives the same loss and gradients, up to rounding.
 
-    A function of its own so that it can be compiled apart from the blocks: fused, the slice, the fp32 cast and
-    the softmax read the B·T·V logits once instead of writing fp32 copies of them.
+    A new GPT runs the plain way; an engine sets its run's options once, before it wraps the model
+    (``strategies.base.prepare_model``, from ``engine.activation_checkpointing``, ``engine.loss_chunk`` and the
+    compile scope), the way torchtitan's ``parallelize`` applies a job's settings to its model.
     """
-    logits = logits[..., :vocab_size]
-    return F.cross_entropy(logits.reshape(-1, vocab_size).float(), targets.reshape(-1), ignore_index=-1)
+
+    activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
+    loss_chunk: int = 0  # > 0: with targets, the fused chunked lm_head + cross-entropy (no logits returned)
+    cross_entropy: LossFn = cross_entropy  # the loss of the full logits; block-scope compile gives a compiled copy
+    chunk_loss: ChunkFn = chunk_loss  # the fused loss's per-chunk softmax and gradient; likewise
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, options: Options = Options()) -> None:
         super().__init__()
         self.config = config
+        self.options = options
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
@@ -120,9 +128,6 @@ class GPT(nn.Module):
         )
         self.lm_head = LMHead(config.n_embd, config.padded_vocab_size, config.vocab_size)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.activation_checkpointing = False  # recompute each block in backward: memory for compute
-        self.loss_chunk = 0  # > 0: with targets, the fused chunked lm_head + cross-entropy (no logits returned)
-        self.cross_entropy = cross_entropy  # the loss of the full logits; compiled with the blocks (prepare_model)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -139,9 +144,10 @@ class GPT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab_size) and, given targets (-1 = ignore), the mean cross-entropy.
 
-        With targets and ``loss_chunk`` > 0 the loss comes from the fused path (gpt2_scale/loss.py) and the
-        logits are None: they are never materialized.
+        With targets and ``options.loss_chunk`` > 0 the loss comes from the fused path (gpt2_scale/loss.py) and
+        the logits are None: they are never materialized.
         """
+        options = self.options
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
@@ -149,17 +155,17 @@ class GPT(nn.Module):
         pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            if options.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x, cache, i)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        if targets is not None and self.loss_chunk > 0:
-            return None, self.lm_head(x, targets, self.loss_chunk)
+        if targets is not None and options.loss_chunk > 0:
+            return None, self.lm_head(x, targets, options.loss_chunk, options.chunk_loss)
         logits = self.lm_head(x)
-        loss = None if targets is None else self.cross_entropy(logits, targets, self.config.vocab_size)
+        loss = None if targets is None else options.cross_entropy(logits, targets, self.config.vocab_size)
         return logits[..., : self.config.vocab_size], loss  # padded rows are never predicted
 
     @classmethod

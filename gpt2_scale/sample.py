@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from gpt2_scale import checkpoint, tokenizer
-from gpt2_scale.device import DEVICE_CHOICES, resolve_device
+from gpt2_scale.device import DEVICE_CHOICES, resolve
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _validate(args, parser)
     try:
-        device = resolve_device(args.device)
+        runtime = resolve("sample", args.device)  # fp32 on every device, never compiled
+        device = runtime.device
         if args.seed is not None:
             torch.manual_seed(args.seed)  # the random init too
         model, description = load_model(args)
@@ -135,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
-    out = generate(
-        model,
-        idx,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        generator=generator,
-        use_cache=not args.no_cache,
-    )
+    with runtime.autocast():
+        out = generate(
+            model,
+            idx,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k or None,
+            generator=generator,
+            use_cache=not args.no_cache,
+        )
     for i, row in enumerate(out.tolist()):
         if i:
             print(SEPARATOR)

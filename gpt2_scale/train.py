@@ -1,6 +1,9 @@
 """The one training loop: accumulate, clip, step, log, evaluate, checkpoint, for every engine.
 
-A recipe builds a Config and calls ``main(config)``; the command line overrides it.
+A recipe builds a Config and calls ``main(config)``; the command line overrides it. The file reads top to
+bottom as a run goes: the entry point, setup (everything validated and loaded, nothing written), the loop,
+then what the loop calls between steps: evaluation, logging and checkpointing. The optimizer step itself is
+``step.optimizer_step``, the function the equivalence harness checks and the bench times.
 """
 
 from __future__ import annotations
@@ -10,22 +13,30 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
 from gpt2_scale import checkpoint, distributed, strategies
-from gpt2_scale.errors import UserError, report
-from gpt2_scale.fileio import write_atomic
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps
+from gpt2_scale.device import enable_tf32
+from gpt2_scale.errors import UserError, report
+from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
+from gpt2_scale.step import optimizer_step
+from gpt2_scale.strategies import Strategy
 from gpt2_scale.zoo import ModelConfig
 
+if TYPE_CHECKING:
+    from gpt2_scale.data import TokenLoader
+    from gpt2_scale.eval.hellaswag import Example
 
 # A run stopped by SIGTERM/SIGINT checkpoints and exits with this code (EX_TEMPFAIL of sysexits.h), so a
 # scheduler tells "preempted: resume me" (75) from "finished" (0), "bad input" (2) and "failed" (1).
@@ -34,6 +45,9 @@ EXIT_PREEMPTED = 75
 
 class TrainingError(RuntimeError):
     pass
+
+
+# --- entry point ----------------------------------------------------------------------------------------------
 
 
 def resolve_config(defaults: Config, argv: list[str], description: str | None = None) -> Config:
@@ -70,32 +84,84 @@ def main(defaults: Config, argv: list[str] | None = None) -> None:
         sys.exit(EXIT_PREEMPTED)
 
 
-def build_model(cfg: Config) -> GPT:
-    model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab)
-    if cfg.train.seq_len > model_cfg.block_size:
-        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model_cfg.name}'s context length {model_cfg.block_size}")
-    if cfg.model.init_from:
-        from gpt2_scale.hf import load_hf
+def train(cfg: Config) -> dict:
+    """Train in this process's place in the process group (joined here, left on every way out); the run's summary."""
+    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("engine.device=cuda but no CUDA device is visible here; use --engine.device=cpu (or auto)")
+    env = distributed.init(cfg.engine.device)
+    finished = False
+    try:
+        summary = _train(cfg, env)  # closes its engine on every way out
+        finished = True
+        return summary
+    finally:
+        distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
 
-        model = load_hf(cfg.model.init_from, pad_vocab=cfg.model.pad_vocab)
-        if model.config.n_embd != model_cfg.n_embd or model.config.n_layer != model_cfg.n_layer:
-            raise ConfigError(f"model.init_from {cfg.model.init_from} is not a {cfg.model.name}; set --model to its size")
-        return model
-    return GPT(model_cfg)
+
+def _train(cfg: Config, env: distributed.DistEnv) -> dict:
+    """Set up, and only once everything is validated and loaded write into the run directory and train."""
+    run = setup(cfg, env)
+    try:
+        if run.resume_from is not None:
+            restore(run)
+        if run.start_step >= cfg.train.max_steps:
+            return already_done(run)
+        write_config(run)
+        log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
+        stop = StopFlag()
+        try:
+            log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
+                      f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
+            if run.resume_from is not None:
+                log.print(f"resumed from {run.resume_from} at step {run.start_step}")
+            return loop(run, log, stop)
+        finally:
+            stop.close()
+            log.close()
+    finally:
+        run.strategy.close()
 
 
-def open_data(cfg: Config, env: distributed.DistEnv):
-    from gpt2_scale.data import TokenLoader, ensure_default_corpus
-    from gpt2_scale.data.loader import MANIFEST
+# --- setup: validate and load everything, write nothing -------------------------------------------------------
 
-    data_dir = ensure_default_corpus() if cfg.data.dir == "default" else Path(cfg.data.dir)
-    if cfg.data.prepare_hint and not (data_dir / MANIFEST).is_file():
-        raise ConfigError(f"no complete token shards in {data_dir}; prepare them with: {cfg.data.prepare_hint}")
-    B, T = cfg.train.micro_batch, cfg.train.seq_len
-    per_step = cfg.train.total_batch_tokens // T  # a step's windows, the same set at any world size and micro-batch
-    train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed, windows_per_step=per_step)
-    val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
-    return train_loader, val_loader
+
+@dataclass
+class Run:
+    """A run once set up: what the loop and the pieces it calls between steps work on."""
+
+    cfg: Config
+    env: distributed.DistEnv
+    dir: Path  # the run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/
+    strategy: Strategy  # the model inside its engine, and the optimizer
+    train_loader: TokenLoader
+    val_loader: TokenLoader
+    hellaswag: list[Example] | None  # the HellaSwag examples, when log.hellaswag_every is on
+    accum: int  # micro-steps per optimizer step
+    n_params: int  # of the whole model, counted before an engine sharded it
+    resume_from: Path | None  # the checkpoint --resume continues from
+    start_step: int = 0  # the first step this process trains: 0, or the step the checkpoint reached
+    tokens: int = 0  # tokens trained so far, all ranks together
+
+
+def setup(cfg: Config, env: distributed.DistEnv) -> Run:
+    """Check the settings against the run directory and any checkpoint to resume, seed, open the data, build the
+    model and its engine. Nothing is written: a bad setting, file or checkpoint fails here and leaves no trace."""
+    resume_from = find_checkpoint(cfg, env)
+    accum = grad_accum_steps(cfg, env.world_size)
+    run_dir = check_run_dir(cfg)
+    if cfg.train.deterministic:
+        from gpt2_scale.determinism import make_deterministic
+
+        make_deterministic(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
+    enable_tf32(env.device)
+    train_loader, val_loader = open_data(cfg, env)
+    examples = load_hellaswag(cfg)
+    model = build_model(cfg).to(env.device)
+    n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
+    strategy = strategies.build(cfg, env)
+    strategy.setup(model)
+    return Run(cfg, env, run_dir, strategy, train_loader, val_loader, examples, accum, n_params, resume_from)
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
@@ -111,30 +177,38 @@ def check_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
-    """With --resume, the run's latest checkpoint, checked to fit this run's settings before anything is written."""
-    if not cfg.checkpoint.resume:
-        return None
-    run_dir = Path(cfg.log.run_dir)
-    path = checkpoint.latest(run_dir)
-    if path is None:
-        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
-    checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), env.world_size)
-    return path
+def build_model(cfg: Config) -> GPT:
+    """The run's GPT on the CPU: new (from the seed set before), or from ``model.init_from``, checked to be that size."""
+    model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab)
+    if cfg.train.seq_len > model_cfg.block_size:
+        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model_cfg.name}'s context length {model_cfg.block_size}")
+    if cfg.model.init_from:
+        from gpt2_scale.hf import load_hf
+
+        model = load_hf(cfg.model.init_from, pad_vocab=cfg.model.pad_vocab)
+        if model.config.n_embd != model_cfg.n_embd or model.config.n_layer != model_cfg.n_layer:
+            raise ConfigError(f"model.init_from {cfg.model.init_from} is not a {cfg.model.name}; set --model to its size")
+        return model
+    return GPT(model_cfg)
 
 
-def restore(strategy, train_loader, path: Path, env: distributed.DistEnv) -> tuple[int, int]:
-    """Load engine, data position and RNG from ``path``; returns (step, tokens) reached."""
-    state = checkpoint.load(strategy, path, env)
-    try:
-        train_loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
-        return int(state["step"]), int(state["tokens"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e
+def open_data(cfg: Config, env: distributed.DistEnv) -> tuple[TokenLoader, TokenLoader]:
+    """This rank's train and validation loaders; the default corpus is prepared on first use."""
+    from gpt2_scale.data import TokenLoader, ensure_default_corpus
+    from gpt2_scale.data.loader import MANIFEST
+
+    data_dir = ensure_default_corpus() if cfg.data.dir == "default" else Path(cfg.data.dir)
+    if cfg.data.prepare_hint and not (data_dir / MANIFEST).is_file():
+        raise ConfigError(f"no complete token shards in {data_dir}; prepare them with: {cfg.data.prepare_hint}")
+    B, T = cfg.train.micro_batch, cfg.train.seq_len
+    per_step = cfg.train.total_batch_tokens // T  # a step's windows, the same set at any world size and micro-batch
+    train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed, windows_per_step=per_step)
+    val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    return train_loader, val_loader
 
 
-def load_hellaswag(cfg: Config):
+def load_hellaswag(cfg: Config) -> list[Example] | None:
+    """The HellaSwag examples when the run evaluates them, read (or downloaded) before anything is written."""
     if not cfg.log.hellaswag_every:
         return None
     from gpt2_scale.eval.hellaswag import load_examples
@@ -142,67 +216,53 @@ def load_hellaswag(cfg: Config):
     try:
         return load_examples(cfg.log.hellaswag_data, limit=cfg.log.hellaswag_limit)
     except (OSError, RuntimeError, ValueError) as e:
-        raise ConfigError(f"HellaSwag: {e}; pass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0") from e
+        raise ConfigError(
+            f"HellaSwag: {e}; fetch it into the cache where there is network (`python tools/prepare_data.py hellaswag`), "
+            "pass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0"
+        ) from e
 
 
-def write_config(cfg: Config, run_dir: Path, env: distributed.DistEnv) -> None:
+def write_config(run: Run) -> None:
     """The run's settings, written once everything they name has been validated and loaded."""
-    if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / "config.yaml", cfg.to_yaml())
+    if run.env.is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run.dir / "config.yaml", run.cfg.to_yaml())
 
 
-@torch.no_grad()
-def validation_loss(strategy, loader, cfg: Config, env) -> float:
-    """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
-    per_batch = cfg.train.micro_batch * cfg.train.seq_len * env.world_size
-    n_batches = max(1, cfg.log.val_tokens // per_batch)
-    loader.reset()
-    strategy.model.eval()
-    total = torch.zeros((), device=env.device)
-    for _ in range(n_batches):
-        x, y = (t.to(env.device) for t in loader.next_batch())
-        with strategy.autocast():
-            _, loss = strategy.model(x, y)
-        total += loss.float()
-    strategy.model.train()
-    return distributed.all_reduce_mean(total / n_batches).item()
+def already_done(run: Run) -> dict:
+    """Resuming a run at or past --max-steps trains nothing and rewrites nothing."""
+    if run.env.is_main:
+        print(f"{run.dir} is already at step {run.start_step} (--max-steps {run.cfg.train.max_steps}): nothing to train; "
+              "pass a larger --max-steps to go on", flush=True)
+    summary = run.dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else {"step": run.start_step - 1, "finished": True}
 
 
-def print_samples(strategy, cfg: Config, env, log: MetricsLogger) -> None:
-    from gpt2_scale.generate import generate
-    from gpt2_scale.tokenizer import decode, encode
-
-    # Every rank generates (sharded engines gather weights inside forward), with the same seed.
-    prompt = torch.tensor([encode(cfg.log.sample_prompt)] * cfg.log.num_samples, device=env.device)
-    gen = torch.Generator(device=env.device).manual_seed(cfg.train.seed)
-    with strategy.autocast():
-        out = generate(strategy.module, prompt, cfg.log.sample_tokens, temperature=1.0, top_k=50, generator=gen)
-    for i, row in enumerate(out.tolist()):
-        log.print(f"sample {i}: {decode(row)!r}")
+# --- the loop ------------------------------------------------------------------------------------------------
 
 
-def hellaswag(strategy, cfg: Config, env, examples) -> dict:
-    from gpt2_scale.eval.hellaswag import evaluate
-
-    return evaluate(strategy.module, examples, env.device, env.rank, env.world_size)
-
-
-def optimizer_step(strategy, batches, lr: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step over this rank's micro-batches: returns (loss averaged over micro-batches and
-    ranks, global gradient norm before clipping), both still on the device.
-
-    Each micro-batch loss is scaled by 1/accumulation so the summed gradients are the mean over the
-    whole batch; gradients are synchronized on the last micro-batch only.
-    """
-    batches = list(batches)
-    strategy.set_lr(lr)
-    loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(batches):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum += strategy.micro_step(x, y, 1.0 / len(batches), sync=i == len(batches) - 1)
-    norm = strategy.step()
-    return distributed.all_reduce_mean(loss_sum / len(batches)), norm
+def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
+    """Steps start_step .. max_steps - 1: before each, the evaluations due; after it, its log line and the checkpoint
+    due. Returns the run's summary."""
+    cfg, env = run.cfg, run.env
+    max_steps = cfg.train.max_steps
+    progress = Progress(run, log)
+    for step in range(run.start_step, max_steps):
+        last = step == max_steps - 1
+        if evaluate(run, step, last, log):
+            progress.restart()  # evaluation waited for the device: time the steps without it
+        lr = lr_at(step, cfg.optim, max_steps)
+        batches = (run.train_loader.next_batch() for _ in range(run.accum))
+        loss, norm = optimizer_step(run.strategy, batches, lr, env.device)
+        run.tokens += cfg.train.total_batch_tokens
+        progress.step_done(step, loss, norm, lr, last)
+        stopping = stop.any_rank()  # every rank asks every step, so all leave after the same one
+        if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            save(run, step + 1, log)
+        if stopping:
+            log.print(f"stopped by signal after step {step}; continue with --resume {run.dir} (exit code {EXIT_PREEMPTED})")
+            break
+    return progress.summary(finished=last)
 
 
 class StopFlag:
@@ -236,147 +296,166 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+# --- evaluation, before a step -----------------------------------------------------------------------------
+
+
 def due(step: int, every: int, last: bool) -> bool:
     return every > 0 and (step % every == 0 or last)
 
 
-def train(cfg: Config) -> dict:
-    if cfg.engine.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("engine.device=cuda but no CUDA device is visible here; use --engine.device=cpu (or auto)")
-    env = distributed.init(cfg.engine.device)
-    finished = False
-    try:
-        summary = _train(cfg, env)  # closes its engine on every way out
-        finished = True
+def evaluate(run: Run, step: int, last: bool, log: MetricsLogger) -> bool:
+    """The validation loss, HellaSwag and samples due before ``step`` (samples not before a run's first step);
+    True when any ran."""
+    cfg = run.cfg
+    ran = False
+    if due(step, cfg.log.val_every, last):
+        val = validation_loss(run)
+        log.log({"step": step, "tokens": run.tokens, "val_loss": val})
+        log.print(f"step {step:>6} | val loss {val:.4f}")
+        ran = True
+    if run.hellaswag is not None and due(step, cfg.log.hellaswag_every, last):
+        from gpt2_scale.eval.hellaswag import evaluate as hellaswag
+
+        hs = hellaswag(run.strategy.module, run.hellaswag, run.env.device, run.env.rank, run.env.world_size)
+        log.log({"step": step, "tokens": run.tokens, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
+        log.print(f"step {step:>6} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})")
+        ran = True
+    if step > run.start_step and due(step, cfg.log.sample_every, last):
+        print_samples(run, log)
+        ran = True
+    return ran
+
+
+@torch.no_grad()
+def validation_loss(run: Run) -> float:
+    """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
+    cfg, env, strategy, loader = run.cfg, run.env, run.strategy, run.val_loader
+    per_batch = cfg.train.micro_batch * cfg.train.seq_len * env.world_size
+    n_batches = max(1, cfg.log.val_tokens // per_batch)
+    loader.reset()
+    strategy.model.eval()
+    total = torch.zeros((), device=env.device)
+    for _ in range(n_batches):
+        x, y = (t.to(env.device) for t in loader.next_batch())
+        with strategy.autocast():
+            _, loss = strategy.model(x, y)
+        total += loss.float()
+    strategy.model.train()
+    return distributed.all_reduce_mean(total / n_batches).item()
+
+
+def print_samples(run: Run, log: MetricsLogger) -> None:
+    """Continuations of log.sample_prompt, under the engine's autocast (device.py's table)."""
+    from gpt2_scale.generate import generate
+    from gpt2_scale.tokenizer import decode, encode
+
+    cfg, env, strategy = run.cfg, run.env, run.strategy
+    # Every rank generates (sharded engines gather weights inside forward), with the same seed.
+    prompt = torch.tensor([encode(cfg.log.sample_prompt)] * cfg.log.num_samples, device=env.device)
+    gen = torch.Generator(device=env.device).manual_seed(cfg.train.seed)
+    with strategy.autocast():
+        out = generate(strategy.module, prompt, cfg.log.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    for i, row in enumerate(out.tolist()):
+        log.print(f"sample {i}: {decode(row)!r}")
+
+
+# --- logging, after a step -----------------------------------------------------------------------------------
+
+
+class Progress:
+    """The training-loss line of every log step (loss, learning rate, gradient norm, time per step, tokens/s, MFU,
+    peak memory, ETA) to stdout, metrics.jsonl and TensorBoard; at the end, the run's summary.
+
+    Time per step is averaged over the steps since the last line, evaluations left out. The loss is read from the
+    device only on log steps, and a non-finite one stops the run there."""
+
+    def __init__(self, run: Run, log: MetricsLogger) -> None:
+        cfg = run.cfg
+        self.run, self.log = run, log
+        self.flops_per_token = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab).flops_per_token(cfg.train.seq_len)
+        self.peak_tflops = cfg.log.peak_tflops or detect_peak_tflops(run.env.device)
+        self.avg_dt: float | None = None
+        self.started = time.time()
+        self.restart()
+        self.last_record: dict = {}
+
+    def restart(self) -> None:
+        """Start a new timing window."""
+        self.window_start, self.window_steps = time.time(), 0
+
+    def step_done(self, step: int, loss_t: torch.Tensor, norm: torch.Tensor, lr: float, last: bool) -> None:
+        run, cfg = self.run, self.run.cfg
+        self.window_steps += 1
+        if not ((step + 1) % cfg.log.log_every == 0 or last):
+            return
+        loss = loss_t.item()  # the host waits for the device only on log steps
+        if not math.isfinite(loss):
+            kept = checkpoint.latest(run.dir)
+            raise TrainingError(
+                f"non-finite loss ({loss}) at step {step}; stopped without saving. "
+                + (f"The last good checkpoint is {kept}: resume with --resume {run.dir} and a lower --lr." if kept else "No checkpoint was written yet.")
+            )
+        dt = (time.time() - self.window_start) / self.window_steps
+        self.restart()
+        self.avg_dt = dt if self.avg_dt is None or step == run.start_step + 1 else 0.9 * self.avg_dt + 0.1 * dt
+        tps = cfg.train.total_batch_tokens / dt
+        record = {
+            "step": step, "tokens": run.tokens, "train_loss": loss, "lr": lr, "grad_norm": float(norm),
+            "ms_per_step": 1000 * dt, "tokens_per_s": tps,
+            "mfu": mfu(tps / run.env.world_size, self.flops_per_token, self.peak_tflops),
+            "peak_mem_gb": peak_bytes(run.env.device) / 2**30,
+        }
+        self.log.log({k: v for k, v in record.items() if v is not None})
+        self.log.print(step_line(record, cfg.train.max_steps, self.avg_dt * (cfg.train.max_steps - step - 1)))
+        self.last_record = record
+
+    def summary(self, finished: bool) -> dict:
+        """The run's outcome; a finished run also leaves it in summary.json."""
+        summary = {"step": self.last_record.get("step"), "tokens": self.run.tokens, "train_loss": self.last_record.get("train_loss"),
+                   "finished": finished, "seconds": time.time() - self.started}
+        if self.run.env.is_main and finished:
+            write_atomic(self.run.dir / "summary.json", json.dumps(summary, indent=2))
         return summary
-    finally:
-        distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
-
-
-def _train(cfg: Config, env: distributed.DistEnv) -> dict:
-    """Validate and load everything, and only then write into the run directory and train."""
-    resume_from = find_checkpoint(cfg, env)
-    accum = grad_accum_steps(cfg, env.world_size)
-    run_dir = check_run_dir(cfg)
-    if cfg.train.deterministic:
-        from gpt2_scale.determinism import make_deterministic
-
-        make_deterministic(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
-    if env.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    train_loader, val_loader = open_data(cfg, env)
-    examples = load_hellaswag(cfg)
-    model = build_model(cfg).to(env.device)
-    n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
-    strategy = strategies.build(cfg, env)
-    strategy.setup(model)
-    try:
-        start_step, tokens = restore(strategy, train_loader, resume_from, env) if resume_from else (0, 0)
-        if start_step >= cfg.train.max_steps:
-            return already_done(run_dir, start_step, cfg, env)
-        write_config(cfg, run_dir, env)
-        log = MetricsLogger(run_dir, env.is_main, cfg.log.tensorboard)
-        stop = StopFlag()
-        try:
-            log.print(f"gpt2-scale: {cfg.model.name} ({n_params:,} parameters), engine {cfg.engine.name}, "
-                      f"{env.world_size} rank(s) on {env.device.type}, {accum} micro-step(s) per step\n{cfg.to_yaml()}")
-            if resume_from is not None:
-                log.print(f"resumed from {resume_from} at step {start_step}")
-            return loop(cfg, env, strategy, (train_loader, val_loader), examples, log, stop, start_step, tokens)
-        finally:
-            stop.close()
-            log.close()
-    finally:
-        strategy.close()
-
-
-def already_done(run_dir: Path, step: int, cfg: Config, env: distributed.DistEnv) -> dict:
-    """Resuming a run at or past --max-steps trains nothing and rewrites nothing."""
-    if env.is_main:
-        print(f"{run_dir} is already at step {step} (--max-steps {cfg.train.max_steps}): nothing to train; "
-              "pass a larger --max-steps to go on", flush=True)
-    summary = run_dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else {"step": step - 1, "finished": True}
-
-
-def loop(cfg: Config, env, strategy, loaders, examples, log: MetricsLogger, stop: StopFlag, start_step: int, tokens: int) -> dict:
-    """Steps start_step .. max_steps - 1 with evaluation, logging and checkpoints; returns the run's summary."""
-    train_loader, val_loader = loaders
-    run_dir = Path(cfg.log.run_dir)
-    accum = grad_accum_steps(cfg, env.world_size)
-    meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name, "config": cfg.to_dict()}
-
-    def save(step: int) -> Path:
-        trainer_state = {"step": step, "tokens": tokens, "loader": train_loader.state_dict(), "rng": checkpoint.rng_state()}
-        path = checkpoint.save(strategy, run_dir, step, meta, trainer_state, env, cfg.checkpoint.keep)
-        log.print(f"checkpoint: {path}")
-        return path
-
-    max_steps = cfg.train.max_steps
-    flops_per_token = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab).flops_per_token(cfg.train.seq_len)
-    peak = cfg.log.peak_tflops or detect_peak_tflops(env.device)
-    avg_dt, t_start = None, time.time()
-    window_start, window_steps = time.time(), 0  # steps since the last log line, timed without evaluations
-    last_record: dict = {}
-    for step in range(start_step, max_steps):
-        last = step == max_steps - 1
-        evaluating = due(step, cfg.log.val_every, last) or (examples is not None and due(step, cfg.log.hellaswag_every, last))
-        evaluating = evaluating or (step > start_step and due(step, cfg.log.sample_every, last))
-        if due(step, cfg.log.val_every, last):
-            val = validation_loss(strategy, val_loader, cfg, env)
-            log.log({"step": step, "tokens": tokens, "val_loss": val})
-            log.print(f"step {step:>6} | val loss {val:.4f}")
-        if examples is not None and due(step, cfg.log.hellaswag_every, last):
-            hs = hellaswag(strategy, cfg, env, examples)
-            log.log({"step": step, "tokens": tokens, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
-            log.print(f"step {step:>6} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})")
-        if step > start_step and due(step, cfg.log.sample_every, last):
-            print_samples(strategy, cfg, env, log)
-
-        if evaluating:  # evaluation waited for the device: restart the timing window after it
-            window_start, window_steps = time.time(), 0
-        lr = lr_at(step, cfg.optim, max_steps)
-        batches = (train_loader.next_batch() for _ in range(accum))
-        loss_t, norm = optimizer_step(strategy, batches, lr, env.device)
-        tokens += cfg.train.total_batch_tokens
-        window_steps += 1
-        if (step + 1) % cfg.log.log_every == 0 or last:
-            loss = loss_t.item()  # the host waits for the device only on log steps
-            if not math.isfinite(loss):
-                kept = checkpoint.latest(run_dir)
-                raise TrainingError(
-                    f"non-finite loss ({loss}) at step {step}; stopped without saving. "
-                    + (f"The last good checkpoint is {kept}: resume with --resume {run_dir} and a lower --lr." if kept else "No checkpoint was written yet.")
-                )
-            dt = (time.time() - window_start) / window_steps
-            window_start, window_steps = time.time(), 0
-            avg_dt = dt if avg_dt is None or step == start_step + 1 else 0.9 * avg_dt + 0.1 * dt
-            tps = cfg.train.total_batch_tokens / dt
-            record = {
-                "step": step, "tokens": tokens, "train_loss": loss, "lr": lr, "grad_norm": float(norm),
-                "ms_per_step": 1000 * dt, "tokens_per_s": tps,
-                "mfu": mfu(tps / env.world_size, flops_per_token, peak), "peak_mem_gb": peak_bytes(env.device) / 2**30,
-            }
-            log.log({k: v for k, v in record.items() if v is not None})
-            log.print(step_line(record, max_steps, avg_dt * (max_steps - step - 1)))
-            last_record = record
-        stopping = stop.any_rank()  # every rank asks every step, so all leave after the same one
-        if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
-            save(step + 1)
-        if stopping:
-            log.print(f"stopped by signal after step {step}; continue with --resume {run_dir} (exit code {EXIT_PREEMPTED})")
-            break
-
-    summary = {"step": last_record.get("step"), "tokens": tokens, "train_loss": last_record.get("train_loss"),
-               "finished": last, "seconds": time.time() - t_start}
-    if env.is_main and summary["finished"]:
-        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=2))
-    return summary
 
 
 def peak_bytes(device: torch.device) -> int:
     """CUDA's max allocated, or on CPU the process peak RSS."""
     peak = peak_memory(device)
     return peak.get("allocated", peak.get("rss"))
+
+
+# --- checkpointing, after a step -------------------------------------------------------------------------------
+
+
+def save(run: Run, step: int, log: MetricsLogger) -> Path:
+    """A checkpoint after ``step`` optimizer steps: the engine's state, and this rank's data position and RNG."""
+    cfg = run.cfg
+    meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name, "config": cfg.to_dict()}
+    trainer_state = {"step": step, "tokens": run.tokens, "loader": run.train_loader.state_dict(), "rng": checkpoint.rng_state()}
+    path = checkpoint.save(run.strategy, run.dir, step, meta, trainer_state, run.env, cfg.checkpoint.keep)
+    log.print(f"checkpoint: {path}")
+    return path
+
+
+def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
+    """With --resume, the run's latest checkpoint, checked to fit this run's settings before anything is written."""
+    if not cfg.checkpoint.resume:
+        return None
+    run_dir = Path(cfg.log.run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
+    checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), env.world_size)
+    return path
+
+
+def restore(run: Run) -> None:
+    """Load the engine, the data position and the RNG from the checkpoint to resume; the run goes on from its step."""
+    path = run.resume_from
+    state = checkpoint.load(run.strategy, path, run.env)
+    try:
+        run.train_loader.load_state_dict(state["loader"])
+        checkpoint.set_rng_state(state["rng"])
+        run.start_step, run.tokens = int(state["step"]), int(state["tokens"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e

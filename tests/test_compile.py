@@ -36,7 +36,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
     from gpt2_scale import distributed, strategies
     from gpt2_scale.config import ConfigError
-    from gpt2_scale.train import optimizer_step
+    from gpt2_scale.step import optimizer_step
 
     env = distributed.init("cpu")
     gen = torch.Generator().manual_seed(0)
@@ -100,16 +100,17 @@ def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):
 def test_zero3_stays_eager_on_cuda_and_refuses_block_compile_there():
     """Measured on an H200: ZeRO-3 with compiled blocks trains wrong on CUDA (right on CPU, so this test pins the
     rule rather than the failure): the default leaves ZeRO-3 eager on CUDA, an explicit block compile is refused."""
-    from gpt2_scale.config import Config, ConfigError, EngineSection
-    from gpt2_scale.distributed import DistEnv
-    from gpt2_scale.strategies.base import check_compile, compile_scope
+    from gpt2_scale.config import ConfigError, EngineSection
+    from gpt2_scale.device import check_compile, compile_scope, resolve
 
-    cuda, cpu = DistEnv(0, 0, 1, torch.device("cuda")), DistEnv(0, 0, 1, torch.device("cpu"))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
     for engine in ["ddp", "fsdp", "zero1", "zero2"]:
-        assert compile_scope(Config(engine=EngineSection(name=engine)), cuda) == "block", engine
-    assert compile_scope(Config(engine=EngineSection(name="zero3")), cuda) is None
-    check_compile(Config(engine=EngineSection(name="zero3")), cuda)
-    check_compile(Config(engine=EngineSection(name="zero3", compile=True)), cpu)
-    check_compile(Config(engine=EngineSection(name="zero3", compile=True, compile_scope="model")), cuda)
+        assert compile_scope(EngineSection(name=engine), cuda) == "block", engine
+    assert compile_scope(EngineSection(name="zero3"), cuda) is None
+    check_compile(EngineSection(name="zero3"), cuda)
+    check_compile(EngineSection(name="zero3", compile=True), cpu)
+    check_compile(EngineSection(name="zero3", compile=True, compile_scope="model"), cuda)
     with pytest.raises(ConfigError, match="--engine.compile=false"):
-        check_compile(Config(engine=EngineSection(name="zero3", compile=True)), cuda)
+        check_compile(EngineSection(name="zero3", compile=True), cuda)
+    with pytest.raises(ConfigError, match="--engine.compile=false"):  # every engine resolves its settings through it
+        resolve("train", cuda, EngineSection(name="zero3", compile=True))

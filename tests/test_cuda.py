@@ -107,7 +107,8 @@ def _step_without_host_sync(rank: int, engine: str, port: int) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from gpt2_scale import distributed, strategies
     from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
-    from gpt2_scale.train import build_model, optimizer_step
+    from gpt2_scale.step import optimizer_step
+    from gpt2_scale.train import build_model
 
     env = distributed.init("cuda")
     cfg = Config(model=ModelSection(name="gpt2-tiny"), train=TrainSection(micro_batch=4, seq_len=128, total_batch_tokens=1024),

@@ -133,6 +133,27 @@ def test_default_device():
             resolve_device("cuda")
 
 
+def test_auto_means_one_thing_per_purpose(monkeypatch):
+    """device.resolve's table: training never picks MPS; sampling computes in fp32 and evaluation in bf16 on CUDA;
+    only training compiles."""
+    from gpt2_scale import device as device_module
+    from gpt2_scale.config import EngineSection
+    from gpt2_scale.device import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device_module, "_mps_available", lambda: True)
+    assert default_device("train") == "cpu" and default_device("sample") == default_device("evaluate") == "mps"
+    cuda = torch.device("cuda")
+    train, evaluate, sample = resolve("train", cuda), resolve("evaluate", cuda), resolve("sample", cuda)
+    assert (train.dtype, train.compile) == (torch.bfloat16, "block")
+    assert (evaluate.dtype, evaluate.compile) == (torch.bfloat16, None)
+    assert (sample.dtype, sample.compile) == (torch.float32, None)
+    cpu = torch.device("cpu")
+    assert resolve("train", cpu).dtype == resolve("evaluate", cpu).dtype == torch.float32
+    assert resolve("train", cpu, EngineSection(dtype="bf16")).dtype == torch.bfloat16
+    assert resolve("train", cpu).compile is None and resolve("train", cpu, EngineSection(compile=True)).compile == "block"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 

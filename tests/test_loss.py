@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from gpt2_scale.loss import linear_cross_entropy
-from gpt2_scale.model import GPT
+from gpt2_scale.model import GPT, Options
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -123,8 +123,8 @@ def test_property_fused_equals_plain(n, d, vocab, pad, chunk, ignored, seed):
 
 def _model_grads(loss_chunk, autocast=False):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(2, 2, 16, block_size=16, vocab_size=61, pad_vocab=True))  # 61 -> 64 rows
-    model.loss_chunk = loss_chunk
+    config = ModelConfig(2, 2, 16, block_size=16, vocab_size=61, pad_vocab=True)  # 61 -> 64 rows
+    model = GPT(config, Options(loss_chunk=loss_chunk))
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 61, (3, 16), generator=gen)
     targets = torch.randint(0, 61, (3, 16), generator=gen)
@@ -156,8 +156,7 @@ def test_model_under_bf16_autocast_with_a_loss_chunk():
 
 def test_model_without_targets_or_chunk_returns_logits():
     torch.manual_seed(0)
-    model = GPT(ModelConfig(1, 1, 8, block_size=8, vocab_size=11))
-    model.loss_chunk = 4
+    model = GPT(ModelConfig(1, 1, 8, block_size=8, vocab_size=11), Options(loss_chunk=4))
     idx = torch.randint(0, 11, (2, 8))
     logits, loss = model(idx)
     assert loss is None and logits.shape == (2, 8, 11)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gpt2_scale import memory
-from gpt2_scale.model import GPT
+from gpt2_scale.model import GPT, Options
 from gpt2_scale.zoo import ModelConfig
 from launch import env, spawned_world
 
@@ -51,7 +51,7 @@ def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from gpt2_scale import distributed, strategies
-    from gpt2_scale.train import optimizer_step
+    from gpt2_scale.step import optimizer_step
 
     env = distributed.init("cpu")
     gen = torch.Generator().manual_seed(rank)
@@ -120,9 +120,8 @@ def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine)
 
 def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,
                        loss_chunk: int = 0) -> int:
-    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128))
-    model.activation_checkpointing = checkpointing
-    model.loss_chunk = loss_chunk
+    model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128),
+                Options(activation_checkpointing=checkpointing, loss_chunk=loss_chunk))
     saved: dict[int, int] = {}
 
     def pack(t):

@@ -41,7 +41,8 @@ def _worker(rank: int, tmp: str) -> None:
 
     from gpt2_scale import distributed, strategies
     from gpt2_scale.config import Config
-    from gpt2_scale.train import build_model, optimizer_step
+    from gpt2_scale.step import optimizer_step
+    from gpt2_scale.train import build_model
 
     report = {}
     for i, engine in enumerate(ENGINES):

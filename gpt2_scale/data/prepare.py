@@ -37,7 +37,7 @@ from gpt2_scale.data.loader import (
     read_manifest,
 )
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import publish_dir, write_atomic
+from gpt2_scale.fileio import cache_dir, publish_dir, write_atomic
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -423,13 +423,12 @@ def _tokenize_into(
 # --- the embedded default corpus -----------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale")
 
 
 def ensure_default_corpus(root: str | Path | None = None) -> Path:
-    """Shards of the embedded corpus under root/default, prepared once (atomically) and then reused."""
-    out = Path(root or default_cache_dir()) / "default"
+    """Shards of the embedded corpus under root/default (root: the cache folder), prepared once (atomically) and
+    then reused."""
+    out = Path(root or cache_dir()) / "default"
     if out.exists():
         read_manifest(out)  # anything but a finished preparation is an error, never silently replaced
         return out

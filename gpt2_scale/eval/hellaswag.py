@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from gpt2_scale import fileio
+from gpt2_scale.device import resolve
 from gpt2_scale.errors import UserError
 from gpt2_scale.tokenizer import encode
 
@@ -46,8 +48,7 @@ class Example:
 
 def cache_dir() -> Path:
     """Where the downloaded file lives: $GPT2_SCALE_CACHE/hellaswag, default ~/.cache/gpt2_scale/hellaswag."""
-    root = os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale"
-    return Path(root) / "hellaswag"
+    return fileio.cache_dir() / "hellaswag"
 
 
 def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> Path:
@@ -185,6 +186,7 @@ def evaluate(
     if batch_examples < 1:
         raise HellaSwagError(f"batch_examples must be >= 1, got {batch_examples}")
     device = torch.device(device)
+    runtime = resolve("evaluate", device)  # bf16 autocast on CUDA
     block_size = _block_size(model)
     mine = examples[rank::world_size]
     n_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_examples)  # the same on every rank
@@ -198,7 +200,7 @@ def evaluate(
                 tokens, targets = collate([render(ex, block_size) for ex in batch])
             else:  # dummy work keeps this rank's collectives in step with the others
                 tokens = targets = torch.zeros(NUM_ENDINGS, 2, dtype=torch.long)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with runtime.autocast():
                 total, mean = candidate_losses(model, tokens.to(device), targets.to(device))
             if batch:
                 labels = torch.tensor([ex.label for ex in batch], device=device)

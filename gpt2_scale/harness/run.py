@@ -1,6 +1,6 @@
 """Train a case: under an engine on every rank of a process group, or as the single-process reference.
 
-Both drive ``gpt2_scale.train.optimizer_step``, the function the training loop uses, so the harness
+Both drive ``gpt2_scale.step.optimizer_step``, the function the training loop uses, so the harness
 checks the real step. The reference is a plain model with the same AdamW on one process that sees the
 whole total batch at once (one micro-batch of all sequences): any correct split of that batch over
 micro-steps and ranks must give the same losses, norms and weights. The reference also records what
@@ -23,8 +23,8 @@ from gpt2_scale.distributed import DistEnv, barrier
 from gpt2_scale.harness.case import Case, eval_batch, rank_batches, run_config, tokens
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
+from gpt2_scale.step import optimizer_step
 from gpt2_scale.strategies.base import Strategy, adamw
-from gpt2_scale.train import optimizer_step
 
 
 @dataclass
@@ -57,7 +57,7 @@ class PlainStrategy(Strategy):
         self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, self.env.device)
 
     def autocast(self):
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return self.runtime.autocast()
 
     def _set_sync(self, sync: bool) -> None:
         pass

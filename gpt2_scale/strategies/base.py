@@ -3,73 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from gpt2_scale.config import Config, ConfigError
+from gpt2_scale.config import Config, EngineSection
+from gpt2_scale.device import Runtime, compile_options, resolve
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.loss import chunk_loss, cross_entropy
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
-from gpt2_scale.loss import chunk_loss
-from gpt2_scale.model import GPT, cross_entropy
+from gpt2_scale.model import GPT, Options
 
 
-def use_bf16(cfg: Config, env: DistEnv) -> bool:
-    return cfg.engine.dtype == "bf16" or (cfg.engine.dtype == "auto" and env.device.type == "cuda")
+def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_model: bool = True) -> None:
+    """Apply the run's engine settings to the model, in place, before any engine wraps it: the one place that does.
 
-
-def compile_scope(cfg: Config, env: DistEnv) -> str | None:
-    """What torch.compile covers for this run: "block", "model", or None (eager).
-
-    By default (engine.compile unset) compile is on for CUDA, except under ZeRO-3, which stays eager there:
-    its per-block compile trains wrong on CUDA (see ``check_compile``)."""
-    default = env.device.type == "cuda" and cfg.engine.name != "zero3"
-    on = cfg.engine.compile if cfg.engine.compile is not None else default
-    return cfg.engine.compile_scope if on else None
-
-
-def check_compile(cfg: Config, env: DistEnv) -> None:
-    """Refuse a combination measured to train wrong.
-
-    ZeRO-3 with per-block compile on CUDA (H200, torch 2.11, DeepSpeed 0.19.8, 2026-11-26): dynamo traces
-    DeepSpeed's parameter and pre-backward hooks inside each compiled block; the first loss is right and every
-    later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after 6 steps). The same
-    run on CPU matches DDP, so only a GPU shows it (docs/benchmarks.md)."""
-    if cfg.engine.name == "zero3" and env.device.type == "cuda" and compile_scope(cfg, env) == "block":
-        raise ConfigError(
-            "engine zero3 with engine.compile_scope=block trains wrong on CUDA (DeepSpeed's ZeRO-3 hooks traced inside "
-            "the compiled blocks); leave engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), "
-            "or try --engine.compile_scope=model (DeepSpeed's engine.compile)"
-        )
-
-
-def compile_options(cfg: Config) -> dict:
-    """Keyword arguments for torch.compile / nn.Module.compile: the mode, when one is set."""
-    return {"mode": cfg.engine.compile_mode} if cfg.engine.compile_mode else {}
-
-
-def prepare_model(model: GPT, cfg: Config, env: DistEnv, compile_model: bool = True) -> None:
-    """Activation checkpointing, the fused loss's chunk and torch.compile, applied in place before any engine
-    wraps the model.
-
-    Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and
-    state-dict names those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it.
-    Scope "block" compiles each transformer block and the loss; scope "model" the whole GPT, unless ``compile_model``
-    is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
+    The model's ``Options`` (activation checkpointing, the fused loss's chunk, compiled loss functions), then
+    torch.compile, as torchtitan's ``parallelize`` applies activation checkpointing and compile before FSDP.
+    Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and state-dict names
+    those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it. Scope "block" compiles each
+    transformer block and the two loss functions (outside the blocks but B·T·V wide: the loss of the full logits
+    and the fused loss's per-chunk softmax); scope "model" the whole GPT, unless ``compile_model`` is False because
+    the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
     """
-    model.activation_checkpointing = cfg.engine.activation_checkpointing
-    model.loss_chunk = cfg.engine.loss_chunk
-    scope = compile_scope(cfg, env)
-    if scope == "block":
+    options = Options(activation_checkpointing=engine.activation_checkpointing, loss_chunk=engine.loss_chunk)
+    compile_kwargs = compile_options(engine)
+    if runtime.compile == "block":
         for block in model.transformer.h:
-            block.compile(**compile_options(cfg))
-        # Outside the blocks but B·T·V wide: the loss (full logits) and the fused loss's per-chunk softmax.
-        model.cross_entropy = torch.compile(cross_entropy, **compile_options(cfg))
-        model.lm_head.chunk_fn = torch.compile(chunk_loss, **compile_options(cfg))
-    elif scope == "model" and compile_model:
-        model.compile(**compile_options(cfg))
+            block.compile(**compile_kwargs)
+        options = dataclasses.replace(options, cross_entropy=torch.compile(cross_entropy, **compile_kwargs),
+                                      chunk_loss=torch.compile(chunk_loss, **compile_kwargs))
+    elif runtime.compile == "model" and compile_model:
+        model.compile(**compile_kwargs)
+    model.options = options
 
 
 class Strategy(ABC):
@@ -84,7 +53,8 @@ class Strategy(ABC):
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
-        self.bf16 = use_bf16(cfg, env)
+        self.runtime = resolve("train", env.device, cfg.engine)  # dtype and compile scope, "auto" decided
+        self.bf16 = self.runtime.bf16
         self.model: nn.Module  # what the loop calls forward on
         self.module: GPT  # the GPT inside (sharded for fsdp/zero3), for evaluation and sampling
         self.optimizer: torch.optim.Optimizer

@@ -20,14 +20,14 @@ class DDPStrategy(Strategy):
     zero_grads_to_none = False
 
     def setup(self, model: GPT) -> None:
-        prepare_model(model, self.cfg, self.env)
+        prepare_model(model, self.cfg.engine, self.runtime)
         self.module = model
         device_ids = [self.env.local_rank] if self.env.device.type == "cuda" else None
         self.model = DDP(model, device_ids=device_ids, gradient_as_bucket_view=True)
         self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, self.env.device)
 
     def autocast(self):
-        return torch.autocast(self.env.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        return self.runtime.autocast()
 
     def _set_sync(self, sync: bool) -> None:
         # What DDP.no_sync() sets, without a context manager spanning forward and backward.

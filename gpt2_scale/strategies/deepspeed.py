@@ -21,7 +21,8 @@ from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, check_compile, compile_options, compile_scope, prepare_model
+from gpt2_scale.device import compile_options
+from gpt2_scale.strategies.base import Strategy, prepare_model
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -122,18 +123,17 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: GPT) -> None:
         import deepspeed
 
-        check_compile(self.cfg, self.env)
-        prepare_model(model, self.cfg, self.env, compile_model=False)
+        prepare_model(model, self.cfg.engine, self.runtime, compile_model=False)
         ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         self._own_attrs = _attributes(model)  # what DeepSpeed adds from here on, close() takes off again
         with arch_list_deepspeed_reads():  # FusedAdam (CUDA) is JIT-built here on first use
             self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
         self.module = self.model.module
-        if compile_scope(self.cfg, self.env) == "model":
+        if self.runtime.compile == "model":
             # DeepSpeed's supported way: it compiles engine.module in place (names unchanged) once its ZeRO-3
             # parameter hooks exist; those hooks are torch.compiler.disable'd, so each gathers outside the graph.
-            self.model.compile(compile_kwargs=compile_options(self.cfg))
+            self.model.compile(compile_kwargs=compile_options(self.cfg.engine))
 
     def _set_sync(self, sync: bool) -> None:
         self.model.set_gradient_accumulation_boundary(sync)

@@ -20,12 +20,12 @@ from gpt2_scale.config import ConfigError
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
 from gpt2_scale.safeload import SafeDCPReader
-from gpt2_scale.strategies.base import Strategy, adamw, compile_scope, prepare_model
+from gpt2_scale.strategies.base import Strategy, adamw, prepare_model
 
 
 class FSDPStrategy(Strategy):
     def setup(self, model: GPT) -> None:
-        if compile_scope(self.cfg, self.env) == "model" and self.cfg.engine.activation_checkpointing:
+        if self.runtime.compile == "model" and self.cfg.engine.activation_checkpointing:
             # Each block's FSDP hooks are dynamo-disabled; inside the checkpoint region that whole-model compile
             # traces they cannot graph-break, so dynamo skips all of GPT.forward and the model runs uncompiled.
             raise ConfigError(
@@ -33,7 +33,7 @@ class FSDPStrategy(Strategy):
                 "whole forward (FSDP2's per-block hooks cannot run inside a compiled checkpoint region), so nothing would "
                 "be compiled; use engine.compile_scope=block (each block compiled, checkpointed around it)"
             )
-        prepare_model(model, self.cfg, self.env)
+        prepare_model(model, self.cfg.engine, self.runtime)
         # bf16 compute with fp32 gradient reduction; fp32 sharded master weights either way.
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
         kwargs = dict(mp_policy=mp, offload_policy=CPUOffloadPolicy() if self.cfg.engine.offload else None)

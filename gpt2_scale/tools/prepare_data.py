@@ -19,6 +19,7 @@ import sys
 from gpt2_scale.data import prepare as data  # the module
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.eval import hellaswag
+from gpt2_scale.fileio import cache_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("default", parents=[common], help="CPython's documentation text, shipped with Python")
-    p.add_argument("--out", help=f"output directory (default: the cache, {data.default_cache_dir() / 'default'})")
+    p.add_argument("--out", help=f"output directory (default: the cache, {cache_dir() / 'default'})")
     p = sub.add_parser("text", parents=[common], help="local .txt / .jsonl / .parquet files or directories")
     p.add_argument("paths", nargs="+")
     p.add_argument("--field", default="text", help="the text field of .jsonl / .parquet records")
