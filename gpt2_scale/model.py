@@ -169,7 +169,7 @@ class GPT(nn.Module):
         return logits[..., : self.config.vocab_size], loss  # padded rows are never predicted
 
     @classmethod
-    def from_pretrained(cls, name_or_dir: str, pad_vocab: bool = False) -> "GPT":
+    def from_pretrained(cls, name_or_dir: str, pad_vocab: bool = False) -> GPT:
         """A GPT-2 checkpoint in Hugging Face layout: a hub name (``gpt2`` ...) or a local directory.
 
         See ``gpt2_scale.hf.load_hf``.

@@ -393,7 +393,8 @@ class Progress:
             kept = checkpoint.latest(run.dir)
             raise TrainingError(
                 f"non-finite loss ({loss}) at step {step}; stopped without saving. "
-                + (f"The last good checkpoint is {kept}: resume with --resume {run.dir} and a lower --lr." if kept else "No checkpoint was written yet.")
+                + (f"The last good checkpoint is {kept}: resume with --resume {run.dir} and a lower --lr."
+                   if kept else "No checkpoint was written yet.")
             )
         dt = (time.time() - self.window_start) / self.window_steps
         self.restart()

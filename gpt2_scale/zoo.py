@@ -54,11 +54,11 @@ class ModelConfig:
         T = seq_len or self.block_size
         return 6 * self.num_params(include_position_embeddings=False) + 12 * self.n_layer * self.n_embd * T
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_name(cls, name: str, **overrides) -> "ModelConfig":
+    def from_name(cls, name: str, **overrides) -> ModelConfig:
         key = _ALIASES.get(name.lower(), name.lower())
         if key not in _ZOO:
             raise ValueError(f"unknown model {name!r}; valid names: {', '.join(available_models())}")

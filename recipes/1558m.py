@@ -8,7 +8,9 @@ Fits 8 x 80 GB: micro-batch 8 x 1024, 16 micro-steps per step, no activation che
 
 On one 80 GB GPU (ZeRO-Offload: Adam state and fp32 master on the host, 128 micro-steps, ~25 GB host RAM):
 
-    python recipes/1558m.py --engine.offload=true     # estimate 31.9 GiB: tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 1 --micro-batch 8 --offload
+    python recipes/1558m.py --engine.offload=true
+
+(the estimate 31.9 GiB: tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 1 --micro-batch 8 --offload)
 
 Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """

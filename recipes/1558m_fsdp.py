@@ -8,7 +8,9 @@ Fits 8 x 80 GB: micro-batch 8 x 1024, 16 micro-steps per step, no activation che
 
 On one 80 GB GPU (FSDP CPU offload: weights, gradients and Adam state on the host, 128 micro-steps, ~25 GB host RAM):
 
-    python recipes/1558m_fsdp.py --engine.offload=true     # estimate 26.1 GiB: tools/estimate_memory.py --model gpt2-1558m --engine fsdp --world 1 --micro-batch 8 --offload
+    python recipes/1558m_fsdp.py --engine.offload=true
+
+(the estimate 26.1 GiB: tools/estimate_memory.py --model gpt2-1558m --engine fsdp --world 1 --micro-batch 8 --offload)
 
 Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """

@@ -5,12 +5,12 @@ import subprocess
 import sys
 
 import pytest
+from launch import env
 
 from gpt2_scale import baselines
 from gpt2_scale.baselines import RunError
 from gpt2_scale.errors import UserError
 from gpt2_scale.tools import compare_baselines
-from launch import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "compare_baselines.py")

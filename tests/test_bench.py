@@ -7,11 +7,11 @@ import subprocess
 import sys
 
 import pytest
+from launch import env
 
 from gpt2_scale import bench, memory
 from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
 from gpt2_scale.zoo import ModelConfig
-from launch import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

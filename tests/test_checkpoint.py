@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from launch import TINY, run, run_module
 
 from gpt2_scale import checkpoint, fileio
 from gpt2_scale.data import default_source, prepare_shards
 from gpt2_scale.distributed import DistEnv
-from launch import TINY, run, run_module
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero3"]  # zero2 writes zero1's layout
 MARKER = "gpt2-scale-planted-pickle-ran"

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from launch import spawned_world
 
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
-from launch import spawned_world
 
 SMALL = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=256)
 B, T = 2, 16

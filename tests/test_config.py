@@ -1,14 +1,13 @@
 import dataclasses
-import math
 import re
 
 import pytest
 
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, validate
+from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, param_groups
 from gpt2_scale.strategies.deepspeed import fill_auto
-from gpt2_scale.model import GPT
 from gpt2_scale.zoo import ModelConfig
 
 

@@ -18,10 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launch import TINY, metrics, run
 
 from gpt2_scale import memory
 from gpt2_scale.zoo import ModelConfig
-from launch import TINY, metrics, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from launch import env
 
 from gpt2_scale import tokenizer
 from gpt2_scale.data import (
@@ -30,7 +31,6 @@ from gpt2_scale.data import (
 from gpt2_scale.data import prepare as prepare_module
 from gpt2_scale.data.loader import MANIFEST
 from gpt2_scale.tools import prepare_data
-from launch import env
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -419,8 +419,9 @@ def test_cli_default_into_a_directory(tmp_path, capsys):
 def test_hellaswag_is_fetched_into_the_cache_the_recipes_read(tmp_path, monkeypatch, capsys):
     """`prepare_data.py hellaswag` (and `fineweb-edu`, after its shards) put the eval set where training looks
     when --log.hellaswag_data is unset, so an offline node needs no network; a failed fetch leaves the shards."""
-    from gpt2_scale.eval import hellaswag
     from test_hellaswag import write_examples
+
+    from gpt2_scale.eval import hellaswag
 
     (tmp_path / "mirror").mkdir()
     source = write_examples(tmp_path / "mirror" / "hellaswag_val.jsonl")

@@ -143,7 +143,7 @@ def test_model_with_a_loss_chunk_gives_the_same_loss_and_gradients(loss_chunk):
     torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert grads.keys() == plain_grads.keys()  # the tied weight once, as transformer.wte.weight
     for name, g in grads.items():  # wte's gradient holds the embedding's and the head's contributions
-        torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_model_under_bf16_autocast_with_a_loss_chunk():

@@ -4,6 +4,7 @@ engine, and the estimator's activation constants against saved-for-backward byte
 One spawned world of 2 CPU ranks runs every engine (DeepSpeed's setup dominates the cost).
 """
 
+import functools
 import gc
 import os
 import subprocess
@@ -11,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from launch import env, spawned_world
 
 from gpt2_scale import memory
 from gpt2_scale.model import GPT, Options
 from gpt2_scale.zoo import ModelConfig
-from launch import env, spawned_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ("ddp", "fsdp", "zero1", "zero2", "zero3")
@@ -67,7 +68,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             saved: dict[int, int] = {}
             weights = {p.untyped_storage().data_ptr() for p in strategy.module.parameters() if engine in ("zero1", "zero2")}
 
-            def pack(t):  # activations only: ZeRO-1/2's parameters are views of one flat buffer
+            def pack(t, weights=weights, saved=saved):  # activations only: ZeRO-1/2's parameters are views of one flat buffer
                 if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in weights:
                     saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
                 return t
@@ -76,14 +77,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             # checkpointing recomputes there are not counted again.
             hooks, backward = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), strategy._backward
 
-            def backward_outside_hooks(loss):
+            def backward_outside_hooks(loss, hooks=hooks, strategy=strategy, backward=backward):
                 hooks.__exit__(None, None, None)
                 del strategy._backward
                 backward(loss)
 
             hooks.__enter__()
             strategy._backward = backward_outside_hooks
-            state = memory.measure_state_bytes(strategy, lambda: optimizer_step(strategy, batches, 1e-3, env.device))
+            state = memory.measure_state_bytes(strategy, functools.partial(optimizer_step, strategy, batches, 1e-3, env.device))
             weights = {k: v.clone() for k, v in strategy.full_state_dict().items()}
             results[engine, dtype, checkpointing] = (state, sum(saved.values()), weights)
             del strategy, model
@@ -115,7 +116,7 @@ def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine)
     _, saved_ckpt, weights_ckpt = world2[engine, "fp32", True]
     assert saved_ckpt < 0.25 * saved_plain, f"{engine}: {saved_ckpt:,} B saved with checkpointing, {saved_plain:,} B without"
     for name, w in weights_plain.items():  # two steps from the same start: recomputation changes nothing
-        torch.testing.assert_close(weights_ckpt[name], w, rtol=1e-4, atol=1e-5, msg=lambda m: f"{engine} {name}: {m}")
+        torch.testing.assert_close(weights_ckpt[name], w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{engine} {name}: {m}")
 
 
 def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,

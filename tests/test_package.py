@@ -13,7 +13,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from launch import TINY
 
 REPO = Path(__file__).resolve().parents[1]

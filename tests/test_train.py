@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import REPO, TINY, command, env, metrics, run
 
 from gpt2_scale import checkpoint
 from gpt2_scale.config import config_from_yaml_file
@@ -20,7 +21,6 @@ from gpt2_scale.distributed import DistEnv
 from gpt2_scale.model import GPT
 from gpt2_scale.train import EXIT_PREEMPTED
 from gpt2_scale.zoo import ModelConfig
-from launch import TINY, command, env, metrics, run, REPO
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
@@ -210,7 +210,8 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
     proc.wait()
     model = checkpoint.load_model(tmp_path)
     assert model.config.name == "gpt2-tiny"
-    ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] + 1)], launcher="python"))
+    step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
+    ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(step + 1)], launcher="python"))
 
 
 def test_hellaswag_during_sharded_training_then_eval_and_export_the_checkpoint(corpus, tmp_path):
@@ -235,8 +236,9 @@ def test_hellaswag_during_sharded_training_then_eval_and_export_the_checkpoint(c
     idx = torch.randint(0, 50257, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(theirs(idx).logits, ours(idx)[0], rtol=1e-4, atol=1e-4)
-    missing = run("recipes/tiny.py", TINY + ["--data", str(corpus), "--log.hellaswag_every=1",
-                                             f"--log.hellaswag_data={tmp_path / 'absent.jsonl'}", "--run-dir", str(tmp_path / "x")], launcher="python")
+    absent = f"--log.hellaswag_data={tmp_path / 'absent.jsonl'}"
+    missing = run("recipes/tiny.py", TINY + ["--data", str(corpus), "--log.hellaswag_every=1", absent, "--run-dir", str(tmp_path / "x")],
+                  launcher="python")
     assert missing.returncode == 2 and "--log.hellaswag_every=0" in missing.stderr
 
 

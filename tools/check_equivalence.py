@@ -1,4 +1,5 @@
-"""`gpt2-check-equivalence` from a checkout: the tool is gpt2_scale/tools/check_equivalence.py (the package must be installed, e.g. pip install -e .)."""
+"""`gpt2-check-equivalence` from a checkout: the tool is
+gpt2_scale/tools/check_equivalence.py (the package must be installed, e.g. pip install -e .)."""
 
 import sys
 

@@ -1,4 +1,5 @@
-"""`gpt2-compare-baselines` from a checkout: the tool is gpt2_scale/tools/compare_baselines.py (the package must be installed, e.g. pip install -e .)."""
+"""`gpt2-compare-baselines` from a checkout: the tool is
+gpt2_scale/tools/compare_baselines.py (the package must be installed, e.g. pip install -e .)."""
 
 import sys
 

@@ -60,7 +60,7 @@ class Case:
     def lr_at(self, step: int) -> float:
         return self.lr * (step + 1) / self.steps
 
-    def replace(self, **changes) -> "Case":
+    def replace(self, **changes) -> Case:
         return dataclasses.replace(self, **changes)
 
 

@@ -67,7 +67,7 @@ class Tolerance:
     weights: bool = True  # compare weights and logits element by element
 
     @classmethod
-    def for_dtype(cls, dtype: str) -> "Tolerance":
+    def for_dtype(cls, dtype: str) -> Tolerance:
         return FP32 if dtype == "fp32" else BF16
 
 

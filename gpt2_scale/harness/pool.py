@@ -35,7 +35,7 @@ class WorkerPool:
         self.world_size, self.timeout_s = world_size, timeout_s
         self._procs: list[mp.Process] = []
 
-    def __enter__(self) -> "WorkerPool":
+    def __enter__(self) -> WorkerPool:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -70,7 +70,7 @@ class WorkerPool:
                 dead = [f"rank {r} (exit code {p.exitcode})" for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead or time.monotonic() > deadline:
                     self.close()
-                    raise WorkerError(f"{', '.join(dead)} died" if dead else f"no result within {self.timeout_s:.0f}s")
+                    raise WorkerError(f"{', '.join(dead)} died" if dead else f"no result within {self.timeout_s:.0f}s") from None
         if status != "ok":
             self.close()
             raise WorkerError(payload)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from gpt2_scale.config import Config, ConfigError, grad_accum_steps
+from gpt2_scale.device import compile_options
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.device import compile_options
 from gpt2_scale.strategies.base import Strategy, prepare_model
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class DeepSpeedStrategy(Strategy):
         (``averaged_gradients``). Optimizer: the fp32 master partitions and the inner optimizer's state."""
         zero = self.optimizer
         params = [t for p in self.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None))]
-        masters = getattr(zero, "single_partition_of_fp32_groups", None) or getattr(zero, "fp32_partitioned_groups_flat")
+        masters = getattr(zero, "single_partition_of_fp32_groups", None) or zero.fp32_partitioned_groups_flat
         grads = tensors_in(zero.averaged_gradients) + [m.grad for m in masters]  # offload: the fp32 .grad on CPU
         inner = tensors_in(list(zero.optimizer.state.values()))
         return StateBytes(held_bytes(params), held_bytes(grads), held_bytes(masters + inner))

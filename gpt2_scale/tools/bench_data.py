@@ -52,7 +52,7 @@ def raw_copy_rate(data_dir: Path, B: int, T: int) -> float:
         mm = np.memmap(data_dir / shard["file"], dtype=np.uint16, mode="r")
         for o in range(0, len(mm) - n + 1, B * T):
             buf = torch.from_numpy(mm[o : o + n].astype(np.int64))
-            x, y = buf[:-1].view(B, T), buf[1:].view(B, T)
+            _x, _y = buf[:-1].view(B, T), buf[1:].view(B, T)  # what the loader hands out
             tokens += B * T
     if not tokens:
         raise ValueError(f"no train shard holds B*T+1 = {n} tokens; raise --repeat")
