@@ -1,4 +1,4 @@
-"""tools/bench.py: one row per engine with timings and model states, the seed loop side by side, one-lever
+"""tools/bench.py: one row per engine with timings and model states, the walk-through's loop side by side, one-lever
 --vary rows, failing rows that do not end the sweep, --json, bad input."""
 
 import json
@@ -25,20 +25,20 @@ def _rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip("|").split(" | ")] for line in lines]
 
 
-def test_bench_rows_for_two_engines_a_varied_lever_and_the_seed(tmp_path):
+def test_bench_rows_for_two_engines_a_varied_lever_and_the_walkthrough(tmp_path):
     out = _tool("--model", "gpt2-tiny", "--engines", "ddp,zero1", "--micro-batch", "2", "--seq-len", "16", "--accum", "2",
-                "--warmup", "1", "--steps", "2", "--compare-seed", "--peak-tflops", "1", "--vary", "train.micro_batch=1",
+                "--warmup", "1", "--steps", "2", "--compare-walkthrough", "--peak-tflops", "1", "--vary", "train.micro_batch=1",
                 "--json", str(tmp_path / "bench.json"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _rows(out.stdout)
-    assert [r[0] for r in rows] == ["ddp", "ddp micro_batch=1", "zero1", "zero1 micro_batch=1", "seed"]
+    assert [r[0] for r in rows] == ["ddp", "ddp micro_batch=1", "zero1", "zero1 micro_batch=1", "walkthrough"]
     assert [r[2] for r in rows] == ["2", "1", "2", "1", "2"]  # B: only the varied row changes
     psi = ModelConfig.from_name("gpt2-tiny", pad_vocab=True).num_params()
     ddp = rows[0]
     # one rank, fp32 on CPU: 4Ψ weights, 4Ψ gradients, 8Ψ Adam state, as the accounting says
     assert ddp[-1] == f"{memory.expected_state_bytes(psi, 'ddp', 1, bf16=False).total / 2**20:,.1f} MiB"
     assert ddp[8].endswith("%") and float(ddp[5].replace(",", "")) > 0  # MFU against --peak-tflops, ms/step
-    assert "ours/seed tokens/s: ddp" in out.stdout
+    assert "ours/walk-through tokens/s: ddp" in out.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["device"] == "cpu" and report["torch"] and report["date"].startswith("20")
     assert [r["name"] for r in report["rows"]] == [r[0] for r in rows]

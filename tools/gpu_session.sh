@@ -3,11 +3,11 @@
 #
 #   bash tools/gpu_session.sh wheels     # on a machine with pip access: wheels the GPU machine may lack, into .whl/
 #   bash tools/gpu_session.sh check      # on the GPU: tests/test_cuda.py (bf16, compile, fused AdamW/FusedAdam, NCCL)
-#   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the seed settings, compile scope, micro-batch, loss chunk
+#   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the walk-through's loop, compile scope, micro-batch, loss chunk
 #   bash tools/gpu_session.sh levers     # on the GPU: CUDA graphs (reduce-overhead), the other engines at B=64
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
-#   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs seed, then every engine at world 1
+#   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs the walk-through's loop, then every engine at world 1
 #   bash tools/gpu_session.sh second     # on the GPU, one call: check again, ZeRO-2/3 against ddp, gpt2-xl's largest B
 #
 # BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
@@ -90,7 +90,7 @@ first)
     header
     boxed 180 build_fused_adam
     boxed 240 check_tests 220 2>&1 | tee "$OUT/check.log"
-    boxed 150 bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --json "$OUT/1-ours-seed.json" 2>&1 | tee "$OUT/speed.md"
+    boxed 150 bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-walkthrough --json "$OUT/1-ours-walkthrough.json" 2>&1 | tee "$OUT/speed.md"
     boxed 240 bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee -a "$OUT/speed.md"
     # stage 3's start, if time is left: gpt2-xl eager (the estimator's constants are eager PyTorch's) and its estimates
     for args in "--engine ddp" "--engine ddp --activation-checkpointing" "--engine fsdp" "--engine fsdp --activation-checkpointing"; do
@@ -101,9 +101,9 @@ first)
         --vary engine.activation_checkpointing=true --json "$OUT/6-xl.json" 2>&1 | tee -a "$OUT/scale.md"
     ;;
 speed)
-    # (a) ours (per-block + loss compile) vs the seed walk-through's loop (whole-model compile), and compile scope.
-    bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-seed --vary engine.compile_scope=model \
-        --json "$OUT/1-seed-scope.json" | tee "$OUT/speed.md"
+    # (a) ours (per-block + loss compile) vs the walk-through's loop (whole-model compile), and compile scope.
+    bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-walkthrough --vary engine.compile_scope=model \
+        --json "$OUT/1-walkthrough-scope.json" | tee "$OUT/speed.md"
     # (b) micro-batch and the chunked loss, one at a time from the B=64 row.
     bench "${M124[@]}" --engines ddp --micro-batch 64 --vary train.micro_batch=16,32 --vary engine.loss_chunk=8192 \
         --json "$OUT/3-batch-chunk.json" | tee -a "$OUT/speed.md"

@@ -3,7 +3,7 @@
     python tools/bench.py --model gpt2-tiny --engines ddp,fsdp,zero1,zero2,zero3 --world 2 \
         --micro-batch 4 --seq-len 128                                   # CPU: spawns 2 gloo ranks per engine
     torchrun --nproc_per_node 8 tools/bench.py --model gpt2-124m --engines ddp,fsdp --micro-batch 64 \
-        --seq-len 1024 --accum 1 --compare-seed                         # GPUs: ours and the seed loop side by side
+        --seq-len 1024 --accum 1 --compare-walkthrough                  # GPUs: ours and the walk-through's loop side by side
     python tools/bench.py --model gpt2-124m --engines ddp --micro-batch 16 --set engine.dtype=bf16 \
         --vary engine.compile_scope=block,model --vary train.micro_batch=32,64 --json bench.json   # one lever per row
 
@@ -67,7 +67,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     p.add_argument("--world", type=int, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU; default: the detected GPU's datasheet")
-    p.add_argument("--compare-seed", action="store_true", help="also time the seed walk-through's loop")
+    p.add_argument("--compare-walkthrough", "--compare-seed", action="store_true", dest="compare_walkthrough",
+                   help="also time the walk-through's own loop (build-nanogpt), for ours/walk-through ratios")
     args = p.parse_args(argv)
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     bad = [e for e in engines if e not in ENGINES]
@@ -94,7 +95,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     overrides += [(key, values[0]) for key, values in (assignment(text, "--set") for text in args.set)]
     vary = [assignment(text, "--vary") for text in args.vary]
     base = bench.BenchSpec(engines[0], tuple(overrides), accum=args.accum, warmup=args.warmup, steps=args.steps, data=args.data)
-    specs = bench.sweep(base, engines, vary, args.compare_seed)
+    specs = bench.sweep(base, engines, vary, args.compare_walkthrough)
     world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
         try:
