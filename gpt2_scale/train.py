@@ -294,6 +294,7 @@ class StopFlag:
     def close(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._group = None  # distributed.shutdown destroys it with the others; no reference may keep it alive
 
 
 # --- evaluation, before a step -----------------------------------------------------------------------------
