@@ -4,7 +4,7 @@ Layout of ``RUN_DIR/checkpoints/``::
 
     step_00000100/          one complete checkpoint
         meta.json           step, engine, model, world size, and the run's config at that step
-        <engine files>      model + optimizer, written by the strategy (torch.save, DCP or DeepSpeed)
+        <engine files>      model + optimizer, written by the engine (torch.save, DCP or DeepSpeed)
         trainer_rank{r}.json  per rank: data-loader position, RNG states (JSON: loading runs no code)
     latest                  name of the newest complete checkpoint, replaced last
 
@@ -91,7 +91,7 @@ def trainer_file(path: Path, rank: int) -> Path:
     return path / f"trainer_rank{rank}.json"
 
 
-def save(strategy, run_dir: Path, step: int, meta: dict, trainer_state: dict, env: DistEnv, keep: int) -> Path:
+def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env: DistEnv, keep: int) -> Path:
     """Every rank calls. Returns the final checkpoint directory."""
     root = checkpoints_root(run_dir)
     name = f"step_{step:08d}"
@@ -100,7 +100,7 @@ def save(strategy, run_dir: Path, step: int, meta: dict, trainer_state: dict, en
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier killed save
         tmp.mkdir(parents=True)
     barrier()
-    strategy.save(tmp)
+    engine.save(tmp)
     trainer_file(tmp, env.rank).write_text(json.dumps(trainer_state))
     barrier()
     if env.is_main:
@@ -242,7 +242,7 @@ def _verify_dcp(path: Path) -> None:
                 raise _refuse(file, f"pickled globals {', '.join(unsafe)} in item {index.fqn}")
 
 
-def load(strategy, path: Path, env: DistEnv) -> dict:
+def load(engine, path: Path, env: DistEnv) -> dict:
     """Restore engine state and this rank's trainer state from a checkpoint directory."""
     verify(path)
     state_file = trainer_file(path, env.rank)
@@ -250,7 +250,7 @@ def load(strategy, path: Path, env: DistEnv) -> dict:
     if not state_file.is_file() and not old_file.is_file():
         raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete; resume from an earlier one")
     with reading(path):
-        strategy.load(path)
+        engine.load(path)
         if state_file.is_file():
             return json.loads(state_file.read_text())
         return torch.load(old_file, weights_only=True)
@@ -258,8 +258,8 @@ def load(strategy, path: Path, env: DistEnv) -> dict:
 
 def load_model(run_dir: str | Path, step: int | None = None):
     """The trained GPT of a run (full fp32 weights on CPU), from any engine's checkpoint, in one process."""
+    from gpt2_scale.engines import weights_reader
     from gpt2_scale.model import GPT
-    from gpt2_scale.strategies import weights_reader
     from gpt2_scale.zoo import ModelConfig
 
     run_dir = Path(run_dir)

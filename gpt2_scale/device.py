@@ -12,7 +12,7 @@
     TF32      on for CUDA (enable_tf32)   not set (PyTorch's default) not set (PyTorch's default)
 
 Training never picks Apple's MPS: its process groups are NCCL (CUDA) or gloo (CPU), and neither runs on MPS.
-The validation loss and the samples printed during training run under the engine's settings (``Strategy.autocast``);
+The validation loss and the samples printed during training run under the engine's settings (``Engine.autocast``);
 HellaSwag, during training or not, under "evaluate" (TF32 is process-wide: inside a training run it is on).
 """
 

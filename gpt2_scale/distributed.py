@@ -60,7 +60,7 @@ def init(device: str = "auto") -> DistEnv:
 def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:
     """Leave the process group and free every process group object of this process before returning.
 
-    Call it last, after ``Strategy.close()``, on every way out: success, error and signal. It
+    Call it last, after ``Engine.close()``, on every way out: success, error and signal. It
 
     1. waits for the other ranks (``sync``; by default only when no exception is propagating, since after an
        error a peer may be gone or stuck in another collective), so that no rank closes its connections

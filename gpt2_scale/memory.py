@@ -10,7 +10,7 @@ at world size N, bf16 = 16-bit weights where the engine keeps them:
     zero2   wΨ               wΨ/N             12Ψ/N
     zero3   wΨ/N             wΨ/N             12Ψ/N
 
-* Counted at the optimizer update, where ``Strategy.state_bytes`` measures. The paper's ZeRO-1 holds wΨ
+* Counted at the optimizer update, where ``Engine.state_bytes`` measures. The paper's ZeRO-1 holds wΨ
 gradients; DeepSpeed 0.19's stage 1 reduce-scatters at the accumulation boundary and frees the gradients of
 parameters other ranks own, so at the update it holds wΨ/N like stage 2 (it differs from stage 2 only while
 accumulating, when it keeps full gradients). The estimator uses the larger wΨ for zero1.
@@ -152,22 +152,22 @@ def tensors_in(obj) -> list[torch.Tensor]:
     return []
 
 
-def measure_state_bytes(strategy, step: Callable[[], object]) -> StateBytes:
+def measure_state_bytes(engine, step: Callable[[], object]) -> StateBytes:
     """Run ``step`` (one call of step.optimizer_step) and count, between the last backward and the
-    optimizer update, what ``strategy.state_bytes()`` reports: the moment gradients exist and, after the
+    optimizer update, what ``engine.state_bytes()`` reports: the moment gradients exist and, after the
     first step, the optimizer state too."""
     seen: list[StateBytes] = []
-    original = strategy.step
+    original = engine.step
 
     def counting_step():
-        seen.append(strategy.state_bytes())
+        seen.append(engine.state_bytes())
         return original()
 
-    strategy.step = counting_step
+    engine.step = counting_step
     try:
         step()
     finally:
-        del strategy.step  # back to the class's method
+        del engine.step  # back to the class's method
     return seen[0]
 
 

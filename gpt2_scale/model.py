@@ -3,7 +3,7 @@
 Knows nothing of engines, data or logging. Parameter names follow the OpenAI/Hugging Face
 checkpoints (``transformer.h.0.attn.c_attn.weight`` ...) so weights map one to one. How it computes
 (activation checkpointing, the fused loss, compiled loss functions) is one ``Options`` value, which an
-engine sets in one place (``strategies.base.prepare_model``) before it wraps the model.
+engine sets in one place (``engines.base.prepare_model``) before it wraps the model.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class Options:
     """How the model computes, never what: every option gives the same loss and gradients, up to rounding.
 
     A new GPT runs the plain way; an engine sets its run's options once, before it wraps the model
-    (``strategies.base.prepare_model``, from ``engine.activation_checkpointing``, ``engine.loss_chunk`` and the
+    (``engines.base.prepare_model``, from ``engine.activation_checkpointing``, ``engine.loss_chunk`` and the
     compile scope), the way torchtitan's ``parallelize`` applies a job's settings to its model.
     """
 

@@ -11,12 +11,12 @@ from collections.abc import Iterable
 import torch
 
 from gpt2_scale import distributed
-from gpt2_scale.strategies.base import Strategy
+from gpt2_scale.engines.base import Engine
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (micro_batch, seq_len)
 
 
-def optimizer_step(strategy: Strategy, batches: Iterable[Batch], lr: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def optimizer_step(engine: Engine, batches: Iterable[Batch], lr: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches: returns (loss averaged over micro-batches and
     ranks, global gradient norm before clipping), both still on the device.
 
@@ -24,10 +24,10 @@ def optimizer_step(strategy: Strategy, batches: Iterable[Batch], lr: float, devi
     whole batch; gradients are synchronized on the last micro-batch only.
     """
     batches = list(batches)
-    strategy.set_lr(lr)
+    engine.set_lr(lr)
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(batches):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss_sum += strategy.micro_step(x, y, 1.0 / len(batches), sync=i == len(batches) - 1)
-    norm = strategy.step()
+        loss_sum += engine.micro_step(x, y, 1.0 / len(batches), sync=i == len(batches) - 1)
+    norm = engine.step()
     return distributed.all_reduce_mean(loss_sum / len(batches)), norm

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from gpt2_scale import checkpoint, distributed, strategies
+from gpt2_scale import checkpoint, distributed, engines
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps
 from gpt2_scale.device import enable_tf32
+from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import peak_memory
@@ -31,7 +32,6 @@ from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
 from gpt2_scale.step import optimizer_step
-from gpt2_scale.strategies import Strategy
 from gpt2_scale.zoo import ModelConfig
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             stop.close()
             log.close()
     finally:
-        run.strategy.close()
+        run.engine.close()
 
 
 # --- setup: validate and load everything, write nothing -------------------------------------------------------
@@ -132,7 +132,7 @@ class Run:
     cfg: Config
     env: distributed.DistEnv
     dir: Path  # the run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/
-    strategy: Strategy  # the model inside its engine, and the optimizer
+    engine: Engine  # the model inside its engine, and the optimizer
     train_loader: TokenLoader
     val_loader: TokenLoader
     hellaswag: list[Example] | None  # the HellaSwag examples, when log.hellaswag_every is on
@@ -159,9 +159,9 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
     examples = load_hellaswag(cfg)
     model = build_model(cfg).to(env.device)
     n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
-    strategy = strategies.build(cfg, env)
-    strategy.setup(model)
-    return Run(cfg, env, run_dir, strategy, train_loader, val_loader, examples, accum, n_params, resume_from)
+    engine = engines.build(cfg, env)
+    engine.setup(model)
+    return Run(cfg, env, run_dir, engine, train_loader, val_loader, examples, accum, n_params, resume_from)
 
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
@@ -253,7 +253,7 @@ def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
             progress.restart()  # evaluation waited for the device: time the steps without it
         lr = lr_at(step, cfg.optim, max_steps)
         batches = (run.train_loader.next_batch() for _ in range(run.accum))
-        loss, norm = optimizer_step(run.strategy, batches, lr, env.device)
+        loss, norm = optimizer_step(run.engine, batches, lr, env.device)
         run.tokens += cfg.train.total_batch_tokens
         progress.step_done(step, loss, norm, lr, last)
         stopping = stop.any_rank()  # every rank asks every step, so all leave after the same one
@@ -317,7 +317,7 @@ def evaluate(run: Run, step: int, last: bool, log: MetricsLogger) -> bool:
     if run.hellaswag is not None and due(step, cfg.log.hellaswag_every, last):
         from gpt2_scale.eval.hellaswag import evaluate as hellaswag
 
-        hs = hellaswag(run.strategy.module, run.hellaswag, run.env.device, run.env.rank, run.env.world_size)
+        hs = hellaswag(run.engine.module, run.hellaswag, run.env.device, run.env.rank, run.env.world_size)
         log.log({"step": step, "tokens": run.tokens, "hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"]})
         log.print(f"step {step:>6} | hellaswag acc {hs['acc']:.4f} acc_norm {hs['acc_norm']:.4f} (n={hs['n']})")
         ran = True
@@ -330,18 +330,18 @@ def evaluate(run: Run, step: int, last: bool, log: MetricsLogger) -> bool:
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
     """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
-    cfg, env, strategy, loader = run.cfg, run.env, run.strategy, run.val_loader
+    cfg, env, engine, loader = run.cfg, run.env, run.engine, run.val_loader
     per_batch = cfg.train.micro_batch * cfg.train.seq_len * env.world_size
     n_batches = max(1, cfg.log.val_tokens // per_batch)
     loader.reset()
-    strategy.model.eval()
+    engine.model.eval()
     total = torch.zeros((), device=env.device)
     for _ in range(n_batches):
         x, y = (t.to(env.device) for t in loader.next_batch())
-        with strategy.autocast():
-            _, loss = strategy.model(x, y)
+        with engine.autocast():
+            _, loss = engine.model(x, y)
         total += loss.float()
-    strategy.model.train()
+    engine.model.train()
     return distributed.all_reduce_mean(total / n_batches).item()
 
 
@@ -350,12 +350,12 @@ def print_samples(run: Run, log: MetricsLogger) -> None:
     from gpt2_scale.generate import generate
     from gpt2_scale.tokenizer import decode, encode
 
-    cfg, env, strategy = run.cfg, run.env, run.strategy
+    cfg, env, engine = run.cfg, run.env, run.engine
     # Every rank generates (sharded engines gather weights inside forward), with the same seed.
     prompt = torch.tensor([encode(cfg.log.sample_prompt)] * cfg.log.num_samples, device=env.device)
     gen = torch.Generator(device=env.device).manual_seed(cfg.train.seed)
-    with strategy.autocast():
-        out = generate(strategy.module, prompt, cfg.log.sample_tokens, temperature=1.0, top_k=50, generator=gen)
+    with engine.autocast():
+        out = generate(engine.module, prompt, cfg.log.sample_tokens, temperature=1.0, top_k=50, generator=gen)
     for i, row in enumerate(out.tolist()):
         log.print(f"sample {i}: {decode(row)!r}")
 
@@ -434,7 +434,7 @@ def save(run: Run, step: int, log: MetricsLogger) -> Path:
     cfg = run.cfg
     meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name, "config": cfg.to_dict()}
     trainer_state = {"step": step, "tokens": run.tokens, "loader": run.train_loader.state_dict(), "rng": checkpoint.rng_state()}
-    path = checkpoint.save(run.strategy, run.dir, step, meta, trainer_state, run.env, cfg.checkpoint.keep)
+    path = checkpoint.save(run.engine, run.dir, step, meta, trainer_state, run.env, cfg.checkpoint.keep)
     log.print(f"checkpoint: {path}")
     return path
 
@@ -454,7 +454,7 @@ def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
 def restore(run: Run) -> None:
     """Load the engine, the data position and the RNG from the checkpoint to resume; the run goes on from its step."""
     path = run.resume_from
-    state = checkpoint.load(run.strategy, path, run.env)
+    state = checkpoint.load(run.engine, path, run.env)
     try:
         run.train_loader.load_state_dict(state["loader"])
         checkpoint.set_rng_state(state["rng"])

@@ -10,7 +10,7 @@ import pytest
 from launch import env
 
 from gpt2_scale import bench, memory
-from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
+from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
 from gpt2_scale.zoo import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

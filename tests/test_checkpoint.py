@@ -166,7 +166,7 @@ def test_rng_state_round_trips_through_json():
     assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
 
 
-class _Strategy:
+class _Engine:
     def save(self, path: Path) -> None:
         (path / "weights.pt").write_bytes(b"weights")
 
@@ -185,7 +185,7 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio.os, "rename", lambda a, b: (events.append(("rename", str(b))), real_rename(a, b))[1])
     monkeypatch.setattr(fileio.os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
     env = DistEnv(0, 0, 1, torch.device("cpu"))
-    final = checkpoint.save(_Strategy(), tmp_path, 7, {"model": "gpt2-tiny", "engine": "ddp"}, {"step": 7}, env, keep=2)
+    final = checkpoint.save(_Engine(), tmp_path, 7, {"model": "gpt2-tiny", "engine": "ddp"}, {"step": 7}, env, keep=2)
     root = checkpoint.checkpoints_root(tmp_path)
     publish = events.index(("rename", str(final)))
     synced_before = {path for kind, path in events[:publish] if kind == "fsync"}

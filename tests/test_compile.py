@@ -34,7 +34,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from torch._dynamo.utils import counters
 
-    from gpt2_scale import distributed, strategies
+    from gpt2_scale import distributed, engines
     from gpt2_scale.config import ConfigError
     from gpt2_scale.step import optimizer_step
 
@@ -47,16 +47,16 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         torch._dynamo.reset()
         counters.clear()
         torch.manual_seed(0)
-        strategy = strategies.build(cfg, env)
-        strategy.setup(GPT(SMALL))
-        losses = [optimizer_step(strategy, batches, 1e-3, env.device)[0].item() for batches in steps]
-        return {"losses": losses, "keys": list(strategy.module.state_dict()), "graphs": counters["stats"]["unique_graphs"],
-                "weights": strategy.full_state_dict()}
+        engine = engines.build(cfg, env)
+        engine.setup(GPT(SMALL))
+        losses = [optimizer_step(engine, batches, 1e-3, env.device)[0].item() for batches in steps]
+        return {"losses": losses, "keys": list(engine.module.state_dict()), "graphs": counters["stats"]["unique_graphs"],
+                "weights": engine.full_state_dict()}
 
     results = {"eager": train(_config("ddp", False))}
-    for engine in COMPILED:
-        results[engine] = train(_config(engine, True, compile_scope="model"))
-        results[engine, "block"] = train(_config(engine, True, compile_scope="block"))
+    for name in COMPILED:
+        results[name] = train(_config(name, True, compile_scope="model"))
+        results[name, "block"] = train(_config(name, True, compile_scope="block"))
     results["ddp", "block", "loss_chunk"] = train(_config("ddp", True, compile_scope="block", loss_chunk=8))
     try:
         train(_config("fsdp", True, compile_scope="model", activation_checkpointing=True))

@@ -5,9 +5,9 @@ import pytest
 
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, validate
+from gpt2_scale.engines.deepspeed import fill_auto
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, param_groups
-from gpt2_scale.strategies.deepspeed import fill_auto
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -132,7 +132,7 @@ def test_deepspeed_default_configs_are_package_data(engine, offload):
     import torch
 
     from gpt2_scale.distributed import DistEnv
-    from gpt2_scale.strategies.deepspeed import build_ds_config, default_ds_config_path
+    from gpt2_scale.engines.deepspeed import build_ds_config, default_ds_config_path
 
     flags = ["--engine", engine, f"--engine.offload={str(offload).lower()}", "--micro-batch", "4", "--seq-len", "64"]
     cfg = parse_args(Config(), flags + ["--total-batch-tokens", "512"])
@@ -148,7 +148,7 @@ def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):
     (seen on an H200: FusedAdam failed to build for every ZeRO stage); the builder sees the plain archs."""
     import os
 
-    from gpt2_scale.strategies.deepspeed import arch_list_deepspeed_reads, plain_arch_list
+    from gpt2_scale.engines.deepspeed import arch_list_deepspeed_reads, plain_arch_list
 
     assert plain_arch_list("9.0a") == "9.0"
     assert plain_arch_list("8.0 9.0;9.0a 10.0f+PTX") == "8.0;9.0;10.0+PTX"

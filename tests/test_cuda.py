@@ -103,25 +103,25 @@ def test_attention_runs_on_the_flash_kernel():
     assert math.isfinite(loss.item())
 
 
-def _step_without_host_sync(rank: int, engine: str, port: int) -> None:
+def _step_without_host_sync(rank: int, name: str, port: int) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from gpt2_scale import distributed, strategies
+    from gpt2_scale import distributed, engines
     from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
 
     env = distributed.init("cuda")
     cfg = Config(model=ModelSection(name="gpt2-tiny"), train=TrainSection(micro_batch=4, seq_len=128, total_batch_tokens=1024),
-                 engine=EngineSection(name=engine))
-    strategy = strategies.build(cfg, env)
-    strategy.setup(build_model(cfg).to(env.device))
+                 engine=EngineSection(name=name))
+    engine = engines.build(cfg, env)
+    engine.setup(build_model(cfg).to(env.device))
     batches = [(torch.randint(0, 50257, (4, 128), device=env.device),) * 2 for _ in range(2)]
     for _ in range(3):  # compile and allocate first
-        optimizer_step(strategy, batches, 1e-4, env.device)
+        optimizer_step(engine, batches, 1e-4, env.device)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any device-to-host wait in the step raises
     try:
-        loss, norm = optimizer_step(strategy, batches, 1e-4, env.device)
+        loss, norm = optimizer_step(engine, batches, 1e-4, env.device)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert math.isfinite(loss.item()) and math.isfinite(norm.item())

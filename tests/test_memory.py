@@ -35,7 +35,7 @@ def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
     if engine == "zero3":  # our default JSON with every parameter partitioned, none kept whole
         import json
 
-        from gpt2_scale.strategies.deepspeed import DS_CONFIG_DIR
+        from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
 
         ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
         ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -51,22 +51,22 @@ def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
 
 def _worker(rank: int, port: int, tmp: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from gpt2_scale import distributed, strategies
+    from gpt2_scale import distributed, engines
     from gpt2_scale.step import optimizer_step
 
     env = distributed.init("cpu")
     gen = torch.Generator().manual_seed(rank)
     batches = [(torch.randint(0, 256, (B, T), generator=gen), torch.randint(0, 256, (B, T), generator=gen)) for _ in range(2)]
     results = {}
-    for engine in ENGINES:
+    for name in ENGINES:
         for dtype, checkpointing in CONFIGS:
             torch.manual_seed(0)
             model = GPT(DEEP_NARROW)
-            strategy = strategies.build(_config(engine, dtype, checkpointing, tmp), env)
-            strategy.setup(model)
-            optimizer_step(strategy, batches, 1e-3, env.device)  # Adam's state exists from the first step on
+            engine = engines.build(_config(name, dtype, checkpointing, tmp), env)
+            engine.setup(model)
+            optimizer_step(engine, batches, 1e-3, env.device)  # Adam's state exists from the first step on
             saved: dict[int, int] = {}
-            weights = {p.untyped_storage().data_ptr() for p in strategy.module.parameters() if engine in ("zero1", "zero2")}
+            weights = {p.untyped_storage().data_ptr() for p in engine.module.parameters() if name in ("zero1", "zero2")}
 
             def pack(t, weights=weights, saved=saved):  # activations only: ZeRO-1/2's parameters are views of one flat buffer
                 if not isinstance(t, torch.nn.Parameter) and t.untyped_storage().data_ptr() not in weights:
@@ -75,19 +75,19 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
             # Count what the first micro-step's forward saves: backward runs outside the hooks, so the blocks that
             # checkpointing recomputes there are not counted again.
-            hooks, backward = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), strategy._backward
+            hooks, backward = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), engine._backward
 
-            def backward_outside_hooks(loss, hooks=hooks, strategy=strategy, backward=backward):
+            def backward_outside_hooks(loss, hooks=hooks, engine=engine, backward=backward):
                 hooks.__exit__(None, None, None)
-                del strategy._backward
+                del engine._backward
                 backward(loss)
 
             hooks.__enter__()
-            strategy._backward = backward_outside_hooks
-            state = memory.measure_state_bytes(strategy, functools.partial(optimizer_step, strategy, batches, 1e-3, env.device))
-            weights = {k: v.clone() for k, v in strategy.full_state_dict().items()}
-            results[engine, dtype, checkpointing] = (state, sum(saved.values()), weights)
-            del strategy, model
+            engine._backward = backward_outside_hooks
+            state = memory.measure_state_bytes(engine, functools.partial(optimizer_step, engine, batches, 1e-3, env.device))
+            weights = {k: v.clone() for k, v in engine.full_state_dict().items()}
+            results[name, dtype, checkpointing] = (state, sum(saved.values()), weights)
+            del engine, model
             gc.collect()  # drop this engine's hooks and buffers on every rank before the next one starts
             distributed.barrier()
     if rank == 0:

@@ -1,4 +1,4 @@
-"""Teardown: ``Strategy.close()`` then ``distributed.shutdown()`` leave no process group alive, for every engine.
+"""Teardown: ``Engine.close()`` then ``distributed.shutdown()`` leave no process group alive, for every engine.
 
 A group that outlives the run keeps its gloo worker threads into interpreter exit; a worker that frees its last
 collective's tensors only then (a loaded machine delays it) takes the GIL of a finalizing interpreter and is ended
@@ -39,37 +39,37 @@ def _worker(rank: int, tmp: str) -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     import torch.distributed as dist
 
-    from gpt2_scale import distributed, strategies
+    from gpt2_scale import distributed, engines
     from gpt2_scale.config import Config
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
 
     report = {}
-    for i, engine in enumerate(ENGINES):
+    for i, name in enumerate(ENGINES):
         # A fresh group per engine, as a bench world or a harness renewal makes (a file store: no port to agree on).
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store-{i}", rank=rank, world_size=2)
         env = distributed.init("cpu")
         cfg = Config()
-        cfg.model.name, cfg.engine.name, cfg.engine.compile = "gpt2-tiny", engine, False
+        cfg.model.name, cfg.engine.name, cfg.engine.compile = "gpt2-tiny", name, False
         cfg.train.micro_batch, cfg.train.seq_len, cfg.train.total_batch_tokens = 1, 16, 32
         torch.manual_seed(0)
-        model = strategy = None
+        model = engine = None
         during, error = [], None
         try:
             model = build_model(cfg)
-            strategy = strategies.build(cfg, env)
-            strategy.setup(model)
+            engine = engines.build(cfg, env)
+            engine.setup(model)
             x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(rank))
-            optimizer_step(strategy, [(x, x)], 1e-3, env.device)
+            optimizer_step(engine, [(x, x)], 1e-3, env.device)
             during = _backend_threads()
         except Exception as e:  # noqa: BLE001 - recorded: both ranks fail alike here (a stale group, say)
             error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         finally:
-            if strategy is not None:
-                strategy.close()
+            if engine is not None:
+                engine.close()
             distributed.shutdown()
-        report[engine] = {"error": error, "during": during, "after": _backend_threads(), "initialized": dist.is_initialized()}
-        del model, strategy  # only now: the model was held through the teardown
+        report[name] = {"error": error, "during": during, "after": _backend_threads(), "initialized": dist.is_initialized()}
+        del model, engine  # only now: the model was held through the teardown
     groups = __import__("sys").modules.get("deepspeed.utils.groups")
     report["deepspeed_world_group"] = repr(getattr(groups, "_WORLD_GROUP", None))
     Path(tmp, f"rank{rank}.json").write_text(json.dumps(report))

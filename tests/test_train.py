@@ -166,8 +166,8 @@ def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finish
     assert json.loads((tmp_path / "summary.json").read_text())["finished"]
 
 
-class _FakeStrategy:
-    """Writes engine files like a strategy; ``die`` leaves the save half-written as a killed process would."""
+class _FakeEngine:
+    """Writes engine files like a engine; ``die`` leaves the save half-written as a killed process would."""
 
     def __init__(self, die: bool = False) -> None:
         self.die = die
@@ -181,15 +181,15 @@ class _FakeStrategy:
 def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
     env0 = DistEnv(0, 0, 1, torch.device("cpu"))
     meta = {"model": "gpt2-tiny", "pad_vocab": False, "engine": "ddp"}
-    checkpoint.save(_FakeStrategy(), tmp_path, 10, meta, {"step": 10}, env0, keep=2)
+    checkpoint.save(_FakeEngine(), tmp_path, 10, meta, {"step": 10}, env0, keep=2)
     with pytest.raises(SystemExit):
-        checkpoint.save(_FakeStrategy(die=True), tmp_path, 20, meta, {"step": 20}, env0, keep=2)
+        checkpoint.save(_FakeEngine(die=True), tmp_path, 20, meta, {"step": 20}, env0, keep=2)
     good = checkpoint.latest(tmp_path)
     assert good.name == "step_00000010" and (good / "weights.pt").read_bytes() == b"complete"
     assert not (checkpoint.checkpoints_root(tmp_path) / "step_00000020").exists()
     # The next save clears the debris, moves `latest`, and keeps only the newest `keep` checkpoints.
     for step in (20, 30):
-        checkpoint.save(_FakeStrategy(), tmp_path, step, meta, {"step": step}, env0, keep=2)
+        checkpoint.save(_FakeEngine(), tmp_path, step, meta, {"step": step}, env0, keep=2)
     names = sorted(p.name for p in checkpoint.checkpoints_root(tmp_path).iterdir())
     assert names == ["latest", "step_00000020", "step_00000030"]
     assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30

@@ -55,7 +55,7 @@ check_tests() {
 }
 # DeepSpeed JIT-builds FusedAdam with nvcc on first use: time it once, so later runs find it cached
 build_fused_adam() {
-    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; from gpt2_scale.strategies.deepspeed import arch_list_deepspeed_reads as archs
+    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; from gpt2_scale.engines.deepspeed import arch_list_deepspeed_reads as archs
 t = time.time()
 with archs(): B().load()
 print(f"FusedAdam JIT build: {time.time() - t:.0f} s")'

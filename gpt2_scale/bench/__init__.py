@@ -1,7 +1,7 @@
 """Training-step benchmark: rows of engines and config overrides, each timed with the trainer's own optimizer step.
 
 Each row reports ms/step, tokens/s, MFU against a datasheet peak and, on CUDA, against a bf16 8192³ matmul
-measured in the same run, peak memory, and the model-state bytes a rank holds (``Strategy.state_bytes``). The
+measured in the same run, peak memory, and the model-state bytes a rank holds (``Engine.state_bytes``). The
 walk-through's own loop can be timed beside them, so ours/walk-through is a measured ratio.
 
     rows.py         what a row is (BenchSpec, sweep) and what it measured (BenchResult)

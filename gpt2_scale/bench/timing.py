@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from gpt2_scale import distributed, memory, strategies
+from gpt2_scale import distributed, engines, memory
 from gpt2_scale.bench.rows import WALKTHROUGH, BenchResult, BenchSpec
 from gpt2_scale.bench.walkthrough import walkthrough_runner
 from gpt2_scale.config import Config
@@ -70,16 +70,16 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=spec.engine == WALKTHROUGH or cfg.model.pad_vocab)
     batches = token_batches(cfg, spec.data, env, model_cfg.vocab_size)
     take = lambda: [next(batches) for _ in range(spec.accum)]  # noqa: E731
-    strategy = None
+    engine = None
     try:  # the engine is closed however the row ends: a failed row must not leave its groups' references behind
         if spec.engine == WALKTHROUGH:
             step = walkthrough_runner(cfg, env)
         else:
-            strategy = strategies.build(cfg, env)
-            strategy.setup(build_model(cfg).to(env.device))
+            engine = engines.build(cfg, env)
+            engine.setup(build_model(cfg).to(env.device))
 
             def step(micro_batches):
-                loss, _ = optimizer_step(strategy, micro_batches, cfg.optim.lr, env.device)
+                loss, _ = optimizer_step(engine, micro_batches, cfg.optim.lr, env.device)
                 return loss
 
         for _ in range(spec.warmup):
@@ -93,13 +93,13 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
         torch.as_tensor(loss).item()  # waits for the device
         elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
         peak = memory.peak_memory(env.device)
-        state = memory.measure_state_bytes(strategy, lambda: step(take())) if strategy is not None else None
+        state = memory.measure_state_bytes(engine, lambda: step(take())) if engine is not None else None
         stats = torch.tensor([elapsed.item()] + [float(v) for v in peak.values()], dtype=torch.float64, device=env.device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     finally:
-        if strategy is not None:
-            strategy.close()
-        strategy = step = work = None  # the walk-through's DDP model lives in ``step``
+        if engine is not None:
+            engine.close()
+        engine = step = work = None  # the walk-through's DDP model lives in ``step``
     ms = 1000 * stats[0].item() / spec.steps
     tokens_per_s = B * T * spec.accum * env.world_size / (ms / 1000)
     flops = model_cfg.flops_per_token(T)

@@ -65,7 +65,7 @@ class Case:
 
 
 def run_config(case: Case, engine: str | None = None, device: str = "cpu") -> Config:
-    """The run Config a Strategy is built from; it agrees with the case on everything an engine reads."""
+    """The run Config an Engine is built from; it agrees with the case on everything an engine reads."""
     return Config(
         model=ModelSection(name=case.model.name, pad_vocab=case.model.pad_vocab),
         train=TrainSection(

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from gpt2_scale import checkpoint, strategies
+from gpt2_scale import checkpoint, engines
 from gpt2_scale.determinism import make_deterministic
 from gpt2_scale.distributed import DistEnv, barrier
+from gpt2_scale.engines.base import Engine, adamw
 from gpt2_scale.harness.case import Case, eval_batch, rank_batches, run_config, tokens
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
 from gpt2_scale.step import optimizer_step
-from gpt2_scale.strategies.base import Strategy, adamw
 
 
 @dataclass
@@ -49,7 +49,7 @@ class AdamStep:
     d: torch.Tensor  # the update's denominator: sqrt(bias-corrected second moment) + eps
 
 
-class PlainStrategy(Strategy):
+class PlainEngine(Engine):
     """No engine at all: the model and torch AdamW on one process, the yardstick for every engine."""
 
     def setup(self, model: GPT) -> None:
@@ -80,19 +80,19 @@ def reference(case: Case, device: torch.device | None = None) -> Result:
     device = device or torch.device("cpu")
     ref = case.replace(dtype="fp32", loss_chunk=0)
     env = DistEnv(0, 0, 1, device)
-    strategy = PlainStrategy(run_config(ref), env)
-    strategy.setup(initial_model(ref, device))
+    engine = PlainEngine(run_config(ref), env)
+    engine.setup(initial_model(ref, device))
     adam: dict[torch.Tensor, list[AdamStep]] = {}
-    strategy.optimizer.register_step_post_hook(lambda optimizer, *_: record_adam_step(optimizer, adam))
+    engine.optimizer.register_step_post_hook(lambda optimizer, *_: record_adam_step(optimizer, adam))
     losses, norms = [], []
     for step, step_tokens in enumerate(tokens(ref)):
         batch = [(step_tokens[:, :-1], step_tokens[:, 1:])]
-        loss, norm = optimizer_step(strategy, batch, ref.lr_at(step), device)
+        loss, norm = optimizer_step(engine, batch, ref.lr_at(step), device)
         losses.append(loss.item())
         norms.append(float(norm))
-    named = strategy.module.state_dict(keep_vars=True)  # the tied weight under both of its names
-    logits = _logits(strategy, ref, device)
-    return Result(losses, norms, strategy.full_state_dict(), logits, logits, adam={name: adam[p] for name, p in named.items()})
+    named = engine.module.state_dict(keep_vars=True)  # the tied weight under both of its names
+    logits = _logits(engine, ref, device)
+    return Result(losses, norms, engine.full_state_dict(), logits, logits, adam={name: adam[p] for name, p in named.items()})
 
 
 @torch.no_grad()
@@ -110,32 +110,32 @@ def record_adam_step(optimizer: torch.optim.AdamW, steps: dict[torch.Tensor, lis
 
 def plain_logits(case: Case, weights: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """The eval batch's logits from a plain model holding ``weights``, under the case's dtype."""
-    strategy = PlainStrategy(run_config(case), DistEnv(0, 0, 1, device))
-    strategy.setup(GPT(case.model).to(device))
-    strategy.module.load_state_dict(weights)
-    return _logits(strategy, case, device)
+    engine = PlainEngine(run_config(case), DistEnv(0, 0, 1, device))
+    engine.setup(GPT(case.model).to(device))
+    engine.module.load_state_dict(weights)
+    return _logits(engine, case, device)
 
 
 @torch.no_grad()
-def _logits(strategy: Strategy, case: Case, device: torch.device) -> torch.Tensor:
+def _logits(engine: Engine, case: Case, device: torch.device) -> torch.Tensor:
     """Forward on every rank (sharded engines gather inside it); the eval batch's fp32 logits on CPU."""
-    strategy.model.eval()
-    with strategy.autocast():
-        logits, _ = strategy.model(eval_batch(case).to(device))
-    strategy.model.train()
+    engine.model.eval()
+    with engine.autocast():
+        logits, _ = engine.model(eval_batch(case).to(device))
+    engine.model.train()
     return logits.float().cpu()
 
 
-def _build(case: Case, engine: str, env: DistEnv, model: GPT) -> Strategy:
-    strategy = strategies.build(run_config(case, engine, env.device.type), env)
-    strategy.setup(model)
-    return strategy
+def _build(case: Case, name: str, env: DistEnv, model: GPT) -> Engine:
+    engine = engines.build(run_config(case, name, env.device.type), env)
+    engine.setup(model)
+    return engine
 
 
-def teardown(strategy: Strategy) -> None:
+def teardown(engine: Engine) -> None:
     """Free an engine before the next one."""
-    strategy.close()
-    strategy.model = strategy.module = strategy.optimizer = None  # the caller may still hold the shell
+    engine.close()
+    engine.model = engine.module = engine.optimizer = None  # the caller may still hold the shell
     gc.collect()
 
 
@@ -164,32 +164,32 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[
         workdir.mkdir(parents=True)
     barrier()
     meta = {"model": case.model.name, "pad_vocab": case.model.pad_vocab, "engine": case.engine}
-    strategy = _build(case, case.engine, env, initial_model(case, env.device))
+    engine = _build(case, case.engine, env, initial_model(case, env.device))
     losses, norms = [], []
     for step, step_tokens in enumerate(tokens(case)):
         if step == case.resume_at:
-            path = checkpoint.save(strategy, workdir, step, meta, {"step": step}, env, keep=1)
-            teardown(strategy)
+            path = checkpoint.save(engine, workdir, step, meta, {"step": step}, env, keep=1)
+            teardown(engine)
             renew_group()
-            strategy = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=1))
-            if checkpoint.load(strategy, path, env)["step"] != step:
+            engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=1))
+            if checkpoint.load(engine, path, env)["step"] != step:
                 raise RuntimeError(f"{path} does not hold step {step}")
         batches = rank_batches(step_tokens, case.micro_batch, case.accum, env.world_size, env.rank)
-        loss, norm = optimizer_step(strategy, batches, case.lr_at(step), env.device)
+        loss, norm = optimizer_step(engine, batches, case.lr_at(step), env.device)
         losses.append(loss.item())
         norms.append(float(norm))
-    weights = strategy.full_state_dict()  # complete on rank 0 only
-    logits = _logits(strategy, case, env.device)
+    weights = engine.full_state_dict()  # complete on rank 0 only
+    logits = _logits(engine, case, env.device)
     model_logits = plain_logits(case, weights, env.device) if env.is_main else None
     exported = None
     if case.export_to:
-        path = checkpoint.save(strategy, workdir, case.steps, meta, {"step": case.steps}, env, keep=1)
-        teardown(strategy)
+        path = checkpoint.save(engine, workdir, case.steps, meta, {"step": case.steps}, env, keep=1)
+        teardown(engine)
         model = initial_model(case, env.device, seed_offset=2)
-        checkpoint.load_weights(model, strategies.weights_reader(case.engine)(path), path)
-        strategy = _build(case, case.export_to, env, model)
-        exported = _logits(strategy, case, env.device)
-    teardown(strategy)
+        checkpoint.load_weights(model, engines.weights_reader(case.engine)(path), path)
+        engine = _build(case, case.export_to, env, model)
+        exported = _logits(engine, case, env.device)
+    teardown(engine)
     barrier()
     if env.is_main:
         shutil.rmtree(workdir, ignore_errors=True)

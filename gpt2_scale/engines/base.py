@@ -1,4 +1,4 @@
-"""The Strategy interface the training loop talks to; engines differ only behind it."""
+"""The Engine interface the training loop talks to; engines differ only behind it."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_m
     model.options = options
 
 
-class Strategy(ABC):
+class Engine(ABC):
     """Wraps a model and its optimizer for one engine.
 
     The loop calls ``micro_step`` once per micro-batch (``sync`` only on the last one of an optimizer
@@ -109,7 +109,7 @@ class Strategy(ABC):
         Every way out of a run calls it (success, error, signal), before ``distributed.shutdown()``, which can
         only free (and join the threads of) groups nothing holds any more; as must a caller that builds another
         engine in the same process. It runs no collective (after an error a peer may be gone), may be called
-        twice, and leaves the strategy unusable. Engines that attach state to the model override it to take
+        twice, and leaves the engine unusable. Engines that attach state to the model override it to take
         that off as well, and call this."""
         self.model = self.module = self.optimizer = None  # type: ignore[assignment]
 

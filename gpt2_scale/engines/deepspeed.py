@@ -19,10 +19,10 @@ import torch
 from gpt2_scale.config import Config, ConfigError, grad_accum_steps
 from gpt2_scale.device import compile_options
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.engines.base import Engine, prepare_model
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, prepare_model
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -119,7 +119,7 @@ def arch_list_deepspeed_reads():
         os.environ["TORCH_CUDA_ARCH_LIST"] = value
 
 
-class DeepSpeedStrategy(Strategy):
+class ZeROEngine(Engine):
     def setup(self, model: GPT) -> None:
         import deepspeed
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from gpt2_scale.engines.base import Engine, adamw, prepare_model
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.strategies.base import Strategy, adamw, prepare_model
 
 CHECKPOINT_FILE = "model_optim.pt"
 
 
-class DDPStrategy(Strategy):
+class DDPEngine(Engine):
     # Gradients are views into DDP's all-reduce buckets (one copy of 4Ψ instead of two), and are zeroed in place
     # rather than freed so that they stay views: setting them to None would allocate fresh ones next step.
     zero_grads_to_none = False

@@ -17,13 +17,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from gpt2_scale.config import ConfigError
+from gpt2_scale.engines.base import Engine, adamw, prepare_model
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
 from gpt2_scale.safeload import SafeDCPReader
-from gpt2_scale.strategies.base import Strategy, adamw, prepare_model
 
 
-class FSDPStrategy(Strategy):
+class FSDPEngine(Engine):
     def setup(self, model: GPT) -> None:
         if self.runtime.compile == "model" and self.cfg.engine.activation_checkpointing:
             # Each block's FSDP hooks are dynamo-disabled; inside the checkpoint region that whole-model compile
