@@ -1,12 +1,17 @@
-"""Atomic checkpoints around each engine's own format, exact resume, and full weights from any engine.
+"""Atomic checkpoints in one layout for every engine, exact resume under any engine and world size, and full
+weights from any checkpoint.
 
 Layout of ``RUN_DIR/checkpoints/``::
 
     step_00000100/          one complete checkpoint
         meta.json           step, engine, model, world size, and the run's config at that step
-        <engine files>      model + optimizer, written by the engine (torch.save, DCP or DeepSpeed)
-        trainer_rank{r}.json  per rank: data-loader position, RNG states (JSON: loading runs no code)
+        .metadata, *.distcp weights and Adam state in DCP, by parameter name (engines/layout.py)
+        trainer.json        step, tokens and the data position in the global order (JSON: loading runs no code)
     latest                  name of the newest complete checkpoint, replaced last
+
+Nothing else is carried: no RNG state, since every random draw is a function of the seeds and the step
+(``determinism.seed_step``), so a resume on any number of ranks draws what an uninterrupted run would.
+Checkpoints written before this layout (engines/legacy.py) resume under the engine and world size that wrote them.
 
 A checkpoint is written under a temporary name, synced to disk and renamed only when every rank has
 finished, and ``latest`` moves after that (fileio), so a process killed or a machine losing power at
@@ -16,33 +21,29 @@ checked before any engine sees it, so a damaged or planted file is one clear err
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import io
 import json
 import pickle
-import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from gpt2_scale import safeload
 from gpt2_scale.distributed import DistEnv, barrier
+from gpt2_scale.engines import layout, legacy
 from gpt2_scale.errors import UserError
 from gpt2_scale.fileio import publish_dir, write_atomic
 
 LATEST = "latest"
 # What the saved state depends on: a resume must keep these, or the weights, the optimizer shards or
 # the data position would not mean what they meant when saved.
-RESUME_KEYS = (
-    "model.name", "model.pad_vocab", "engine.name", "train.micro_batch", "train.seq_len", "train.total_batch_tokens",
-    "data.seed",
-)  # fmt: skip
+RESUME_KEYS = ("model.name", "model.pad_vocab", "train.seq_len", "train.total_batch_tokens", "data.seed")
+LEGACY_RESUME_KEYS = RESUME_KEYS + ("engine.name", "train.micro_batch")  # and the world size: engines/legacy.py
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -53,46 +54,16 @@ def checkpoints_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode()
+TRAINER_FILE = "trainer.json"
 
 
-def _unb64(text: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
-
-
-def rng_state() -> dict:
-    """Every RNG this process draws from, as JSON-able values."""
-    version, key, gauss = random.getstate()
-    kind, mt, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": _b64(torch.get_rng_state()),
-        "python": [version, list(key), gauss],
-        "numpy": [kind, mt.tolist(), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [_b64(s) for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore ``rng_state()``'s output; also takes the tensors and arrays that checkpoints before JSON held."""
-    decode = (lambda s: _unb64(s)) if isinstance(state["torch"], str) else (lambda s: s)
-    torch.set_rng_state(decode(state["torch"]))
-    version, key, gauss = state["python"]
-    random.setstate((version, tuple(key), gauss))
-    kind, mt, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.asarray(mt, dtype=np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([decode(s) for s in state["cuda"]])
-
-
-def trainer_file(path: Path, rank: int) -> Path:
+def legacy_trainer_file(path: Path, rank: int) -> Path:
+    """Where checkpoints before trainer.json kept each rank's trainer state (with its RNG states, now unused)."""
     return path / f"trainer_rank{rank}.json"
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env: DistEnv, keep: int) -> Path:
-    """Every rank calls. Returns the final checkpoint directory."""
+    """Every rank calls; ``trainer_state`` is the same on every rank (rank 0 writes it). Returns the final directory."""
     root = checkpoints_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
@@ -101,9 +72,9 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
         tmp.mkdir(parents=True)
     barrier()
     engine.save(tmp)
-    trainer_file(tmp, env.rank).write_text(json.dumps(trainer_state))
     barrier()
     if env.is_main:
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
         publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
         write_atomic(root / LATEST, name)
@@ -142,32 +113,30 @@ def _get(config: dict, dotted: str):
 def check_compatible(meta: dict, path: Path, config: dict, world_size: int) -> None:
     """Refuse to resume ``path`` under settings its saved state does not fit, naming the flag that restores them.
 
-    ``config`` is this run's ``Config.to_dict()``; checkpoints that predate meta.json's config are checked
-    on model, engine and world size here, and on the data settings by the loader's own state."""
+    ``config`` is this run's ``Config.to_dict()``. The engine, the number of ranks and the micro-batch may change
+    (the layout is the same for every engine, and the data position is one in the global order); checkpoints
+    from before that layout may not. Checkpoints that predate meta.json's config are checked on model, engine and
+    world size here, and on the data settings by the loader's own state."""
     saved = meta.get("config") or {"model": {"name": meta["model"]}, "engine": {"name": meta["engine"]}}
     if meta["model"] != _get(config, "model.name"):
         raise CheckpointError(
             f"checkpoint {path} holds model {meta['model']!r}, but this run builds {_get(config, 'model.name')!r}; "
             f"resume with --model {meta['model']}"
         )
-    if meta["engine"] != _get(config, "engine.name"):
+    elastic = layout.is_elastic(path)
+    if not elastic and (meta["engine"] != _get(config, "engine.name") or meta["world_size"] != world_size):
         raise CheckpointError(
-            f"checkpoint {path} was written by engine {meta['engine']!r}, not {_get(config, 'engine.name')!r}; resume with "
-            f"--engine {meta['engine']}, or export it (python tools/export.py {path.parent.parent} --hf DIR) and start a new "
-            "run with --model.init_from=DIR"
+            f"checkpoint {path} predates checkpoints that move between engines and world sizes: resume it once with "
+            f"--engine {meta['engine']} on {meta['world_size']} rank(s) (this run: {_get(config, 'engine.name')} on "
+            f"{world_size}); the checkpoints that run writes resume anywhere"
         )
-    for key in RESUME_KEYS:
+    for key in RESUME_KEYS if elastic else LEGACY_RESUME_KEYS:
         section, _, name = key.partition(".")
         if name in saved.get(section, {}) and saved[section][name] != _get(config, key):
             raise CheckpointError(
                 f"checkpoint {path} was trained with {key}={saved[section][name]!r}, this run has {_get(config, key)!r}; "
                 f"resume with --{key}={saved[section][name]} (the saved weights and data position depend on it)"
             )
-    if meta["world_size"] != world_size:
-        raise CheckpointError(
-            f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world_size}; "
-            f"resume with the same number of processes (the data order and optimizer shards depend on it)"
-        )
 
 
 @contextlib.contextmanager
@@ -243,22 +212,27 @@ def _verify_dcp(path: Path) -> None:
 
 
 def load(engine, path: Path, env: DistEnv) -> dict:
-    """Restore engine state and this rank's trainer state from a checkpoint directory."""
+    """Restore the engine's state from a checkpoint directory; returns the trainer state."""
     verify(path)
-    state_file = trainer_file(path, env.rank)
-    old_file = state_file.with_suffix(".pt")  # checkpoints written before the trainer state became JSON
-    if not state_file.is_file() and not old_file.is_file():
-        raise CheckpointError(f"{state_file} is missing: the checkpoint is incomplete; resume from an earlier one")
+    state_file = path / TRAINER_FILE
+    if not state_file.is_file():  # written before trainer.json: this rank's own file, JSON or (older) torch.save
+        state_file = legacy_trainer_file(path, env.rank)
+        state_file = state_file if state_file.is_file() else state_file.with_suffix(".pt")
+    if not state_file.is_file():
+        raise CheckpointError(f"{path / TRAINER_FILE} is missing: the checkpoint is incomplete; resume from an earlier one")
     with reading(path):
-        engine.load(path)
-        if state_file.is_file():
+        if layout.is_elastic(path):
+            engine.load(path)
+        else:
+            legacy.load(engine, path)
+        if state_file.suffix == ".json":
             return json.loads(state_file.read_text())
-        return torch.load(old_file, weights_only=True)
+        return torch.load(state_file, weights_only=True)
 
 
 def load_model(run_dir: str | Path, step: int | None = None):
     """The trained GPT of a run (full fp32 weights on CPU), from any engine's checkpoint, in one process."""
-    from gpt2_scale.engines import weights_reader
+    from gpt2_scale.engines import read_full_weights
     from gpt2_scale.model import GPT
     from gpt2_scale.zoo import ModelConfig
 
@@ -272,7 +246,7 @@ def load_model(run_dir: str | Path, step: int | None = None):
     model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
     verify(path)
     with reading(path):
-        state = weights_reader(meta["engine"])(path)
+        state = read_full_weights(path)
     load_weights(model, state, path)
     return model
 

@@ -29,3 +29,16 @@ def make_deterministic(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
     random.seed(seed)
     np.random.seed(seed)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    """Seed the RNGs a training step may draw from with a function of (seed, step, rank) alone.
+
+    The model has no dropout and the data order is a function of (data.seed, epoch), so today's steps draw
+    nothing; this is the rule for anything that does (dropout, stochastic rounding, noise). With it a
+    checkpoint carries no RNG state, and a run resumed at step k on any number of ranks draws exactly what a
+    fresh process at step k would: the same as the uninterrupted run at the same world size."""
+    mixed = np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint32)
+    torch.manual_seed(int(mixed[0]) << 32 | int(mixed[1]))  # every device's generator too
+    random.seed(int(mixed[0]))
+    np.random.seed(mixed)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from gpt2_scale import checkpoint, distributed, engines
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_accum_steps
+from gpt2_scale.determinism import make_deterministic, seed_step
 from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
@@ -150,8 +151,6 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
     accum = grad_accum_steps(cfg, env.world_size)
     run_dir = check_run_dir(cfg)
     if cfg.train.deterministic:
-        from gpt2_scale.determinism import make_deterministic
-
         make_deterministic(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
     enable_tf32(env.device)
@@ -253,6 +252,7 @@ def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
             progress.restart()  # evaluation waited for the device: time the steps without it
         lr = lr_at(step, cfg.optim, max_steps)
         batches = (run.train_loader.next_batch() for _ in range(run.accum))
+        seed_step(cfg.train.seed, step, env.rank)
         loss, norm = optimizer_step(run.engine, batches, lr, env.device)
         run.tokens += cfg.train.total_batch_tokens
         progress.step_done(step, loss, norm, lr, last)
@@ -430,10 +430,10 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def save(run: Run, step: int, log: MetricsLogger) -> Path:
-    """A checkpoint after ``step`` optimizer steps: the engine's state, and this rank's data position and RNG."""
+    """A checkpoint after ``step`` optimizer steps: the engine's state, and the position in the global data order."""
     cfg = run.cfg
     meta = {"model": cfg.model.name, "pad_vocab": cfg.model.pad_vocab, "engine": cfg.engine.name, "config": cfg.to_dict()}
-    trainer_state = {"step": step, "tokens": run.tokens, "loader": run.train_loader.state_dict(), "rng": checkpoint.rng_state()}
+    trainer_state = {"step": step, "tokens": run.tokens, "loader": run.train_loader.state_dict()}
     path = checkpoint.save(run.engine, run.dir, step, meta, trainer_state, run.env, cfg.checkpoint.keep)
     log.print(f"checkpoint: {path}")
     return path
@@ -452,12 +452,12 @@ def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
 
 
 def restore(run: Run) -> None:
-    """Load the engine, the data position and the RNG from the checkpoint to resume; the run goes on from its step."""
+    """Load the engine and the data position from the checkpoint to resume; the run goes on from its step (any RNG
+    state a legacy checkpoint holds is not needed: determinism.seed_step)."""
     path = run.resume_from
     state = checkpoint.load(run.engine, path, run.env)
     try:
         run.train_loader.load_state_dict(state["loader"])
-        checkpoint.set_rng_state(state["rng"])
         run.start_step, run.tokens = int(state["step"]), int(state["tokens"])
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e

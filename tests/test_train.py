@@ -75,6 +75,24 @@ def test_resume_continues_exactly(corpus, tmp_path, engine, nproc):
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")  # bitwise, fp32 on CPU
 
 
+@pytest.mark.parametrize("first,then", [(("ddp", 1), ("zero2", 2)), (("zero3", 2), ("fsdp", 1))], ids=["ddp1-zero2x2", "zero3x2-fsdp1"])
+def test_a_run_continues_under_another_engine_and_world_size(corpus, tmp_path, first, then):
+    """As a user moves a run: 3 steps, then on to step 6 under another engine on another number of ranks. The
+    losses are the uninterrupted run's (the same weights, Adam moments and steps, LR schedule and data)."""
+    (engine, nproc), (engine2, nproc2) = first, then
+    launcher = lambda n: "python" if n == 1 else "torchrun"  # noqa: E731
+    args = TINY + ["--data", str(corpus), "--engine", engine, "--total-batch-tokens", "256", "--log.val_every=0",
+                   "--optim.warmup_steps=2", "--optim.decay_steps=6", "--checkpoint.every=3"]
+    ok(run("recipes/tiny.py", args + ["--max-steps", "6", "--run-dir", str(tmp_path / "full")], nproc, launcher(nproc)))
+    ok(run("recipes/tiny.py", args + ["--max-steps", "3", "--run-dir", str(tmp_path / "part")], nproc, launcher(nproc)))
+    out = ok(run("recipes/tiny.py", ["--resume", str(tmp_path / "part"), "--engine", engine2, "--max-steps", "6"], nproc2, launcher(nproc2)))
+    assert "resumed from" in out and f"engine {engine2}, {nproc2} rank(s)" in out
+    assert len(metrics(tmp_path / "part")) == 6
+    torch.testing.assert_close(metrics(tmp_path / "part"), metrics(tmp_path / "full"), rtol=1e-5, atol=0)
+    for key in ("grad_norm", "lr"):
+        torch.testing.assert_close(metrics(tmp_path / "part", key), metrics(tmp_path / "full", key), rtol=1e-5, atol=0)
+
+
 def test_recipes_start_under_their_launchers_and_name_the_prepare_command(corpus, tmp_path):
     args = TINY + ["--data", str(corpus), "--max-steps", "2", "--total-batch-tokens", "128", "--log.val_every=0"]
     ok(run("recipes/124m.py", args + ["--run-dir", str(tmp_path / "ds")], nproc=2, launcher="deepspeed"))

@@ -1,7 +1,12 @@
 """Engines behind one interface: ``build(cfg, env)`` picks DDP, FSDP2 or DeepSpeed ZeRO-1/2/3."""
 
+from pathlib import Path
+
+import torch
+
 from gpt2_scale.config import Config
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.engines import layout, legacy
 from gpt2_scale.engines.base import Engine
 
 
@@ -16,15 +21,9 @@ def build(cfg: Config, env: DistEnv) -> Engine:
     return cls(cfg, env)
 
 
-def weights_reader(engine: str):
-    """A function checkpoint_dir -> full fp32 state dict for checkpoints of ``engine``; needs no process group."""
-    if engine == "ddp":
-        from gpt2_scale.engines.ddp import read_full_weights
-    elif engine == "fsdp":
-        from gpt2_scale.engines.fsdp import read_full_weights
-    else:
-        from gpt2_scale.engines.deepspeed import read_full_weights
-    return read_full_weights
+def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights by parameter name from a checkpoint of any engine and layout; needs no process group."""
+    return layout.read_full_weights(path) if layout.is_elastic(path) else legacy.read_full_weights(path)
 
 
-__all__ = ["Engine", "build", "weights_reader"]
+__all__ = ["Engine", "build", "read_full_weights"]

@@ -8,11 +8,14 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt2_scale.config import Config, EngineSection
 from gpt2_scale.device import Runtime, compile_options, resolve
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.engines import layout
 from gpt2_scale.loss import chunk_loss, cross_entropy
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT, Options
@@ -113,13 +116,20 @@ class Engine(ABC):
         that off as well, and call this."""
         self.model = self.module = self.optimizer = None  # type: ignore[assignment]
 
-    @abstractmethod
     def save(self, path: Path) -> None:
-        """Write model and optimizer state under ``path`` in the engine's own format (every rank calls)."""
+        """Write weights and Adam state under ``path`` in the engines' common layout (every rank calls).
 
-    @abstractmethod
+        This is the torch-native engines' way, through DCP's state-dict API; ZeRO overrides it."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=layout.FLAT)
+        dcp.save({"model": model_sd, "optimizer": layout.adam_only(optim_sd)}, checkpoint_id=path)
+
     def load(self, path: Path) -> None:
-        """Restore what ``save`` wrote (every rank calls)."""
+        """Restore a checkpoint of that layout, whatever engine and world size wrote it (every rank calls)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=layout.FLAT)  # Adam's state created
+        state = {"model": model_sd, "optimizer": layout.adam_only(optim_sd)}
+        dcp.load(state, storage_reader=layout.reader(path))  # reads just this rank's shards
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict={**optim_sd, **state["optimizer"]}, options=layout.FLAT)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded fp32 weights by parameter name, on CPU (every rank calls; complete on rank 0).

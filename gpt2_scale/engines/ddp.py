@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gpt2_scale.engines.base import Engine, adamw, prepare_model
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-
-CHECKPOINT_FILE = "model_optim.pt"
 
 
 class DDPEngine(Engine):
@@ -37,17 +32,3 @@ class DDPEngine(Engine):
         """Drop the DDP wrapper: its reducer holds the process group and the gradient hooks on the parameters
         (removed when the reducer is freed), so a model the caller still holds keeps neither."""
         super().close()
-
-    def save(self, path: Path) -> None:
-        if self.env.is_main:
-            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
-            torch.save(state, path / CHECKPOINT_FILE)
-
-    def load(self, path: Path) -> None:
-        state = torch.load(path / CHECKPOINT_FILE, map_location=self.env.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-
-
-def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]

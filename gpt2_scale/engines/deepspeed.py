@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed.checkpoint as dcp
 
 from gpt2_scale.config import Config, ConfigError, grad_accum_steps
 from gpt2_scale.device import compile_options
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.engines import layout
 from gpt2_scale.engines.base import Engine, prepare_model
 from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
 from gpt2_scale.model import GPT
@@ -28,7 +30,6 @@ if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 DS_CONFIG_DIR = resources.files("gpt2_scale") / "ds_configs"  # package data: found in a checkout and in any install
-TAG = "engine"  # sub-directory of a checkpoint that holds DeepSpeed's files
 
 
 def default_ds_config_path(cfg: Config) -> Traversable:
@@ -174,12 +175,91 @@ class ZeROEngine(Engine):
         return StateBytes(held_bytes(params), held_bytes(grads), held_bytes(masters + inner))
 
     def save(self, path: Path) -> None:
-        self.model.save_checkpoint(str(path), tag=TAG, save_latest=False)
+        """The engines' common layout, one parameter at a time: each full fp32 weight and Adam moment is gathered
+        from the shards (every rank takes part in each gather) and kept, on the CPU, only by the rank that writes
+        it (round robin). No rank holds more than one parameter's full state beyond its share."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        self._materialize_adam_state()
+        step, mine = torch.tensor(float(self._adam_step())), {}
+        for i, (p, names) in enumerate(_names_by_parameter(self.module).items()):
+            full = {layout.model_key(names[0]): safe_get_full_fp32_param(p)}
+            full |= {layout.adam_key(names[0], k): safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            if i % self.env.world_size == self.env.rank:
+                mine |= {k: v.detach().reshape(_shape(p)).cpu() for k, v in full.items()}
+                mine |= {layout.model_key(n): mine[layout.model_key(names[0])] for n in names[1:]}  # tied names
+                mine[layout.adam_key(names[0], "step")] = step
+        dcp.save(mine, checkpoint_id=path)
 
     def load(self, path: Path) -> None:
-        load_path, _ = self.model.load_checkpoint(str(path), tag=TAG)
-        if load_path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path / TAG}")
+        """Read the common layout a few parameters at a time (every rank reads each one whole) and give each rank
+        its shard through DeepSpeed's ``safe_set_full_*``; then refresh the 16-bit copies as DeepSpeed's own
+        loader does. Peak host memory beyond the engine: one batch of full parameters and their moments."""
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero, steps = self.optimizer, set()
+        self._materialize_adam_state()
+        if hasattr(zero, "checkpoint_event_prologue"):  # ZeRO-3: every parameter partitioned while it loads
+            zero.checkpoint_event_prologue()
+        for batch in _batches(_names_by_parameter(self.module), LOAD_BATCH_BYTES):
+            want = {}
+            for p, names in batch:
+                want[layout.model_key(names[0])] = torch.empty(_shape(p))
+                want |= {layout.adam_key(names[0], k): torch.empty(_shape(p)) for k in ("exp_avg", "exp_avg_sq")}
+                want[layout.adam_key(names[0], "step")] = torch.empty(())
+            dcp.load(want, storage_reader=layout.reader(path))
+            for p, names in batch:
+                safe_set_full_fp32_param(p, _padded(p, want[layout.model_key(names[0])], self.env.world_size))
+                for k in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(p, _padded(p, want[layout.adam_key(names[0], k)], self.env.world_size), k)
+                steps.add(want[layout.adam_key(names[0], "step")].item())
+        if len(steps) != 1:
+            raise ValueError(f"the checkpoint's parameters have taken different numbers of Adam steps: {sorted(steps)}")
+        self._set_adam_step(int(steps.pop()))
+        if hasattr(zero, "checkpoint_event_epilogue"):  # ZeRO-3: the 16-bit partitions from the fp32 ones
+            for group in range(len(zero.fp16_partitioned_groups_flat)):
+                zero._reassign_or_swap_out_partitioned_parameters(group)
+            zero.checkpoint_event_epilogue()  # and persistent parameters gathered again
+        else:
+            zero.update_lp_params()  # ZeRO-1/2: the 16-bit weights from the fp32 partitions, all-gathered
+
+    def _materialize_adam_state(self) -> None:
+        """DeepSpeed's Adam creates its state at the first step, as torch's does; ``safe_*_optimizer_state`` need it.
+        Create it as DCP does for torch optimizers: one inner step with zero gradients at lr 0, which moves nothing."""
+        zero, inner = self.optimizer, self.optimizer.optimizer
+        flats = [p for group in inner.param_groups for p in group["params"]]
+        if all(inner.state.get(p) for p in flats):
+            return
+        grads, lrs = [p.grad for p in flats], [group["lr"] for group in inner.param_groups]
+        for p in flats:
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()  # offload keeps its buffer
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        inner.step()
+        for p, grad in zip(flats, grads):
+            p.grad = grad
+        for group, lr in zip(inner.param_groups, lrs):
+            group["lr"] = lr
+        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link each parameter to its state
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _adam_step(self) -> int:
+        """Steps DeepSpeed's Adam has taken: per flat partition in its state (FusedAdam, CPU Adam, torch AdamW)."""
+        inner = self.optimizer.optimizer
+        steps = {int(s["step"]) for s in inner.state.values() if "step" in s} or {int(g.get("step", 0)) for g in inner.param_groups}
+        if len(steps) != 1:
+            raise RuntimeError(f"DeepSpeed's optimizer partitions have taken different numbers of steps: {sorted(steps)}")
+        return steps.pop()
+
+    def _set_adam_step(self, step: int) -> None:
+        inner = self.optimizer.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                state = inner.state[p]
+                old = state.get("step")
+                state["step"] = torch.full_like(old, step) if isinstance(old, torch.Tensor) else step
+            if "step" in group:
+                group["step"] = step
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -227,8 +307,37 @@ def _clear_deepspeed_caches() -> None:
         cached.cache_clear()
 
 
-def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights consolidated from the ZeRO shards of every rank, by DeepSpeed's own utility."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+LOAD_BATCH_BYTES = 1 << 30  # full fp32 weights and moments read at once while loading
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=TAG)
+
+def _names_by_parameter(module: torch.nn.Module) -> dict[torch.nn.Parameter, list[str]]:
+    """Each parameter with all its names, first the one its optimizer state goes by (tied weights have two)."""
+    names: dict[torch.nn.Parameter, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(p, []).append(name)
+    return names
+
+
+def _shape(p: torch.nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # ZeRO-3 leaves an empty placeholder in p
+
+
+def _padded(p: torch.nn.Parameter, value: torch.Tensor, world: int) -> torch.Tensor:
+    """ZeRO-3 cuts each rank's slice from the flat value padded to ``world`` equal partitions."""
+    if not hasattr(p, "ds_id"):
+        return value
+    return torch.nn.functional.pad(value.flatten(), (0, p.partition_numel() * world - value.numel()))
+
+
+def _batches(params: dict, budget: int):
+    """(parameter, names) pairs in batches of at most ``budget`` bytes of fp32 weights and moments (one at least)."""
+    batch, size = [], 0
+    for p, names in params.items():
+        nbytes = 3 * 4 * _shape(p).numel()
+        if batch and size + nbytes > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append((p, names))
+        size += nbytes
+    if batch:
+        yield batch

@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-from pathlib import Path
-
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -20,7 +13,6 @@ from gpt2_scale.config import ConfigError
 from gpt2_scale.engines.base import Engine, adamw, prepare_model
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
-from gpt2_scale.safeload import SafeDCPReader
 
 
 class FSDPEngine(Engine):
@@ -59,16 +51,6 @@ class FSDPEngine(Engine):
             _drop_process_groups(model)
         super().close()
 
-    def save(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=path)
-
-    def load(self, path: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, storage_reader=SafeDCPReader(str(path)))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         return {k: v.float() for k, v in get_model_state_dict(self.model, options=options).items()}
@@ -105,17 +87,3 @@ def _drop_process_groups(model: torch.nn.Module) -> None:
                         pass
                 else:
                     todo.append(value)
-
-
-def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model half of a DCP checkpoint, in one process; shapes come from the checkpoint's own metadata."""
-    metadata = SafeDCPReader(str(path)).read_metadata().state_dict_metadata
-    model = {
-        key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
-    }
-    with warnings.catch_warnings():  # one process is the intent here, not a mistake
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load({"model": model}, storage_reader=SafeDCPReader(str(path)), no_dist=True)
-    return model

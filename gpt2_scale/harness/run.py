@@ -186,7 +186,7 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[
         path = checkpoint.save(engine, workdir, case.steps, meta, {"step": case.steps}, env, keep=1)
         teardown(engine)
         model = initial_model(case, env.device, seed_offset=2)
-        checkpoint.load_weights(model, engines.weights_reader(case.engine)(path), path)
+        checkpoint.load_weights(model, engines.read_full_weights(path), path)
         engine = _build(case, case.export_to, env, model)
         exported = _logits(engine, case, env.device)
     teardown(engine)
