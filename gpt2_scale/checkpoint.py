@@ -58,7 +58,7 @@ TRAINER_FILE = "trainer.json"
 
 
 def legacy_trainer_file(path: Path, rank: int) -> Path:
-    """Where checkpoints before trainer.json kept each rank's trainer state (with its RNG states, now unused)."""
+    """Where checkpoints before trainer.json kept each rank's trainer state (with RNG states, unused now)."""
     return path / f"trainer_rank{rank}.json"
 
 
@@ -211,13 +211,13 @@ def _verify_dcp(path: Path) -> None:
                 raise _refuse(file, f"pickled globals {', '.join(unsafe)} in item {index.fqn}")
 
 
-def load(engine, path: Path, env: DistEnv) -> dict:
+def load(engine, path: Path) -> dict:
     """Restore the engine's state from a checkpoint directory; returns the trainer state."""
     verify(path)
     state_file = path / TRAINER_FILE
-    if not state_file.is_file():  # written before trainer.json: this rank's own file, JSON or (older) torch.save
-        state_file = legacy_trainer_file(path, env.rank)
-        state_file = state_file if state_file.is_file() else state_file.with_suffix(".pt")
+    if not state_file.is_file():  # written before trainer.json: rank 0's (all held the same step and data position)
+        state_file = legacy_trainer_file(path, 0)
+        state_file = state_file if state_file.is_file() else state_file.with_suffix(".pt")  # JSON, or older, torch.save
     if not state_file.is_file():
         raise CheckpointError(f"{path / TRAINER_FILE} is missing: the checkpoint is incomplete; resume from an earlier one")
     with reading(path):

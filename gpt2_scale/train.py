@@ -455,7 +455,7 @@ def restore(run: Run) -> None:
     """Load the engine and the data position from the checkpoint to resume; the run goes on from its step (any RNG
     state a legacy checkpoint holds is not needed: determinism.seed_step)."""
     path = run.resume_from
-    state = checkpoint.load(run.engine, path, run.env)
+    state = checkpoint.load(run.engine, path)
     try:
         run.train_loader.load_state_dict(state["loader"])
         run.start_step, run.tokens = int(state["step"]), int(state["tokens"])

@@ -228,20 +228,22 @@ class ZeROEngine(Engine):
         Create it as DCP does for torch optimizers: one inner step with zero gradients at lr 0, which moves nothing."""
         zero, inner = self.optimizer, self.optimizer.optimizer
         flats = [p for group in inner.param_groups for p in group["params"]]
-        if all(inner.state.get(p) for p in flats):
-            return
-        grads, lrs = [p.grad for p in flats], [group["lr"] for group in inner.param_groups]
-        for p in flats:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()  # offload keeps its buffer
-        for group in inner.param_groups:
-            group["lr"] = 0.0
-        inner.step()
-        for p, grad in zip(flats, grads):
-            p.grad = grad
-        for group, lr in zip(inner.param_groups, lrs):
-            group["lr"] = lr
-        if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):  # ZeRO-1/2: link each parameter to its state
-            zero._lazy_init_hp_params_optimizer_state()
+        if not all(inner.state.get(p) for p in flats):
+            grads, lrs = [p.grad for p in flats], [group["lr"] for group in inner.param_groups]
+            for p in flats:
+                p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()  # offload keeps its buffer
+            for group in inner.param_groups:
+                group["lr"] = 0.0
+            inner.step()
+            for p, grad in zip(flats, grads):
+                p.grad = grad
+            for group, lr in zip(inner.param_groups, lrs):
+                group["lr"] = lr
+        if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2: each parameter's view of the state, linked
+            from deepspeed.utils import lazy_init_hp_params_optimizer_state  # again: DeepSpeed may have linked it empty
+
+            for lp_params, flat in zip(zero.bit16_groups, zero.single_partition_of_fp32_groups):
+                lazy_init_hp_params_optimizer_state(lp_params, flat, inner.state)
 
     def _adam_step(self) -> int:
         """Steps DeepSpeed's Adam has taken: per flat partition in its state (FusedAdam, CPU Adam, torch AdamW)."""

@@ -172,7 +172,7 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[
             teardown(engine)
             renew_group()
             engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=1))
-            if checkpoint.load(engine, path, env)["step"] != step:
+            if checkpoint.load(engine, path)["step"] != step:
                 raise RuntimeError(f"{path} does not hold step {step}")
         batches = rank_batches(step_tokens, case.micro_batch, case.accum, env.world_size, env.rank)
         loss, norm = optimizer_step(engine, batches, case.lr_at(step), env.device)
