@@ -227,18 +227,16 @@ class ZeROEngine(Engine):
         """DeepSpeed's Adam creates its state at the first step, as torch's does; ``safe_*_optimizer_state`` need it.
         Create it as DCP does for torch optimizers: one inner step with zero gradients at lr 0, which moves nothing."""
         zero, inner = self.optimizer, self.optimizer.optimizer
-        flats = [p for group in inner.param_groups for p in group["params"]]
-        if not all(inner.state.get(p) for p in flats):
-            grads, lrs = [p.grad for p in flats], [group["lr"] for group in inner.param_groups]
-            for p in flats:
-                p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()  # offload keeps its buffer
-            for group in inner.param_groups:
-                group["lr"] = 0.0
-            inner.step()
-            for p, grad in zip(flats, grads):
-                p.grad = grad
-            for group, lr in zip(inner.param_groups, lrs):
-                group["lr"] = lr
+        for flat, group in _flat_partitions(zero):
+            if inner.state.get(flat):
+                continue
+            params, lr, grad = group["params"], group["lr"], flat.grad
+            group["params"], group["lr"] = [flat], 0.0  # ZeRO-3 puts each partition in its group only for the step
+            flat.grad = torch.zeros_like(flat) if grad is None else grad.zero_()  # offload keeps its buffer
+            try:
+                inner.step()
+            finally:
+                group["params"], group["lr"], flat.grad = params, lr, grad
         if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2: each parameter's view of the state, linked
             from deepspeed.utils import lazy_init_hp_params_optimizer_state  # again: DeepSpeed may have linked it empty
 
@@ -246,29 +244,28 @@ class ZeROEngine(Engine):
                 lazy_init_hp_params_optimizer_state(lp_params, flat, inner.state)
 
     def _adam_step(self) -> int:
-        """Steps DeepSpeed's Adam has taken: per flat partition in its state (FusedAdam, CPU Adam, torch AdamW)."""
+        """Steps DeepSpeed's Adam has taken, kept per flat partition (FusedAdam, CPU Adam and torch AdamW alike)."""
         inner = self.optimizer.optimizer
-        steps = {int(s["step"]) for s in inner.state.values() if "step" in s} or {int(g.get("step", 0)) for g in inner.param_groups}
+        steps = {int(inner.state[flat].get("step", 0)) for flat, _ in _flat_partitions(self.optimizer)}
         if len(steps) != 1:
             raise RuntimeError(f"DeepSpeed's optimizer partitions have taken different numbers of steps: {sorted(steps)}")
         return steps.pop()
 
     def _set_adam_step(self, step: int) -> None:
         inner = self.optimizer.optimizer
-        for group in inner.param_groups:
-            for p in group["params"]:
-                state = inner.state[p]
-                old = state.get("step")
-                state["step"] = torch.full_like(old, step) if isinstance(old, torch.Tensor) else step
-            if "step" in group:
+        for flat, group in _flat_partitions(self.optimizer):
+            old = inner.state[flat].get("step")
+            inner.state[flat]["step"] = torch.full_like(old, step) if isinstance(old, torch.Tensor) else step
+            if "step" in group:  # FusedAdam's older place for it
                 group["step"] = step
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        from deepspeed.utils import safe_get_full_fp32_param
 
-        sd = {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: named_parameters yields it once
-        return sd
+def _flat_partitions(zero) -> list[tuple[torch.Tensor, dict]]:
+    """This rank's flat fp32 partitions, each with the inner optimizer's param group it steps in."""
+    groups = zero.optimizer.param_groups
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: sub-groups, each mapped to a param group
+        return [(flat, groups[zero.sub_group_to_group_id[i]]) for i, flat in enumerate(zero.fp32_partitioned_groups_flat)]
+    return list(zip(zero.single_partition_of_fp32_groups, groups))
 
 
 Snapshot = dict[int, tuple[object, frozenset[str], dict[str, frozenset]]]

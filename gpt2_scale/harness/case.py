@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -32,7 +33,10 @@ class Case:
     weight_decay: float = 0.1
     dtype: str = "fp32"  # fp32 | bf16
     seed: int = 0  # initial weights and tokens
-    resume_at: int | None = None  # save after this many steps, rebuild everything from the checkpoint, go on
+    run_dir: str | None = None  # where stop_at writes its checkpoint and resume reads it (shared by every rank)
+    stop_at: int | None = None  # train this many steps, save a checkpoint into run_dir and return their losses only
+    resume: bool = False  # start from run_dir's checkpoint, whatever engine, world size and split wrote it
+    fault: Literal["drop_adam_moments", "restart_data"] | None = None  # a planted resume bug the harness must catch
     export_to: str | None = None  # load the final checkpoint's full weights under this engine, return its logits
     deterministic: bool = False  # train.deterministic: PyTorch's deterministic algorithms for this run
     loss_chunk: int = 0  # engine.loss_chunk: > 0 trains with the fused chunked lm_head + cross-entropy
@@ -50,8 +54,10 @@ class Case:
             raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         if self.seq_len > self.model.block_size:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's context length {self.model.block_size}")
-        if self.resume_at is not None and not 0 < self.resume_at < self.steps:
-            raise ValueError(f"resume_at must be in [1, steps - 1], got {self.resume_at}")
+        if self.stop_at is not None and not 0 < self.stop_at < self.steps:
+            raise ValueError(f"stop_at must be in [1, steps - 1], got {self.stop_at}")
+        if (self.stop_at is not None or self.resume) and not self.run_dir:
+            raise ValueError("stop_at and resume need a run_dir")
 
     @property
     def total_sequences(self) -> int:

@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -95,29 +94,14 @@ def _worker(rank: int, world_size: int, root: str, inbox, outbox) -> None:
     torch.set_num_threads(1)  # one core per rank; more only oversubscribes a CI machine
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    generation = 0
-
-    def join() -> None:
-        # A file store per generation: no port to agree on, and a fresh one for every new group.
-        dist.init_process_group("gloo", init_method=f"file://{root}/group-{generation}", rank=rank, world_size=world_size)
-
-    def renew() -> None:
-        nonlocal generation
-        ds_comm = sys.modules.get("deepspeed.comm")
-        if ds_comm is not None and ds_comm.is_initialized():
-            ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups
-        else:
-            dist.destroy_process_group()
-        generation += 1
-        join()
-
     from gpt2_scale import distributed
 
-    join()
+    # A file store: no port to agree on.
+    dist.init_process_group("gloo", init_method=f"file://{root}/group", rank=rank, world_size=world_size)
     env = distributed.init("cpu")
     while (case := inbox.get()) is not None:
         try:
-            result = run_engine(case, env, Path(root) / "case", renew)
+            result = run_engine(case, env, Path(root) / "case")
         except BaseException:
             outbox.put(("error", f"rank {rank}: {case}\n{traceback.format_exc()}"))
             return

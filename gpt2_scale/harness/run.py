@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +131,16 @@ def _build(case: Case, name: str, env: DistEnv, model: GPT) -> Engine:
     return engine
 
 
+def plant(fault: str | None, engine: Engine) -> None:
+    """Planted resume bugs, to show the resume property fails when resuming is wrong. "drop_adam_moments": the
+    conversion lost Adam's moments (fresh zeros, as a new optimizer has). "restart_data" is applied by the caller."""
+    if fault == "drop_adam_moments":
+        optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's inner optimizer
+        for state in optimizer.state.values():
+            state["exp_avg"].zero_()
+            state["exp_avg_sq"].zero_()
+
+
 def teardown(engine: Engine) -> None:
     """Free an engine before the next one."""
     engine.close()
@@ -139,45 +148,50 @@ def teardown(engine: Engine) -> None:
     gc.collect()
 
 
-def run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[], None] = lambda: None) -> Result | None:
+def run_engine(case: Case, env: DistEnv, workdir: Path) -> Result | None:
     """Every rank calls; rank 0 returns the Result, the others None.
 
     With ``case.deterministic`` the run uses PyTorch's deterministic algorithms (as
     ``train.deterministic`` does); the previous setting is restored after, since a pool runs many cases.
 
-    With ``case.resume_at`` the run saves a checkpoint there, drops the engine, calls ``renew_group``
-    (a fresh process group) and rebuilds everything from the checkpoint, starting from other initial
-    weights so that only the checkpoint can make the result right.
+    ``case.stop_at`` and ``case.resume`` split a run in two, as a job moved to other hardware is: the first part
+    saves a checkpoint and returns its losses and norms; the second, under any engine, world size and split,
+    starts from other initial weights (so only the checkpoint can make it right), takes the step and the data
+    position from the checkpoint, and trains to the end.
     """
     previous = torch.are_deterministic_algorithms_enabled()
     if case.deterministic:
         make_deterministic(case.seed)
     try:
-        return _run_engine(case, env, workdir, renew_group)
+        return _run_engine(case, env, workdir)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
-def _run_engine(case: Case, env: DistEnv, workdir: Path, renew_group: Callable[[], None]) -> Result | None:
+def _run_engine(case: Case, env: DistEnv, workdir: Path) -> Result | None:
     if env.is_main:
         shutil.rmtree(workdir, ignore_errors=True)
         workdir.mkdir(parents=True)
     barrier()
     meta = {"model": case.model.name, "pad_vocab": case.model.pad_vocab, "engine": case.engine}
-    engine = _build(case, case.engine, env, initial_model(case, env.device))
-    losses, norms = [], []
-    for step, step_tokens in enumerate(tokens(case)):
-        if step == case.resume_at:
-            path = checkpoint.save(engine, workdir, step, meta, {"step": step}, env, keep=1)
+    engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=int(case.resume)))
+    start, position = 0, 0  # the first step, and the index of its batch in the run's tokens
+    if case.resume:
+        state = checkpoint.load(engine, checkpoint.latest(Path(case.run_dir)))
+        start, position = state["step"], state["position"]
+        plant(case.fault, engine)
+        position = 0 if case.fault == "restart_data" else position
+    all_tokens, losses, norms = tokens(case), [], []
+    for step in range(start, case.steps):
+        if step == case.stop_at:
+            checkpoint.save(engine, Path(case.run_dir), step, meta, {"step": step, "position": position}, env, keep=1)
             teardown(engine)
-            renew_group()
-            engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=1))
-            if checkpoint.load(engine, path)["step"] != step:
-                raise RuntimeError(f"{path} does not hold step {step}")
-        batches = rank_batches(step_tokens, case.micro_batch, case.accum, env.world_size, env.rank)
+            return Result(losses, norms, {}, torch.empty(0), torch.empty(0)) if env.is_main else None
+        batches = rank_batches(all_tokens[position], case.micro_batch, case.accum, env.world_size, env.rank)
         loss, norm = optimizer_step(engine, batches, case.lr_at(step), env.device)
         losses.append(loss.item())
         norms.append(float(norm))
+        position += 1
     weights = engine.full_state_dict()  # complete on rank 0 only
     logits = _logits(engine, case, env.device)
     model_logits = plain_logits(case, weights, env.device) if env.is_main else None
