@@ -21,7 +21,7 @@ from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case, rank_batches, tokens
 from gpt2_scale.harness.compare import BF16, FP32, Tolerance, adam_slack, mismatches
 from gpt2_scale.harness.pool import WorkerPool
-from gpt2_scale.harness.run import Result, record_adam_step, reference
+from gpt2_scale.harness.run import Result, joined, record_adam_step, reference
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -161,8 +161,7 @@ def resumed(pools, case: Case, stop_at: int, then: Case, run_dir: Path) -> Resul
     """``case`` trained to ``stop_at`` and checkpointed, then continued to the end as ``then`` (another engine, world
     size or split of the same total batch); the two parts' losses and norms, and the final weights and logits."""
     first = run(pools, case.replace(stop_at=stop_at, run_dir=str(run_dir)))
-    rest = run(pools, then.replace(resume=True, run_dir=str(run_dir)))
-    return dataclasses.replace(rest, losses=first.losses + rest.losses, grad_norms=first.grad_norms + rest.grad_norms)
+    return joined(first, run(pools, then.replace(resume=True, run_dir=str(run_dir))))
 
 
 @st.composite

@@ -260,6 +260,13 @@ class ZeROEngine(Engine):
                 group["step"] = step
 
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        sd = {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: named_parameters yields it once
+        return sd
+
 def _flat_partitions(zero) -> list[tuple[torch.Tensor, dict]]:
     """This rank's flat fp32 partitions, each with the inner optimizer's param group it steps in."""
     groups = zero.optimizer.param_groups

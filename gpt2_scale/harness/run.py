@@ -9,6 +9,7 @@ its AdamW saw at every step, which is how compare.py knows how far rounding can 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import shutil
 from dataclasses import dataclass
@@ -129,6 +130,11 @@ def _build(case: Case, name: str, env: DistEnv, model: GPT) -> Engine:
     engine = engines.build(run_config(case, name, env.device.type), env)
     engine.setup(model)
     return engine
+
+
+def joined(first: Result, rest: Result) -> Result:
+    """A run stopped at a checkpoint (``case.stop_at``) and its resumed rest, as one run's Result."""
+    return dataclasses.replace(rest, losses=first.losses + rest.losses, grad_norms=first.grad_norms + rest.grad_norms)
 
 
 def plant(fault: str | None, engine: Engine) -> None:

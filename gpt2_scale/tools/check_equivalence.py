@@ -4,8 +4,11 @@ the largest weight difference per engine, exit status 1 when any engine is outsi
     python tools/check_equivalence.py --model gpt2-tiny --steps 5               # spawns a 2-rank CPU world
     torchrun --nproc_per_node 8 tools/check_equivalence.py --model gpt2-124m --engines ddp,fsdp,zero1,zero2,zero3 --steps 5
     deepspeed --num_gpus 8 tools/check_equivalence.py --model gpt2-124m --steps 5
+    python tools/check_equivalence.py --resume-at 2 --resume-as zero3 --resume-world 1  # moved mid-run
 
-Use it to validate a new cluster, or a new PyTorch / DeepSpeed version, before a long run.
+Use it to validate a new cluster, or a new PyTorch / DeepSpeed version, before a long run. With --resume-at
+each engine's run stops at that step, checkpoints, and goes on from the checkpoint under --resume-as (and, in
+the spawned CPU world, on --resume-world ranks): the whole run must still match the reference.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case
 from gpt2_scale.harness.compare import Tolerance, format_table, mismatches
-from gpt2_scale.harness.run import Result
+from gpt2_scale.harness.run import Result, joined
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -43,6 +46,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--grad-rtol", type=float, help="gradient elements as a fraction of their tensor's largest, which "
                    "bounds the weights through Adam; default: 1e-4 for fp32")
     p.add_argument("--workdir", default="runs/check_equivalence", help="scratch directory every rank can reach (launched runs)")
+    p.add_argument("--resume-at", type=int, help="stop each run after this many steps, checkpoint, and resume from it")
+    p.add_argument("--resume-as", choices=ENGINES, help="the engine the runs resume under (default: their own)")
+    p.add_argument("--resume-world", type=int, help="ranks the runs resume on (spawned CPU world only; default: the same)")
     args = p.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
     unknown = [e for e in engines if e not in ENGINES]
@@ -64,26 +70,56 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
         seed=args.seed,
         deterministic=args.deterministic,
     )
+    if args.resume_at is not None and not 0 < args.resume_at < args.steps:
+        raise ValueError(f"--resume-at must be between 1 and --steps - 1 ({args.steps - 1}), got {args.resume_at}")
+    if (args.resume_as or args.resume_world) and args.resume_at is None:
+        raise ValueError("--resume-as and --resume-world need --resume-at STEP")
+    if args.resume_world is not None and (launched or args.resume_world < 1 or case.total_sequences % (case.micro_batch * args.resume_world)):
+        raise ValueError("--resume-world works without a launcher (under one, the world is the launcher's), and "
+                         f"--micro-batch x --resume-world must divide the batch of {case.total_sequences} sequences")
     given = {name: getattr(args, name) for name in ("rtol", "atol", "grad_rtol") if getattr(args, name) is not None}
     tol = dataclasses.replace(Tolerance.for_dtype(args.dtype), **given)
     return args, case, engines, tol
 
 
-def run_spawned(case: Case, engines: list[str]) -> dict[str, Result | str]:
-    """No launcher: a CPU world of case.world_size worker processes runs each engine in turn."""
+def parts(case: Case, engine: str, args: argparse.Namespace, workdir: Path) -> list[Case]:
+    """The cases of one engine's run: the whole run, or the part to --resume-at and the resumed rest."""
+    if args.resume_at is None:
+        return [case.replace(engine=engine)]
+    run_dir, world = str(workdir / f"resume-{engine}"), args.resume_world or case.world_size
+    rest = case.replace(engine=args.resume_as or engine, world_size=world, accum=case.total_sequences // (case.micro_batch * world),
+                        resume=True, run_dir=run_dir)  # the same batch: the accumulation takes up the change of world
+    return [case.replace(engine=engine, stop_at=args.resume_at, run_dir=run_dir), rest]
+
+
+def label(engine: str, args: argparse.Namespace) -> str:
+    return engine if args.resume_at is None else f"{engine}->{args.resume_as or engine}"
+
+
+def run_spawned(case: Case, engines: list[str], args: argparse.Namespace) -> dict[str, Result | str]:
+    """No launcher: CPU worlds of worker processes run each engine in turn."""
+    import tempfile
+
     from gpt2_scale.harness.pool import WorkerError, WorkerPool
 
     results: dict[str, Result | str] = {}
-    with WorkerPool(case.world_size) as pool:
-        for engine in engines:
-            try:
-                results[engine] = pool.run(case.replace(engine=engine))
-            except WorkerError as e:
-                results[engine] = f"error: {e}"
+    worlds = {case.world_size, args.resume_world or case.world_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        pools = {w: WorkerPool(w) for w in worlds}
+        try:
+            for engine in engines:
+                try:
+                    got = [pools[c.world_size].run(c) for c in parts(case, engine, args, Path(tmp))]
+                    results[label(engine, args)] = joined(*got) if len(got) == 2 else got[0]
+                except WorkerError as e:
+                    results[label(engine, args)] = f"error: {e}"
+        finally:
+            for pool in pools.values():
+                pool.close()
     return results
 
 
-def run_launched(case: Case, engines: list[str], workdir: Path):
+def run_launched(case: Case, engines: list[str], args: argparse.Namespace, workdir: Path):
     """Under torchrun / deepspeed: every rank runs each engine; rank 0 gets the results.
 
     The process group is gone when this returns, so rank 0 can train the reference alone.
@@ -92,8 +128,11 @@ def run_launched(case: Case, engines: list[str], workdir: Path):
     from gpt2_scale.harness.run import run_engine
 
     env = distributed.init("auto")
+    results = {}
     try:
-        results = {engine: run_engine(case.replace(engine=engine), env, workdir) for engine in engines}
+        for engine in engines:
+            got = [run_engine(c, env, workdir / "scratch") for c in parts(case, engine, args, workdir)]
+            results[label(engine, args)] = joined(*got) if len(got) == 2 and env.is_main else got[0]
     finally:
         distributed.shutdown()
     return env, results
@@ -124,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_scale.harness.run import reference
 
     if "RANK" not in os.environ:
-        results = run_spawned(case, engines)
+        results = run_spawned(case, engines, args)
         return report(case, engines, results, reference(case), tol)
-    env, results = run_launched(case, engines, Path(args.workdir))
+    env, results = run_launched(case, engines, args, Path(args.workdir))
     if not env.is_main:
         return 0
     return report(case, engines, results, reference(case, env.device), tol)
