@@ -229,3 +229,15 @@ def test_tokens_depend_on_the_total_batch_not_its_split():
     a = Case(model, "ddp", world_size=2, micro_batch=1, accum=2, seq_len=8)
     b = Case(model, "zero3", world_size=1, micro_batch=4, accum=1, seq_len=8)
     assert torch.equal(tokens(a), tokens(b))
+
+
+def test_the_equivalence_tool_checks_a_run_moved_to_another_engine_and_world(tmp_path):
+    """What a user runs on a cluster, here in a spawned CPU world: ZeRO-2 on 2 ranks, resumed as ZeRO-3 on 1."""
+    from launch import run as launch
+
+    args = ["--model", "gpt2-tiny", "--engines", "zero2", "--steps", "3", "--seq-len", "16", "--resume-at", "1"]
+    proc = launch("tools/check_equivalence.py", args + ["--resume-as", "zero3", "--resume-world", "1"], launcher="python", timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "zero2->zero3" in proc.stdout and "OK:" in proc.stdout
+    bad = launch("tools/check_equivalence.py", args[:-2] + ["--resume-as", "zero3"], launcher="python")
+    assert bad.returncode == 2 and "need --resume-at" in bad.stderr

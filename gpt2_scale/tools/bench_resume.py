@@ -1,0 +1,104 @@
+"""Memory a checkpoint costs beyond the engine's own: the peak while one engine saves and another loads it.
+
+    python tools/bench_resume.py --model gpt2-124m --save-as zero3 --load-as ddp    # one process, CPU or one GPU
+
+The save runs after one optimizer step (Adam's state exists), the load into a freshly built engine. Reported: the
+process's resident memory (on CPU; CUDA's allocated bytes on a GPU) before each, and its peak during each,
+sampled every 5 ms; the difference is what the checkpoint itself needs (engines/layout.py and ZeROEngine say why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gpt2_scale.config import ENGINES
+
+GiB = 2**30
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_during(fn: Callable[[], object], device: torch.device) -> tuple[int, int]:
+    """(bytes before, peak bytes while ``fn`` runs): CUDA's allocator on a GPU, else the process's resident set."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return before, torch.cuda.max_memory_allocated(device)
+    before, peak, done = resident_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_bytes())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return before, max(peak[0], resident_bytes())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gpt2-124m", help="a zoo name")
+    p.add_argument("--save-as", default="zero3", choices=ENGINES, help="the engine that writes the checkpoint")
+    p.add_argument("--load-as", default="ddp", choices=ENGINES, help="the engine that reads it")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens of the one training step (activations are not the point)")
+    args = p.parse_args(argv)
+
+    from gpt2_scale import checkpoint, distributed, engines
+    from gpt2_scale.config import Config
+    from gpt2_scale.step import optimizer_step
+    from gpt2_scale.train import build_model
+
+    env = distributed.init("auto")
+    cfg = Config()
+    cfg.model.name, cfg.engine.compile = args.model, False
+    cfg.train.micro_batch, cfg.train.seq_len, cfg.train.total_batch_tokens = 1, args.seq_len, args.seq_len
+    tokens = torch.randint(0, 50257, (1, args.seq_len), device=env.device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"model": args.model, "engine": args.save_as}
+        for phase, name in (("save", args.save_as), ("load", args.load_as)):
+            cfg.engine.name = name
+            torch.manual_seed(0)
+            engine = engines.build(cfg, env)
+            engine.setup(build_model(cfg).to(env.device))
+            if phase == "save":
+                optimizer_step(engine, [(tokens, tokens)], 1e-4, env.device)
+                before, peak = peak_during(lambda e=engine: checkpoint.save(e, Path(tmp), 1, meta, {"step": 1}, env, keep=1), env.device)
+            else:
+                before, peak = peak_during(lambda e=engine: checkpoint.load(e, checkpoint.latest(Path(tmp))), env.device)
+            rows.append((phase, name, before, peak))
+            engine.close()
+            del engine
+    distributed.shutdown()
+    if env.is_main:
+        what = "CUDA allocated" if env.device.type == "cuda" else "resident"
+        print(f"{args.model}, {env.world_size} rank(s) on {env.device.type}; {what} GiB")
+        print(f"{'phase':6} {'engine':6} {'before':>8} {'peak':>8} {'extra':>8}")
+        for phase, name, before, peak in rows:
+            print(f"{phase:6} {name:6} {before / GiB:8.2f} {peak / GiB:8.2f} {(peak - before) / GiB:8.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
