@@ -184,7 +184,7 @@ class ZeROEngine(Engine):
         step, mine = torch.tensor(float(self._adam_step())), {}
         for i, (p, names) in enumerate(_names_by_parameter(self.module).items()):
             full = {layout.model_key(names[0]): safe_get_full_fp32_param(p)}
-            full |= {layout.adam_key(names[0], k): safe_get_full_optimizer_state(p, k) for k in ("exp_avg", "exp_avg_sq")}
+            full |= {layout.adam_key(names[0], k): safe_get_full_optimizer_state(p, k) for k in layout.MOMENTS}
             if i % self.env.world_size == self.env.rank:
                 mine |= {k: v.detach().reshape(_shape(p)).cpu() for k, v in full.items()}
                 mine |= {layout.model_key(n): mine[layout.model_key(names[0])] for n in names[1:]}  # tied names
@@ -205,12 +205,12 @@ class ZeROEngine(Engine):
             want = {}
             for p, names in batch:
                 want[layout.model_key(names[0])] = torch.empty(_shape(p))
-                want |= {layout.adam_key(names[0], k): torch.empty(_shape(p)) for k in ("exp_avg", "exp_avg_sq")}
+                want |= {layout.adam_key(names[0], k): torch.empty(_shape(p)) for k in layout.MOMENTS}
                 want[layout.adam_key(names[0], "step")] = torch.empty(())
             dcp.load(want, storage_reader=layout.reader(path))
             for p, names in batch:
                 safe_set_full_fp32_param(p, _padded(p, want[layout.model_key(names[0])], self.env.world_size))
-                for k in ("exp_avg", "exp_avg_sq"):
+                for k in layout.MOMENTS:
                     safe_set_full_optimizer_state(p, _padded(p, want[layout.adam_key(names[0], k)], self.env.world_size), k)
                 steps.add(want[layout.adam_key(names[0], "step")].item())
         if len(steps) != 1:

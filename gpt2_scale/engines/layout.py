@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions
 from gpt2_scale.safeload import SafeDCPReader
 
 FLAT = StateDictOptions(flatten_optimizer_state_dict=True)  # DCP's names for the optimizer's state: state.<name>.<key>
-ADAM_STATE = ("exp_avg", "exp_avg_sq", "step")
+MOMENTS = ("exp_avg", "exp_avg_sq")  # Adam's per-parameter state besides its step
 
 
 def is_elastic(path: Path) -> bool:
