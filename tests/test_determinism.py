@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from gpt2_scale.determinism import make_deterministic
+from gpt2_scale.determinism import make_deterministic, seed_step
 
 
 @pytest.fixture
@@ -61,3 +61,17 @@ def _three_steps(threads: int) -> tuple[list[float], torch.Tensor]:
 def test_the_cpu_training_step_repeats_bitwise_without_the_switch(threads):
     (a_losses, a_weights), (b_losses, b_weights) = _three_steps(threads), _three_steps(threads)
     assert a_losses == b_losses and torch.equal(a_weights, b_weights)
+
+
+def test_a_steps_random_draws_depend_on_seed_step_and_rank_alone():
+    """seed_step: what a step draws is fixed by (seed, step, rank), whatever ran before in the process, so a
+    checkpoint carries no RNG state and a resumed run draws what the uninterrupted one did."""
+
+    def draws(seed, step, rank, noise=0):
+        torch.rand(noise), random.random(), np.random.rand()  # whatever the process drew before
+        seed_step(seed, step, rank)
+        return torch.rand(4).tolist(), random.random(), np.random.rand()
+
+    assert draws(0, 7, 1) == draws(0, 7, 1, noise=5)
+    others = [draws(1, 7, 1), draws(0, 8, 1), draws(0, 7, 0)]
+    assert all(other[0] != draws(0, 7, 1)[0] for other in others)

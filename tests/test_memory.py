@@ -9,6 +9,7 @@ import gc
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,18 +31,9 @@ CONFIGS = (("fp32", False), ("bf16", False), ("fp32", True))  # (dtype, activati
 
 def _config(engine: str, dtype: str, checkpointing: bool, tmp: str):
     from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
+    from gpt2_scale.engines.deepspeed import zero3_sharding_everything
 
-    ds_config = None
-    if engine == "zero3":  # our default JSON with every parameter partitioned, none kept whole
-        import json
-
-        from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
-
-        ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
-        ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-        ds_config = os.path.join(tmp, f"zero3_no_persistence_{os.environ['RANK']}.json")  # one per rank: no read-while-write
-        with open(ds_config, "w") as f:
-            json.dump(ds, f)
+    ds_config = str(zero3_sharding_everything(Path(tmp))) if engine == "zero3" else None
     return Config(
         model=ModelSection(name="gpt2-tiny", pad_vocab=False),
         train=TrainSection(micro_batch=B, seq_len=T, total_batch_tokens=B * T * 2 * 2),  # 2 ranks x 2 micro-steps

@@ -92,6 +92,17 @@ def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
     return fill_auto(ds, values)
 
 
+def zero3_sharding_everything(directory: Path) -> Path:
+    """Our ZeRO-3 JSON with no parameter kept whole (``stage3_param_persistence_threshold`` 0), written into
+    ``directory`` for this rank. The harness and the tests use it: their tiny models lie wholly under DeepSpeed's
+    default threshold (1e5 elements), so ZeRO-3 would keep every parameter whole and its gathers go unchecked."""
+    ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = Path(directory) / f"zero3_sharding_everything_rank{os.environ.get('RANK', '0')}.json"  # no read-while-write
+    path.write_text(json.dumps(ds))
+    return path
+
+
 def plain_arch_list(value: str) -> str:
     """TORCH_CUDA_ARCH_LIST with arch suffixes dropped ("9.0a;10.0f+PTX" -> "9.0;10.0+PTX").
 

@@ -21,6 +21,7 @@ from gpt2_scale import checkpoint, engines
 from gpt2_scale.determinism import make_deterministic
 from gpt2_scale.distributed import DistEnv, barrier
 from gpt2_scale.engines.base import Engine, adamw
+from gpt2_scale.engines.deepspeed import zero3_sharding_everything
 from gpt2_scale.harness.case import Case, eval_batch, rank_batches, run_config, tokens
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import param_groups
@@ -126,8 +127,11 @@ def _logits(engine: Engine, case: Case, device: torch.device) -> torch.Tensor:
     return logits.float().cpu()
 
 
-def _build(case: Case, name: str, env: DistEnv, model: GPT) -> Engine:
-    engine = engines.build(run_config(case, name, env.device.type), env)
+def _build(case: Case, name: str, env: DistEnv, model: GPT, workdir: Path) -> Engine:
+    cfg = run_config(case, name, env.device.type)
+    if name == "zero3":  # sharded for real: a tiny model would otherwise be kept whole
+        cfg.engine.ds_config = str(zero3_sharding_everything(workdir))
+    engine = engines.build(cfg, env)
     engine.setup(model)
     return engine
 
@@ -180,7 +184,7 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path) -> Result | None:
         workdir.mkdir(parents=True)
     barrier()
     meta = {"model": case.model.name, "pad_vocab": case.model.pad_vocab, "engine": case.engine}
-    engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=int(case.resume)))
+    engine = _build(case, case.engine, env, initial_model(case, env.device, seed_offset=int(case.resume)), workdir)
     start, position = 0, 0  # the first step, and the index of its batch in the run's tokens
     if case.resume:
         state = checkpoint.load(engine, checkpoint.latest(Path(case.run_dir)))
@@ -207,7 +211,7 @@ def _run_engine(case: Case, env: DistEnv, workdir: Path) -> Result | None:
         teardown(engine)
         model = initial_model(case, env.device, seed_offset=2)
         checkpoint.load_weights(model, engines.read_full_weights(path), path)
-        engine = _build(case, case.export_to, env, model)
+        engine = _build(case, case.export_to, env, model, workdir)
         exported = _logits(engine, case, env.device)
     teardown(engine)
     barrier()
