@@ -80,11 +80,11 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--engines", "ddp,zero4"], "unknown zero4"),
+    (["--engines", "ddp,zero4"], "error: argument --engines: unknown zero4"),
     (["--model", "gpt2-huge"], "unknown model"),
-    (["--steps", "0"], "--steps must be >= 1"),
+    (["--steps", "0"], "error: argument --steps: must be >= 1"),
     (["--data", "/nonexistent"], "not a directory"),
-    (["--loss-chunk", "-1"], "engine.loss_chunk must be >= 0"),
+    (["--loss-chunk", "-1"], "error: argument --loss-chunk: must be >= 0"),
     (["--set", "engine.nope=1"], "--set engine.nope=1: unknown config key 'engine.nope'; valid keys: engine.name"),
     (["--vary", "train.micro_batch=4,abc"], "--vary train.micro_batch=4,abc: train.micro_batch must be int, got 'abc'"),
     (["--vary", "engine.compile_mode=fast"], "compile_mode must be one of null, default, reduce-overhead"),
@@ -95,7 +95,8 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
 ])
 def test_bad_input_is_an_error_with_exit_2(args, message):
     out = _tool(*args)
-    assert out.returncode == 2 and out.stderr.startswith("error: ") and message in out.stderr
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if "error: " in line] == [out.stderr.splitlines()[-1]]  # one, last
 
 
 def test_seq_len_beyond_the_context_is_refused():

@@ -194,4 +194,4 @@ def test_estimate_memory_tool():
     est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "ddp", 1, 16, 1024, loss_chunk=4096)
     assert fused.returncode == 0 and "c·V·10 + V·d·4" in fused.stdout and f"{est.logits / memory.GiB:.2f} GiB" in fused.stdout
     bad = _tool("--loss-chunk", "-1")
-    assert bad.returncode == 2 and "--loss-chunk must be >= 0" in bad.stderr
+    assert bad.returncode == 2 and "argument --loss-chunk: must be >= 0" in bad.stderr

@@ -27,6 +27,7 @@ import sys
 from gpt2_scale import bench
 from gpt2_scale.config import ENGINES, Config, ConfigError
 from gpt2_scale.fileio import write_atomic
+from gpt2_scale.tools.args import engine_list, non_negative, positive
 
 
 def assignment(text: str, flag: str) -> tuple[str, list[str]]:
@@ -47,38 +48,30 @@ def assignment(text: str, flag: str) -> tuple[str, list[str]]:
 def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchSpec]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2-124m")
-    p.add_argument("--engines", default="ddp", help=f"comma-separated: {','.join(ENGINES)}")
-    p.add_argument("--micro-batch", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--accum", type=int, default=1, help="micro-steps per optimizer step")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--engines", type=engine_list, default="ddp", help=f"comma-separated: {','.join(ENGINES)}")
+    p.add_argument("--micro-batch", type=positive, default=16)
+    p.add_argument("--seq-len", type=positive, default=1024)
+    p.add_argument("--accum", type=positive, default=1, help="micro-steps per optimizer step")
+    p.add_argument("--warmup", type=non_negative, default=3)
+    p.add_argument("--steps", type=positive, default=10)
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="auto: on CUDA only")
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--offload", action="store_true")
-    p.add_argument("--loss-chunk", type=int, help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk)")
+    p.add_argument("--loss-chunk", type=non_negative, help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config override for every row, e.g. engine.compile_scope=model (repeatable)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one more row per value, changing only KEY from the base row (repeatable; one lever at a time)")
     p.add_argument("--json", metavar="PATH", help="also write every row, the device, versions and date as JSON")
     p.add_argument("--data", help="a token shard directory; default random tokens")
-    p.add_argument("--world", type=int, default=1, help="spawn this many CPU ranks (without torchrun)")
+    p.add_argument("--world", type=positive, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU; default: the detected GPU's datasheet")
     p.add_argument("--compare-walkthrough", "--compare-seed", action="store_true", dest="compare_walkthrough",
                    help="also time the walk-through's own loop (build-nanogpt), for ours/walk-through ratios")
     args = p.parse_args(argv)
-    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    bad = [e for e in engines if e not in ENGINES]
-    if bad or not engines:
-        raise ConfigError(f"--engines: unknown {', '.join(bad) or '(none given)'}; valid: {', '.join(ENGINES)}")
-    for name in ("accum", "steps", "world"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.warmup < 0:
-        raise ConfigError("--warmup must be >= 0")
+    engines = args.engines
     if args.world > 1 and "WORLD_SIZE" in os.environ:
         raise ConfigError("--world spawns its own ranks; under torchrun leave it out")
     if args.world > 1 and args.device == "cuda":

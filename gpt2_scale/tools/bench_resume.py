@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2_scale.config import ENGINES
+from gpt2_scale.tools.args import positive
 
 GiB = 2**30
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="gpt2-124m", help="a zoo name")
     p.add_argument("--save-as", default="zero3", choices=ENGINES, help="the engine that writes the checkpoint")
     p.add_argument("--load-as", default="ddp", choices=ENGINES, help="the engine that reads it")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens of the one training step (activations are not the point)")
+    p.add_argument("--seq-len", type=positive, default=64, help="tokens of the one training step (activations are not the point)")
     args = p.parse_args(argv)
 
     from gpt2_scale import checkpoint, distributed, engines

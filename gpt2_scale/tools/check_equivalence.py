@@ -23,23 +23,24 @@ from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case
 from gpt2_scale.harness.compare import Tolerance, format_table, mismatches
 from gpt2_scale.harness.run import Result, joined
+from gpt2_scale.tools.args import engine_list, positive
 from gpt2_scale.zoo import ModelConfig
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[str], Tolerance]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gpt2-tiny", help="a zoo name (default gpt2-tiny)")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from {','.join(ENGINES)}")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--micro-batch", type=int, default=2, help="sequences per rank per micro-step")
-    p.add_argument("--accum", type=int, default=2, help="micro-steps per optimizer step")
-    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--engines", type=engine_list, default=",".join(ENGINES), help=f"comma-separated, from {','.join(ENGINES)}")
+    p.add_argument("--steps", type=positive, default=5)
+    p.add_argument("--micro-batch", type=positive, default=2, help="sequences per rank per micro-step")
+    p.add_argument("--accum", type=positive, default=2, help="micro-steps per optimizer step")
+    p.add_argument("--seq-len", type=positive, default=64)
     p.add_argument("--lr", type=float, default=1e-4, help="peak lr (warms up linearly over the steps)")
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--deterministic", action="store_true", help="train.deterministic=true for the engine runs")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--world-size", type=int, default=2, help="ranks of the CPU world spawned without a launcher")
+    p.add_argument("--world-size", type=positive, default=2, help="ranks of the CPU world spawned without a launcher")
     p.add_argument("--rtol", type=float, help="losses, gradient norms, weights and logits; default: 1e-5 for fp32, "
                    "2^-7 for bf16 (see gpt2_scale/harness/compare.py)")
     p.add_argument("--atol", type=float, help="logits; default: 1e-6 for fp32")
@@ -48,12 +49,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--workdir", default="runs/check_equivalence", help="scratch directory every rank can reach (launched runs)")
     p.add_argument("--resume-at", type=int, help="stop each run after this many steps, checkpoint, and resume from it")
     p.add_argument("--resume-as", choices=ENGINES, help="the engine the runs resume under (default: their own)")
-    p.add_argument("--resume-world", type=int, help="ranks the runs resume on (spawned CPU world only; default: the same)")
+    p.add_argument("--resume-world", type=positive, help="ranks the runs resume on (spawned CPU world only; default: the same)")
     args = p.parse_args(argv)
-    engines = [e for e in args.engines.split(",") if e]
-    unknown = [e for e in engines if e not in ENGINES]
-    if unknown or not engines:
-        raise ValueError(f"unknown engine(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(ENGINES)}")
+    engines = args.engines
     launched = "RANK" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if launched else args.world_size
     case = Case(

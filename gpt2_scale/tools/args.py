@@ -1,0 +1,30 @@
+"""argparse types the tools share: a bad value exits 2 with argparse's one line naming the flag and the rule."""
+
+from __future__ import annotations
+
+import argparse
+
+from gpt2_scale.config import ENGINES
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def engine_list(text: str) -> list[str]:
+    """Comma-separated engine names, at least one."""
+    engines = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or '(none given)'}; valid: {','.join(ENGINES)}")
+    return engines
