@@ -319,7 +319,7 @@ def already_done(run: Run) -> dict:
     """Resuming a run at or past --max-steps trains nothing and rewrites nothing."""
     if run.env.is_main:
         print(f"{run.dir} is already at step {run.start_step} (--max-steps {run.cfg.train.max_steps}): nothing to train; "
-              "pass a larger --max-steps to go on", flush=True)
+              "pass a larger --max-steps to go on, or another --run-dir to start a new run", flush=True)
     summary = run.dir / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else {"step": run.start_step - 1, "finished": True}
 
