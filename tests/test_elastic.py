@@ -146,7 +146,9 @@ def past_checkpoint(run_dir: Path) -> bool:
 def test_a_rank_killed_under_torchrun_restarts_and_the_run_continues_exactly(corpus, tmp_path):
     """SIGKILL rank 1 once the first checkpoint exists and a step after it is logged: torchrun restarts both workers
     with the same command, which auto-resumes from the last checkpoint, and the job exits 0 with the per-step losses
-    of an uninterrupted run. The only timing it needs: the kill lands before step 40, long after step 3."""
+    of an uninterrupted run. The only timing it needs: the kill lands before step 40, long after step 3. (The restart
+    connects only because distributed.attempt_store gives it keys of its own: torch 2.13's torchrun keeps the failed
+    attempt's in the store it shares, and most restarts failed or hung without it.)"""
     args = TINY + ["--data", str(corpus), "--engine", "ddp", "--total-batch-tokens", "128", "--max-steps", "40", "--log.val_every=0",
                    "--optim.warmup_steps=2", "--checkpoint.every=2", "--checkpoint.auto_resume=true"]
     full, run_dir = tmp_path / "full", tmp_path / "restarted"
