@@ -16,6 +16,7 @@ import torch
 from gpt2_scale.fileio import write_atomic
 
 METRICS = "metrics.jsonl"  # in the run directory, one JSON record per line
+
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
 
