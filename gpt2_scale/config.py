@@ -103,6 +103,7 @@ class CheckpointSection:
     every: int = 5000  # steps; 0 = only at the end
     keep: int = 2  # newest checkpoints kept
     resume: Annotated[str | None, short("--resume")] = None  # a run directory to continue
+    auto_resume: bool = False  # continue log.run_dir from its checkpoint if it has one, else start it: what a restarted job needs
 
 
 @dataclass

@@ -53,8 +53,26 @@ def init(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, store=attempt_store(world))
     return DistEnv(rank, local_rank, world, dev)
+
+
+def attempt_store(world: int) -> dist.Store | None:
+    """Under torchrun on one node, the launcher's store with a key prefix of this restart's own; else None (the
+    launcher's store as it is).
+
+    torchrun's workers share the TCPStore its agent hosts, and in torch 2.13 a restart (--max-restarts) keeps that
+    store with every key the failed attempt wrote (pytorch#135712, #167288): a restarted rank can read the dead
+    rank 0's gloo address or NCCL id, and then fails to connect or hangs, at random (most restarts of a 2-rank CPU
+    run here). On one node all workers of an attempt share TORCHELASTIC_RESTART_COUNT, so it names their keys apart;
+    across nodes each agent counts its own restarts and the counts may differ (pytorch#108158), so there the store
+    is left to the launcher (README: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a store of its own)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"gpt2_scale/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import torch
 
+from gpt2_scale.fileio import write_atomic
+
+METRICS = "metrics.jsonl"  # in the run directory, one JSON record per line
+
 # Dense bf16 tensor-core peaks from the vendors' datasheets, TFLOP/s.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4": 121.0, "4090": 165.0}
 
@@ -45,7 +49,7 @@ class MetricsLogger:
         self.writer = None
         if not enabled:
             return
-        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.file = open(run_dir / METRICS, "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -69,6 +73,54 @@ class MetricsLogger:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def attempt_name(name: str, attempt: int) -> str:
+    """``metrics.jsonl`` -> ``metrics.attempt-3.jsonl``: where attempt 3's records went when they were set aside."""
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}.attempt-{attempt}{dot}{suffix}"
+
+
+def next_attempt(run_dir: Path) -> int:
+    """The first attempt number not used yet by a set-aside file in ``run_dir``."""
+    used = [p.name.split(".")[1].removeprefix("attempt-") for p in Path(run_dir).glob("*.attempt-*.*")]
+    return 1 + max((int(n) for n in used if n.isdigit()), default=0)
+
+
+def split_records(lines: list[bytes], from_step: int) -> tuple[list[bytes], list[bytes]]:
+    """(kept, lost): the lines of records of steps before ``from_step``, and every other line: records of steps
+    ``from_step`` and later, and lines that are no record (a write cut off by a kill), each ending in a newline."""
+    kept, lost = [], []
+    for line in lines:
+        try:
+            record = json.loads(line)
+            step = record["step"] if isinstance(record, dict) else None
+        except (ValueError, KeyError):
+            step = None
+        good = isinstance(step, int) and not isinstance(step, bool) and step < from_step and line.endswith(b"\n")
+        (kept if good else lost).append(line if line.endswith(b"\n") else line + b"\n")
+    return kept, lost
+
+
+def set_aside(run_dir: Path, from_step: int, attempt: int) -> int:
+    """Move the records of steps ``from_step`` and later out of ``run_dir/metrics.jsonl`` into
+    ``metrics.attempt-{attempt}.jsonl``, before a run that starts at ``from_step`` appends; the number moved.
+
+    A job restarted from the checkpoint of step s (``--checkpoint.auto_resume``, ``--resume`` after a kill) trains
+    steps s, s+1, ... again, and what an earlier attempt logged for them (it died before its next checkpoint)
+    describes training that was lost. Moving those records aside, rather than appending and asking every reader
+    to keep the last record per step, keeps ``metrics.jsonl`` one history in step order, so every reader is right
+    without knowing about restarts (tests/launch.metrics, baselines, a user's pandas or jq), and the side file
+    keeps what was lost. The side file is written before metrics.jsonl is replaced, both atomically: a kill in
+    between leaves the records in both places, never in neither. TensorBoard's events are left as they are."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return 0
+    kept, lost = split_records(path.read_bytes().splitlines(keepends=True), from_step)
+    if lost:
+        write_atomic(path.with_name(attempt_name(METRICS, attempt)), b"".join(lost))
+        write_atomic(path, b"".join(kept))
+    return len(lost)
 
 
 def step_line(r: dict, max_steps: int, eta_s: float) -> str:

@@ -3,6 +3,14 @@
 Each file in recipes/ picks a size, an engine and what fits in memory, and calls ``main``. The larger
 GPT-2 sizes take the GPT-3 paper's Table 2.1 learning rate and batch (in tokens) of the model of the
 same size; GPT-3 trains at context 2048, we keep GPT-2's 1024, so the same batch is twice the sequences.
+
+They turn ``checkpoint.auto_resume`` on: they are the runs of hours to days on many GPUs that get preempted
+and restarted (``torchrun --max-restarts``, a SLURM requeue), and a restart runs the same command, which should
+continue the run, not stop at "already holds a run" and leave the allocation idle. It continues only the same
+job: a command that changes what the run depends on is refused. What it gives up: a recipe run again into a
+directory holding a run with the same settings (a smoke test with a small --max-steps, say) continues that run
+or reports it finished, where it was refused; pass another --run-dir for a new run, or
+``--checkpoint.auto_resume=false``. The quickstart (recipes/tiny.py) keeps it off.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ def fineweb_edu(
         optim=OptimSection(lr=lr, warmup_steps=round(WARMUP_TOKENS / total_batch_tokens)),  # 715 at 2^19
         engine=EngineSection(name=engine, activation_checkpointing=activation_checkpointing, offload=offload),
         log=LogSection(run_dir=f"runs/{model}-{engine}", val_every=250, val_tokens=20 * 64 * 1024, sample_every=250, hellaswag_every=250),
-        checkpoint=CheckpointSection(every=5000 if total_batch_tokens <= 2**19 else 2000),
+        checkpoint=CheckpointSection(every=5000 if total_batch_tokens <= 2**19 else 2000, auto_resume=True),  # see above
     )
 
 

@@ -27,9 +27,9 @@ from gpt2_scale.determinism import make_deterministic, seed_step
 from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
-from gpt2_scale.fileio import write_atomic
+from gpt2_scale.fileio import fsync_dir, write_atomic
 from gpt2_scale.memory import peak_memory
-from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
+from gpt2_scale.metrics import MetricsLogger, attempt_name, detect_peak_tflops, mfu, next_attempt, set_aside, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
 from gpt2_scale.step import optimizer_step
@@ -54,20 +54,76 @@ class TrainingError(RuntimeError):
 def resolve_config(defaults: Config, argv: list[str], description: str | None = None) -> Config:
     """Recipe defaults + argv; with --resume, the resumed run's saved config + argv instead.
 
+    With --checkpoint.auto_resume=true (a job that a launcher or scheduler restarts with the same command), a run
+    directory holding a checkpoint is continued as by --resume, once argv is checked to change nothing the run
+    depends on (check_same_run); one without a checkpoint is started (check_run_dir). --resume wins over it: an
+    explicit resume takes argv's changes, as always.
+
     A run's cosine length is fixed when it starts (``optim.decay_steps`` = ``train.max_steps`` unless set),
     so resuming with a larger --max-steps trains on at the final learning rate instead of reshaping the
     schedule that the finished steps followed; pass --optim.decay_steps to change it deliberately."""
     cfg = parse_args(defaults, argv, description)
-    if cfg.checkpoint.resume:
-        run_dir = Path(cfg.checkpoint.resume)
+    explicit = cfg.checkpoint.resume
+    if resume := explicit or auto_resume_dir(cfg):
+        run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)" if explicit else
+                              f"--checkpoint.auto_resume: {run_dir} has a checkpoint but no config.yaml; put the run's config.yaml "
+                              "back, or pass another --run-dir")
         saved = config_from_yaml_file(run_dir / "config.yaml")
         saved.optim.decay_steps = saved.optim.decay_steps or saved.train.max_steps  # runs saved before it was fixed
         cfg = parse_args(saved, argv)
-        cfg.log.run_dir = str(run_dir)
+        if not explicit:
+            check_same_run(saved, cfg, run_dir)
+        cfg.log.run_dir = cfg.checkpoint.resume = str(run_dir)
     cfg.optim.decay_steps = cfg.optim.decay_steps or cfg.train.max_steps
     return cfg
+
+
+def auto_resume_dir(cfg: Config) -> str | None:
+    """With checkpoint.auto_resume, the run directory when it holds a checkpoint to continue from; else None."""
+    if cfg.checkpoint.auto_resume and checkpoint.latest(Path(cfg.log.run_dir)) is not None:
+        return cfg.log.run_dir
+    return None
+
+
+# What the same job, restarted (checkpoint.auto_resume), may run with differently from the run it continues: its
+# length, what it logs and checkpoints, and the levers of speed and memory that leave what is learned as it was.
+# Every other setting (model, data, train, optim, engine) is the run's own: a command that changes one is not the
+# job that saved the run, and continuing would silently mix two experiments in one directory.
+AUTO_RESUME_MAY_CHANGE = (
+    "train.max_steps", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
+    "engine.compile_mode", "engine.activation_checkpointing", "engine.loss_chunk",
+)  # fmt: skip
+
+
+def changed_settings(saved: Config, wanted: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, wanted value) of each setting outside AUTO_RESUME_MAY_CHANGE that differs, in config order."""
+    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
+    return [(f"{section}.{key}", value, wanted_d[section][key])
+            for section, values in saved_d.items() for key, value in values.items()
+            if value != wanted_d[section][key] and f"{section}.{key}" not in AUTO_RESUME_MAY_CHANGE
+            and f"{section}.*" not in AUTO_RESUME_MAY_CHANGE]
+
+
+def _flag(value: object) -> str:
+    """A value as the command line spells it: true, false, null, 0.0006."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_same_run(saved: Config, wanted: Config, run_dir: Path) -> None:
+    """Refuse to auto-resume ``run_dir`` (whose config is ``saved``) with settings (``wanted``: saved + this command)
+    that change what the run depends on, naming the first such setting, both values and the three ways on."""
+    changed = changed_settings(saved, wanted)
+    if not changed:
+        return
+    key, old, new = changed[0]
+    more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
+    raise ConfigError(
+        f"--checkpoint.auto_resume: {run_dir} holds a run with {key}={_flag(old)}, this command sets {key}={_flag(new)}{more}; "
+        f"run it with --{key}={_flag(old)} to continue the run, with --resume {run_dir} to continue it changed, "
+        "or with another --run-dir to start a new run"
+    )
 
 
 def main(defaults: Config, argv: list[str] | None = None) -> None:
@@ -107,6 +163,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             restore(run)
         if run.start_step >= cfg.train.max_steps:
             return already_done(run)
+        aside = set_aside_lost_attempt(run)
         write_config(run)
         log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
         stop = StopFlag()
@@ -115,6 +172,8 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
                       f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
             if run.resume_from is not None:
                 log.print(f"resumed from {run.resume_from} at step {run.start_step}")
+            if aside:
+                log.print(aside)
             return loop(run, log, stop)
         finally:
             stop.close()
@@ -167,10 +226,16 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # w
 
 
 def check_run_dir(cfg: Config) -> Path:
-    """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten."""
+    """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten.
+
+    With checkpoint.auto_resume, a directory whose run has no checkpoint and no summary yet is an earlier attempt
+    of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
+    aside first (set_aside_lost_attempt)."""
     run_dir = Path(cfg.log.run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not cfg.checkpoint.resume:
+        if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:
+            return run_dir
         what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
     return run_dir
@@ -221,6 +286,27 @@ def load_hellaswag(cfg: Config) -> list[Example] | None:
         ) from e
 
 
+def set_aside_lost_attempt(run: Run) -> str | None:
+    """Before a run writes into its directory: the records an earlier attempt logged for the steps this one trains
+    (again) are moved to metrics.attempt-N.jsonl (metrics.set_aside says why), and when it starts from step 0 over
+    an attempt that died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes
+    to config.attempt-N.yaml beside its records. The line saying so, or None when nothing moved."""
+    config = run.dir / "config.yaml"
+    if not run.env.is_main or not run.dir.is_dir():
+        return None
+    attempt = next_attempt(run.dir)
+    moved = set_aside(run.dir, run.start_step, attempt)
+    records = f"{moved} metrics record(s) to {attempt_name('metrics.jsonl', attempt)}" if moved else ""
+    if run.start_step == 0 and config.is_file():
+        config.rename(run.dir / attempt_name(config.name, attempt))
+        fsync_dir(run.dir)
+        return (f"{run.dir}: an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to "
+                f"{attempt_name(config.name, attempt)}" + (f" and {records}" if moved else ""))
+    if moved:
+        return f"{run.dir}: an earlier attempt logged steps {run.start_step} and later but died before checkpointing them; moved its {records}"
+    return None
+
+
 def write_config(run: Run) -> None:
     """The run's settings, written once everything they name has been validated and loaded."""
     if run.env.is_main:
@@ -232,7 +318,7 @@ def already_done(run: Run) -> dict:
     """Resuming a run at or past --max-steps trains nothing and rewrites nothing."""
     if run.env.is_main:
         print(f"{run.dir} is already at step {run.start_step} (--max-steps {run.cfg.train.max_steps}): nothing to train; "
-              "pass a larger --max-steps to go on", flush=True)
+              "pass a larger --max-steps to go on, or another --run-dir to start a new run", flush=True)
     summary = run.dir / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else {"step": run.start_step - 1, "finished": True}
 
@@ -260,7 +346,8 @@ def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
         if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
             save(run, step + 1, log)
         if stopping:
-            log.print(f"stopped by signal after step {step}; continue with --resume {run.dir} (exit code {EXIT_PREEMPTED})")
+            again = "run the same command again" if cfg.checkpoint.auto_resume else f"continue with --resume {run.dir}"
+            log.print(f"stopped by signal after step {step}; {again} (exit code {EXIT_PREEMPTED})")
             break
     return progress.summary(finished=last)
 

@@ -21,13 +21,16 @@ def env() -> dict:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def command(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun") -> list[str]:
+def command(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun", max_restarts: int = 0) -> list[str]:
+    """The command line that runs ``script``; under torchrun, ``max_restarts`` is its --max-restarts (a failed worker
+    makes it restart every worker with the same arguments, up to that many times)."""
     path = str(REPO / script)
     if launcher == "python":
         return [sys.executable, path, *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc), "--master_port", str(free_port()), path, *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()), path, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--max-restarts", str(max_restarts),
+            "--master_port", str(free_port()), path, *args]
 
 
 def run(script: str, args: list[str], nproc: int = 1, launcher: str = "torchrun", timeout: int = 300) -> subprocess.CompletedProcess:
@@ -40,6 +43,8 @@ def run_module(module: str, args: list[str], timeout: int = 300) -> subprocess.C
 
 
 def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
+    """``key`` of every record in metrics.jsonl, in order. A resumed run has already moved what a lost attempt logged
+    past its checkpoint to a side file (metrics.set_aside), so this is one value per step, as an uninterrupted run's."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [r[key] for r in rows if key in r]
 

@@ -1,13 +1,17 @@
 import dataclasses
+import json
 import re
+from pathlib import Path
 
 import pytest
 
+from gpt2_scale import checkpoint
 from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, validate
 from gpt2_scale.engines.deepspeed import fill_auto
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, param_groups
+from gpt2_scale.train import AUTO_RESUME_MAY_CHANGE, check_run_dir, resolve_config
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -157,3 +161,113 @@ def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):
     with arch_list_deepspeed_reads():
         assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "9.0a"
+
+
+# --- checkpoint.auto_resume: the decision, on run directories laid out as the trainer leaves them ---
+
+RECIPE = Config()  # a recipe's defaults
+RECIPE.model.name, RECIPE.train.micro_batch, RECIPE.train.seq_len, RECIPE.train.total_batch_tokens = "gpt2-tiny", 2, 32, 64
+
+
+def saved_run(run_dir: Path, argv: list[str], step: int | None = 4) -> Config:
+    """A run directory as a run started with ``argv`` leaves it: config.yaml, metrics, and a checkpoint at ``step``."""
+    cfg = resolve_config(RECIPE, argv + ["--run-dir", str(run_dir)])
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "train_loss": 10.0}\n')
+    if step is not None:
+        path = checkpoint.checkpoints_root(run_dir) / f"step_{step:08d}"
+        path.mkdir(parents=True)
+        (path / "meta.json").write_text(json.dumps({"model": cfg.model.name, "engine": cfg.engine.name, "step": step, "world_size": 1}))
+        (path.parent / checkpoint.LATEST).write_text(path.name)
+    return cfg
+
+
+AUTO = ["--checkpoint.auto_resume=true", "--lr", "1e-3", "--max-steps", "10"]
+
+
+def test_auto_resume_continues_a_run_with_a_checkpoint_as_resume_does(tmp_path):
+    run_dir = tmp_path / "run"
+    saved = saved_run(run_dir, AUTO)
+    # The same command again; or with what a restart may change: its length, logging and checkpoint cadence.
+    assert resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)]).checkpoint.resume == str(run_dir)
+    more = AUTO + ["--run-dir", str(run_dir), "--max-steps", "20", "--checkpoint.every=2", "--log.val_every=5", "--engine.compile=false"]
+    cfg = resolve_config(RECIPE, more)
+    assert cfg.checkpoint.resume == cfg.log.run_dir == str(run_dir)
+    assert (cfg.train.max_steps, cfg.checkpoint.every, cfg.log.val_every) == (20, 2, 5)
+    assert cfg.optim.decay_steps == saved.optim.decay_steps == 10  # the schedule the run started with, as --resume keeps it
+    assert cfg.optim.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (["--lr", "3e-4"], "holds a run with optim.lr=0.001, this command sets optim.lr=0.0003; run it with --optim.lr=0.001 to continue"),
+        (["--engine", "fsdp", "--seed", "7"], "train.seed=1337, this command sets train.seed=7 \\(also changed: engine.name\\)"),
+        (["--model.pad_vocab=true"], "model.pad_vocab=false, this command sets model.pad_vocab=true"),
+        (["--optim.decay_steps=20"], "optim.decay_steps=10, this command sets optim.decay_steps=20"),
+        (["--data", "elsewhere"], "data.dir=default, this command sets data.dir=elsewhere"),
+    ],
+)
+def test_auto_resume_refuses_a_command_that_changes_the_run_in_one_line(tmp_path, change, match):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO + ["--model.pad_vocab=false"])
+    with pytest.raises(ConfigError, match=match) as e:
+        resolve_config(RECIPE, AUTO + ["--model.pad_vocab=false", "--run-dir", str(run_dir)] + change)
+    assert "\n" not in str(e.value) and f"--resume {run_dir} to continue it changed" in str(e.value)
+    assert "another --run-dir" in str(e.value)
+
+
+def test_auto_resume_checks_a_config_file_as_the_flags(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    (tmp_path / "c.yaml").write_text("optim:\n  weight_decay: 0.0\n")
+    with pytest.raises(ConfigError, match="optim.weight_decay=0.1, this command sets optim.weight_decay=0.0"):
+        resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir), "--config", str(tmp_path / "c.yaml")])
+
+
+def test_resume_wins_over_auto_resume_and_takes_the_change(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    cfg = resolve_config(RECIPE, AUTO + ["--resume", str(run_dir), "--lr", "3e-4"])
+    assert cfg.checkpoint.resume == str(run_dir) and cfg.optim.lr == 3e-4
+
+
+def test_auto_resume_without_a_checkpoint_starts_the_run_again_there(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO, step=None)
+    (checkpoint.checkpoints_root(run_dir) / ".tmp-step_00000002").mkdir(parents=True)  # a first save that was killed
+    cfg = resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir), "--lr", "3e-4"])  # nothing saved depends on the settings
+    assert cfg.checkpoint.resume is None and cfg.optim.lr == 3e-4
+    assert check_run_dir(cfg) == run_dir
+    cfg.checkpoint.auto_resume = False  # without it, as before: refused
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_run_dir(cfg)
+    cfg.checkpoint.auto_resume = True
+    (run_dir / "summary.json").write_text("{}")  # a finished run whose checkpoints are gone is not restarted over
+    with pytest.raises(ConfigError, match="already holds a run .*summary.json"):
+        check_run_dir(cfg)
+
+
+def test_without_auto_resume_a_run_directory_is_refused_as_before(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, ["--lr", "1e-3"])
+    cfg = resolve_config(RECIPE, ["--lr", "1e-3", "--run-dir", str(run_dir)])
+    assert cfg.checkpoint.resume is None
+    with pytest.raises(ConfigError, match=f"continue it with --resume {run_dir}"):
+        check_run_dir(cfg)
+    cfg.checkpoint.auto_resume = True  # a Config built in code skips resolve_config: never started over a checkpoint
+    with pytest.raises(ConfigError, match="already holds a run"):
+        check_run_dir(cfg)
+
+
+def test_auto_resume_with_a_broken_latest_pointer_is_one_error(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    (checkpoint.checkpoints_root(run_dir) / checkpoint.LATEST).write_text("step_00000099")
+    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+        resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)])
+
+
+def test_what_a_restart_may_change_leaves_what_the_checkpoint_depends_on():
+    assert not [key for key in checkpoint.RESUME_KEYS if key in AUTO_RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in AUTO_RESUME_MAY_CHANGE]
