@@ -114,8 +114,8 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
     assert again.returncode == 2 and "--resume" in again.stderr
     other = run("recipes/tiny.py", ["--resume", str(run_dir), "--model", "gpt2-mini"], launcher="python")
     assert other.returncode == 2 and "holds model 'gpt2-tiny'" in other.stderr
-    engine = run("recipes/tiny.py", ["--resume", str(run_dir), "--engine", "fsdp"], launcher="python")
-    assert engine.returncode == 2 and "--engine ddp" in engine.stderr
+    batch = run("recipes/tiny.py", ["--resume", str(run_dir), "--total-batch-tokens", "128", "--max-steps", "2"], launcher="python")
+    assert batch.returncode == 2 and "--train.total_batch_tokens=64" in batch.stderr  # the engine and world may change
     seq = run("recipes/tiny.py", ["--resume", str(run_dir), "--seq-len", "16", "--max-steps", "2"], launcher="python")
     assert seq.returncode == 2 and "--train.seq_len=32" in seq.stderr and "Traceback" not in seq.stderr, seq.stderr
     # A refused resume wrote nothing: the run is as it was, and a plain resume still works after it.
