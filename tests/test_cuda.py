@@ -57,6 +57,19 @@ def test_every_engine_trains_in_bf16_with_compile_and_fused_adam(tmp_path):
                                    msg=lambda m, e=engine: f"{e} {losses[e][:5]} vs ddp {losses['ddp'][:5]}: {m}")
 
 
+@pytest.mark.parametrize("first,then", [("zero1", "fsdp"), ("fsdp", "zero3"), ("zero2", "ddp")])
+def test_a_bf16_run_continues_under_another_engine(tmp_path, first, then):
+    """The checkpoint layout on the GPU paths: bf16 16-bit copies (ZeRO's refreshed from the loaded fp32 partitions,
+    FSDP2's cast by its policy) and FusedAdam's step. Losses after the move follow the uninterrupted run to bf16
+    resolution."""
+    args = TINY + ["--total-batch-tokens", "256", "--lr", "3e-3", "--optim.warmup_steps=2", "--optim.decay_steps=8",
+                   "--log.val_every=0", "--checkpoint.every=4", "--engine.device=cuda", "--engine", first]
+    ok(run("recipes/tiny.py", args + ["--max-steps", "8", "--run-dir", str(tmp_path / "full")], timeout=600))
+    ok(run("recipes/tiny.py", args + ["--max-steps", "4", "--run-dir", str(tmp_path / "part")], timeout=600))
+    ok(run("recipes/tiny.py", ["--resume", str(tmp_path / "part"), "--engine", then, "--max-steps", "8"], timeout=600))
+    torch.testing.assert_close(metrics(tmp_path / "part"), metrics(tmp_path / "full"), rtol=2e-2, atol=0)
+
+
 def test_engines_match_the_fp32_reference_on_the_gpu():
     """The equivalence harness on CUDA (fp32, one rank): the engines' GPU code paths change nothing."""
     out = run("tools/check_equivalence.py", ["--model", "gpt2-tiny", "--steps", "4"], timeout=900)
