@@ -81,7 +81,7 @@ def test_a_recipe_trains_zero1_from_the_install_outside_the_checkout(site, tmp_p
     ok(run_outside(site, tmp_path, sys.executable, "tiny.py", "--engine", "zero1", "--max-steps", "2", *TINY,
                    "--total-batch-tokens", "64", "--run-dir", "run"))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
-    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / "engine").is_dir()  # DeepSpeed's own checkpoint
+    assert (tmp_path / "run" / "checkpoints" / "step_00000002" / ".metadata").is_file()  # written through DeepSpeed
 
 
 def test_every_tool_is_an_entry_point_of_the_install(site, tmp_path):
