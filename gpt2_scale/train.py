@@ -27,11 +27,12 @@ from gpt2_scale.determinism import make_deterministic, seed_step
 from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
-from gpt2_scale.fileio import fsync_dir, write_atomic
+from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import peak_memory
-from gpt2_scale.metrics import MetricsLogger, attempt_name, detect_peak_tflops, mfu, next_attempt, set_aside, step_line
+from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
+from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, find_checkpoint, set_aside_lost_attempt
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.zoo import ModelConfig
 
@@ -80,52 +81,6 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
     return cfg
 
 
-def auto_resume_dir(cfg: Config) -> str | None:
-    """With checkpoint.auto_resume, the run directory when it holds a checkpoint to continue from; else None."""
-    if cfg.checkpoint.auto_resume and checkpoint.latest(Path(cfg.log.run_dir)) is not None:
-        return cfg.log.run_dir
-    return None
-
-
-# What the same job, restarted (checkpoint.auto_resume), may run with differently from the run it continues: its
-# length, what it logs and checkpoints, and the levers of speed and memory that leave what is learned as it was.
-# Every other setting (model, data, train, optim, engine) is the run's own: a command that changes one is not the
-# job that saved the run, and continuing would silently mix two experiments in one directory.
-AUTO_RESUME_MAY_CHANGE = (
-    "train.max_steps", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
-    "engine.compile_mode", "engine.activation_checkpointing", "engine.loss_chunk",
-)  # fmt: skip
-
-
-def changed_settings(saved: Config, wanted: Config) -> list[tuple[str, object, object]]:
-    """(key, saved value, wanted value) of each setting outside AUTO_RESUME_MAY_CHANGE that differs, in config order."""
-    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
-    return [(f"{section}.{key}", value, wanted_d[section][key])
-            for section, values in saved_d.items() for key, value in values.items()
-            if value != wanted_d[section][key] and f"{section}.{key}" not in AUTO_RESUME_MAY_CHANGE
-            and f"{section}.*" not in AUTO_RESUME_MAY_CHANGE]
-
-
-def _flag(value: object) -> str:
-    """A value as the command line spells it: true, false, null, 0.0006."""
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def check_same_run(saved: Config, wanted: Config, run_dir: Path) -> None:
-    """Refuse to auto-resume ``run_dir`` (whose config is ``saved``) with settings (``wanted``: saved + this command)
-    that change what the run depends on, naming the first such setting, both values and the three ways on."""
-    changed = changed_settings(saved, wanted)
-    if not changed:
-        return
-    key, old, new = changed[0]
-    more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
-    raise ConfigError(
-        f"--checkpoint.auto_resume: {run_dir} holds a run with {key}={_flag(old)}, this command sets {key}={_flag(new)}{more}; "
-        f"run it with --{key}={_flag(old)} to continue the run, with --resume {run_dir} to continue it changed, "
-        "or with another --run-dir to start a new run"
-    )
-
-
 def main(defaults: Config, argv: list[str] | None = None) -> None:
     """Entry point of every recipe. Exit codes: 0 finished, 2 bad input (one ``error:`` line), 1 training
     failed (a non-finite loss), EXIT_PREEMPTED stopped by a signal after saving a checkpoint."""
@@ -163,7 +118,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             restore(run)
         if run.start_step >= cfg.train.max_steps:
             return already_done(run)
-        aside = set_aside_lost_attempt(run)
+        aside = set_aside_lost_attempt(run.dir, run.start_step, env.is_main)
         write_config(run)
         log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
         stop = StopFlag()
@@ -206,7 +161,7 @@ class Run:
 def setup(cfg: Config, env: distributed.DistEnv) -> Run:
     """Check the settings against the run directory and any checkpoint to resume, seed, open the data, build the
     model and its engine. Nothing is written: a bad setting, file or checkpoint fails here and leaves no trace."""
-    resume_from = find_checkpoint(cfg, env)
+    resume_from = find_checkpoint(cfg, env.world_size)
     accum = grad_accum_steps(cfg, env.world_size)
     run_dir = check_run_dir(cfg)
     if cfg.train.deterministic:
@@ -220,25 +175,6 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
     engine = engines.build(cfg, env)
     engine.setup(model)
     return Run(cfg, env, run_dir, engine, train_loader, val_loader, examples, accum, n_params, resume_from)
-
-
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
-
-
-def check_run_dir(cfg: Config) -> Path:
-    """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten.
-
-    With checkpoint.auto_resume, a directory whose run has no checkpoint and no summary yet is an earlier attempt
-    of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
-    aside first (set_aside_lost_attempt)."""
-    run_dir = Path(cfg.log.run_dir)
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if found and not cfg.checkpoint.resume:
-        if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:
-            return run_dir
-        what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
-        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
-    return run_dir
 
 
 def build_model(cfg: Config) -> GPT:
@@ -284,27 +220,6 @@ def load_hellaswag(cfg: Config) -> list[Example] | None:
             f"HellaSwag: {e}; fetch it into the cache where there is network (`python tools/prepare_data.py hellaswag`), "
             "pass --log.hellaswag_data=PATH, or turn it off with --log.hellaswag_every=0"
         ) from e
-
-
-def set_aside_lost_attempt(run: Run) -> str | None:
-    """Before a run writes into its directory: the records an earlier attempt logged for the steps this one trains
-    (again) are moved to metrics.attempt-N.jsonl (metrics.set_aside says why), and when it starts from step 0 over
-    an attempt that died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes
-    to config.attempt-N.yaml beside its records. The line saying so, or None when nothing moved."""
-    config = run.dir / "config.yaml"
-    if not run.env.is_main or not run.dir.is_dir():
-        return None
-    attempt = next_attempt(run.dir)
-    moved = set_aside(run.dir, run.start_step, attempt)
-    records = f"{moved} metrics record(s) to {attempt_name('metrics.jsonl', attempt)}" if moved else ""
-    if run.start_step == 0 and config.is_file():
-        config.rename(run.dir / attempt_name(config.name, attempt))
-        fsync_dir(run.dir)
-        return (f"{run.dir}: an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to "
-                f"{attempt_name(config.name, attempt)}" + (f" and {records}" if moved else ""))
-    if moved:
-        return f"{run.dir}: an earlier attempt logged steps {run.start_step} and later but died before checkpointing them; moved its {records}"
-    return None
 
 
 def write_config(run: Run) -> None:
@@ -523,18 +438,6 @@ def save(run: Run, step: int, log: MetricsLogger) -> Path:
     trainer_state = {"step": step, "tokens": run.tokens, "loader": run.train_loader.state_dict()}
     path = checkpoint.save(run.engine, run.dir, step, meta, trainer_state, run.env, cfg.checkpoint.keep)
     log.print(f"checkpoint: {path}")
-    return path
-
-
-def find_checkpoint(cfg: Config, env: distributed.DistEnv) -> Path | None:
-    """With --resume, the run's latest checkpoint, checked to fit this run's settings before anything is written."""
-    if not cfg.checkpoint.resume:
-        return None
-    run_dir = Path(cfg.log.run_dir)
-    path = checkpoint.latest(run_dir)
-    if path is None:
-        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
-    checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), env.world_size)
     return path
 
 

@@ -11,7 +11,8 @@ from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yam
 from gpt2_scale.engines.deepspeed import fill_auto
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, param_groups
-from gpt2_scale.train import AUTO_RESUME_MAY_CHANGE, check_run_dir, resolve_config
+from gpt2_scale.resume import AUTO_RESUME_MAY_CHANGE, check_run_dir
+from gpt2_scale.train import resolve_config
 from gpt2_scale.zoo import ModelConfig
 
 

@@ -1,0 +1,109 @@
+"""Where a run goes on from, decided before anything is written: the run directory a fresh run may use, the
+checkpoint --resume continues from, the same job restarted (``checkpoint.auto_resume``), and what an attempt
+that died logged for steps the next one trains again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpt2_scale import checkpoint
+from gpt2_scale.config import Config, ConfigError
+from gpt2_scale.fileio import fsync_dir
+from gpt2_scale.metrics import attempt_name, next_attempt, set_aside
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
+
+
+def check_run_dir(cfg: Config) -> Path:
+    """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten.
+
+    With checkpoint.auto_resume, a directory whose run has no checkpoint and no summary yet is an earlier attempt
+    of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
+    aside first (set_aside_lost_attempt)."""
+    run_dir = Path(cfg.log.run_dir)
+    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if found and not cfg.checkpoint.resume:
+        if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:
+            return run_dir
+        what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
+    return run_dir
+
+
+def find_checkpoint(cfg: Config, world_size: int) -> Path | None:
+    """With --resume, the run's latest checkpoint, checked to fit this run's settings before anything is written."""
+    if not cfg.checkpoint.resume:
+        return None
+    run_dir = Path(cfg.log.run_dir)
+    path = checkpoint.latest(run_dir)
+    if path is None:
+        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
+    checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), world_size)
+    return path
+
+
+def auto_resume_dir(cfg: Config) -> str | None:
+    """With checkpoint.auto_resume, the run directory when it holds a checkpoint to continue from; else None."""
+    if cfg.checkpoint.auto_resume and checkpoint.latest(Path(cfg.log.run_dir)) is not None:
+        return cfg.log.run_dir
+    return None
+
+
+# What the same job, restarted (checkpoint.auto_resume), may run with differently from the run it continues: its
+# length, what it logs and checkpoints, and the levers of speed and memory that leave what is learned as it was.
+# Every other setting (model, data, train, optim, engine) is the run's own: a command that changes one is not the
+# job that saved the run, and continuing would silently mix two experiments in one directory.
+AUTO_RESUME_MAY_CHANGE = (
+    "train.max_steps", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
+    "engine.compile_mode", "engine.activation_checkpointing", "engine.loss_chunk",
+)  # fmt: skip
+
+
+def changed_settings(saved: Config, wanted: Config) -> list[tuple[str, object, object]]:
+    """(key, saved value, wanted value) of each setting outside AUTO_RESUME_MAY_CHANGE that differs, in config order."""
+    saved_d, wanted_d = saved.to_dict(), wanted.to_dict()
+    return [(f"{section}.{key}", value, wanted_d[section][key])
+            for section, values in saved_d.items() for key, value in values.items()
+            if value != wanted_d[section][key] and f"{section}.{key}" not in AUTO_RESUME_MAY_CHANGE
+            and f"{section}.*" not in AUTO_RESUME_MAY_CHANGE]
+
+
+def _flag(value: object) -> str:
+    """A value as the command line spells it: true, false, null, 0.0006."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_same_run(saved: Config, wanted: Config, run_dir: Path) -> None:
+    """Refuse to auto-resume ``run_dir`` (whose config is ``saved``) with settings (``wanted``: saved + this command)
+    that change what the run depends on, naming the first such setting, both values and the three ways on."""
+    changed = changed_settings(saved, wanted)
+    if not changed:
+        return
+    key, old, new = changed[0]
+    more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
+    raise ConfigError(
+        f"--checkpoint.auto_resume: {run_dir} holds a run with {key}={_flag(old)}, this command sets {key}={_flag(new)}{more}; "
+        f"run it with --{key}={_flag(old)} to continue the run, with --resume {run_dir} to continue it changed, "
+        "or with another --run-dir to start a new run"
+    )
+
+
+def set_aside_lost_attempt(run_dir: Path, start_step: int, is_main: bool) -> str | None:
+    """Before a run writes into its directory: the records an earlier attempt logged for the steps this one trains
+    (again) are moved to metrics.attempt-N.jsonl (metrics.set_aside says why), and when it starts from step 0 over
+    an attempt that died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes
+    to config.attempt-N.yaml beside its records. The line saying so, or None when nothing moved."""
+    config = run_dir / "config.yaml"
+    if not is_main or not run_dir.is_dir():
+        return None
+    attempt = next_attempt(run_dir)
+    moved = set_aside(run_dir, start_step, attempt)
+    records = f"{moved} metrics record(s) to {attempt_name('metrics.jsonl', attempt)}" if moved else ""
+    if start_step == 0 and config.is_file():
+        config.rename(run_dir / attempt_name(config.name, attempt))
+        fsync_dir(run_dir)
+        return (f"{run_dir}: an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to "
+                f"{attempt_name(config.name, attempt)}" + (f" and {records}" if moved else ""))
+    if moved:
+        return f"{run_dir}: an earlier attempt logged steps {start_step} and later but died before checkpointing them; moved its {records}"
+    return None
