@@ -42,6 +42,12 @@ def run_module(module: str, args: list[str], timeout: int = 300) -> subprocess.C
     return subprocess.run([sys.executable, "-m", module, *args], env=env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def ok(proc: subprocess.CompletedProcess) -> str:
+    """A launched run's stdout, once it exited 0 (else its output's tail, to see why)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
 def metrics(run_dir: Path, key: str = "train_loss") -> list[float]:
     """``key`` of every record in metrics.jsonl, in order. A resumed run has already moved what a lost attempt logged
     past its checkpoint to a side file (metrics.set_aside), so this is one value per step, as an uninterrupted run's."""

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.multiprocessing as mp
-from launch import TINY, metrics, run
+from launch import TINY, metrics, ok, run
 
 from gpt2_scale import memory
 from gpt2_scale.zoo import ModelConfig
@@ -26,11 +26,6 @@ from gpt2_scale.zoo import ModelConfig
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
-
-
-def ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def test_every_engine_trains_in_bf16_with_compile_and_fused_adam(tmp_path):

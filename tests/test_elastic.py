@@ -12,24 +12,10 @@ import time
 from pathlib import Path
 
 import psutil  # a dependency of deepspeed, so of the package
-import pytest
-from launch import REPO, TINY, command, env, metrics, run
+from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
-from gpt2_scale.data import default_source, prepare_shards
 from gpt2_scale.metrics import next_attempt, set_aside, split_records
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    prepare_shards(default_source(), out, workers=1, progress=False)
-    return out
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def by_step(run_dir: Path, key: str = "train_loss") -> dict[int, float]:

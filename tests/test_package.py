@@ -13,7 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from launch import TINY
+from launch import TINY, ok
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("pyproject.toml", "README.md", "gpt2_scale")  # what the build reads: the project, its readme, the package
@@ -63,11 +63,6 @@ def run_outside(site: Path, cwd: Path, *command: str) -> subprocess.CompletedPro
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *kept]), "OMP_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1", "GPT2_SCALE_CACHE": str(cwd / "cache")}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def test_the_install_is_the_package_imported_away_from_the_checkout(site, tmp_path):

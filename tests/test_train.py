@@ -12,29 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import REPO, TINY, command, env, metrics, run
+from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
 from gpt2_scale.config import config_from_yaml_file
-from gpt2_scale.data import default_source, prepare_shards
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.model import GPT
 from gpt2_scale.train import EXIT_PREEMPTED
 from gpt2_scale.zoo import ModelConfig
 
 ENGINES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("corpus")
-    prepare_shards(default_source(), out, workers=1, progress=False)
-    return out
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
 
 
 def test_every_engine_trains_the_same_model_on_two_ranks(corpus, tmp_path):
