@@ -270,12 +270,12 @@ class ZeROEngine(Engine):
             if "step" in group:  # FusedAdam's older place for it
                 group["step"] = step
 
-
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_fp32_param
 
-        sd = {name: safe_get_full_fp32_param(p).detach().float().cpu() for name, p in self.module.named_parameters()}
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: named_parameters yields it once
+        sd = {}
+        for p, names in _names_by_parameter(self.module).items():  # a tied weight under each of its names
+            sd |= dict.fromkeys(names, safe_get_full_fp32_param(p).detach().float().cpu())
         return sd
 
 def _flat_partitions(zero) -> list[tuple[torch.Tensor, dict]]:

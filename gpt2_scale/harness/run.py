@@ -20,6 +20,7 @@ import torch
 from gpt2_scale import checkpoint, engines
 from gpt2_scale.determinism import make_deterministic
 from gpt2_scale.distributed import DistEnv, barrier
+from gpt2_scale.engines import layout
 from gpt2_scale.engines.base import Engine, adamw
 from gpt2_scale.engines.deepspeed import zero3_sharding_everything
 from gpt2_scale.harness.case import Case, eval_batch, rank_batches, run_config, tokens
@@ -147,8 +148,8 @@ def plant(fault: str | None, engine: Engine) -> None:
     if fault == "drop_adam_moments":
         optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's inner optimizer
         for state in optimizer.state.values():
-            state["exp_avg"].zero_()
-            state["exp_avg_sq"].zero_()
+            for moment in layout.MOMENTS:
+                state[moment].zero_()
 
 
 def teardown(engine: Engine) -> None:

@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
         raise ValueError(f"--resume-at must be between 1 and --steps - 1 ({args.steps - 1}), got {args.resume_at}")
     if (args.resume_as or args.resume_world) and args.resume_at is None:
         raise ValueError("--resume-as and --resume-world need --resume-at STEP")
-    if args.resume_world is not None and (launched or args.resume_world < 1 or case.total_sequences % (case.micro_batch * args.resume_world)):
+    if args.resume_world is not None and (launched or case.total_sequences % (case.micro_batch * args.resume_world)):
         raise ValueError("--resume-world works without a launcher (under one, the world is the launcher's), and "
                          f"--micro-batch x --resume-world must divide the batch of {case.total_sequences} sequences")
     given = {name: getattr(args, name) for name in ("rtol", "atol", "grad_rtol") if getattr(args, name) is not None}
