@@ -74,7 +74,7 @@ class Engine(ABC):
         """Forward and backward one micro-batch; gradients are reduced across ranks only when ``sync``."""
         self._set_sync(sync)
         with self.autocast():
-            _, loss = self.model(x, y)
+            loss = self.model(x, y)[1]  # not the logits: held through backward they would cost B·T·V·2 bytes
         self._backward(loss * loss_scale)
         return loss.detach()
 
