@@ -18,9 +18,21 @@ accumulating, when it keeps full gradients). The estimator uses the larger wΨ f
 With bf16 ZeRO-1/2/3 that is the paper's (2 + 2 + 12)Ψ with the stage's terms divided by N. Offload moves
 the optimizer column to host memory (DeepSpeed ZeRO-Offload), or all three columns (FSDP2 CPUOffloadPolicy).
 
-Not counted: communication buckets (DDP's and DeepSpeed's reduce buckets), ZeRO-3's prefetched and
-persistent (``stage3_param_persistence_threshold``) full parameters, the CUDA context and the allocator's
-fragmentation: budget 1-3 GiB for them on a GPU.
+The peak of a step is not the sum of everything: ``estimate`` takes the largest of four moments, each the
+weights and optimizer state plus what lives then (``Estimate.phases``):
+
+    forward    activations + copies of the weights + the loss being computed   (gradients: DDP's only)
+    backward   activations + copies saved for backward + the loss's gradient   (the usual peak)
+    gradients  activations + DeepSpeed's reduce buckets, allocated by the first gradients
+    update     gradients + buckets
+
+Gradients live through forward only where they are kept between steps: DDP's are views of its all-reduce
+buckets, the other engines free theirs after the update (``zero_grad(set_to_none)``) unless accumulating.
+The constants are eager PyTorch's, each measured in tests/test_memory.py (saved tensors, and the whole step's
+peak against an allocation tracker on CPU); compiled code saves less.
+
+Not counted: DDP's communication buckets, ZeRO-3's prefetched and persistent (``stage3_param_persistence_threshold``)
+full parameters, the CUDA context and the allocator's fragmentation: budget 1-3 GiB for them on a GPU.
 """
 
 from __future__ import annotations
@@ -35,19 +47,31 @@ from gpt2_scale.zoo import ModelConfig
 
 GiB = 2**30
 
-# Saved-for-backward bytes per token, per unit of n_embd, per layer, of gpt2_scale.model.Block, measured with
-# saved_tensors_hooks at B=8, T=256, d=128 on CPU (tests/test_memory.py re-measures them). fp32: about 16 values
-# (ln_1 in/out, q k v, attention out, its reshaped copy, residual, ln_2 out, 4·d MLP hidden, 4·d GELU out) x 4
-# bytes plus attention's small per-head terms. bf16 autocast halves most of them but keeps the residual stream
-# and LayerNorm statistics fp32; it includes the per-layer bf16 weight casts (12·d² x 2 bytes, a few % at GPT-2 sizes).
-BLOCK_BYTES = {False: 66, True: 38}
-# With per-block checkpointing only each block's input stays: the fp32 residual stream (autocast keeps it fp32).
-CHECKPOINTED_BLOCK_BYTES = 4
-# Bytes per token per vocabulary entry around the loss: the saved log-softmax (fp32) plus, under bf16, the
-# bf16 logits, then the fp32 gradient of the logits when backward starts. The fused loss (engine.loss_chunk,
-# gpt2_scale/loss.py) holds as much for one chunk of tokens at a time: the chunk's logits, their fp32 copy and
-# log-softmax (whose softmax becomes the gradient in place), plus an fp32 weight-gradient accumulator of V·d.
-LOGIT_BYTES = {False: 4 + 4, True: 6 + 4}
+
+def compute_mode(engine: str, bf16: bool) -> str:
+    """How forward computes: "fp32"; "autocast" (DDP: fp32 weights, autocast's bf16 copy of each weight cached for
+    the forward); "bf16" (FSDP2's MixedPrecisionPolicy and DeepSpeed's bf16 cast the weights themselves)."""
+    return "autocast" if bf16 and engine == "ddp" else "bf16" if bf16 else "fp32"
+
+
+# Saved-for-backward bytes per token, per unit of n_embd, per layer, of gpt2_scale.model.Block; tests/test_memory.py
+# measures them with saved_tensors_hooks. fp32: about 16 values (ln_1 in/out, q k v, attention out, its reshaped
+# copy, residual, ln_2 out, 4·d MLP hidden, 4·d GELU out) x 4 bytes plus attention's small per-head terms.
+# Autocast halves most of them but keeps the residual stream and LayerNorm fp32; bf16 weights make everything bf16.
+BLOCK_BYTES = {"fp32": 64, "autocast": 36, "bf16": 32}
+# With per-block checkpointing only each block's input stays: the residual stream (fp32 under autocast).
+CHECKPOINTED_BLOCK_BYTES = {"fp32": 4, "autocast": 4, "bf16": 2}
+# Bytes per logit (B·T·V) around the plain loss, as eager PyTorch runs it. While forward computes it: the logits
+# (4 or 2 bytes), their fp32 copy (bf16 only) and the fp32 log-softmax. When backward starts: the saved
+# log-softmax, nll_loss's dense fp32 gradient and the fp32 gradient of the logits, before it is cast back.
+LOSS_FORWARD_BYTES = {"fp32": 8, "autocast": 10, "bf16": 10}
+LOSS_BACKWARD_BYTES = 12
+# The fused loss (engine.loss_chunk, gpt2_scale/loss.py) holds as much for one chunk of tokens at a time (the
+# chunk's logits, their fp32 copy and log-softmax, whose softmax becomes the gradient in place) plus an fp32
+# weight-gradient accumulator of V·d.
+CHUNK_BYTES = {"fp32": 8, "autocast": 10, "bf16": 10}
+# DeepSpeed's defaults where its JSON is silent (deepspeed/runtime/zero/config.py).
+DS_REDUCE_BUCKET_SIZE, DS_PREFETCH_BUCKET_SIZE = 500_000_000, 50_000_000
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,7 @@ def expected_state_bytes(num_params: int, engine: str, world: int, bf16: bool, o
     raise ValueError(f"unknown engine {engine!r}; valid: ddp, fsdp, zero1, zero2, zero3")
 
 
-def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: bool, checkpointing: bool) -> int:
+def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, mode: str, checkpointing: bool) -> int:
     """Bytes saved for backward by the transformer blocks for one micro-batch.
 
     Without checkpointing every block keeps BLOCK_BYTES·B·T·d; with it each keeps only its input and one block
@@ -90,36 +114,96 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: b
     """
     per_block = micro_batch * seq_len * model.n_embd
     if checkpointing:
-        return per_block * (model.n_layer * CHECKPOINTED_BLOCK_BYTES + BLOCK_BYTES[bf16])
-    return per_block * model.n_layer * BLOCK_BYTES[bf16]
+        return per_block * (model.n_layer * CHECKPOINTED_BLOCK_BYTES[mode] + BLOCK_BYTES[mode])
+    return per_block * model.n_layer * BLOCK_BYTES[mode]
 
 
-def logits_bytes(model: ModelConfig, micro_batch: int, seq_len: int, bf16: bool, loss_chunk: int = 0) -> int:
-    """Bytes around the loss: all B·T tokens' logits, or with ``loss_chunk`` one chunk's plus the V·d fp32
-    weight-gradient accumulator."""
+def loss_bytes(model: ModelConfig, micro_batch: int, seq_len: int, mode: str, loss_chunk: int = 0) -> tuple[int, int]:
+    """Bytes around the loss (while forward computes it, when backward starts): all B·T tokens' logits, or with
+    ``loss_chunk`` one chunk's plus the V·d fp32 weight-gradient accumulator."""
     if loss_chunk:
-        return min(loss_chunk, micro_batch * seq_len) * model.vocab_size * LOGIT_BYTES[bf16] + model.vocab_size * model.n_embd * 4
-    return micro_batch * seq_len * model.vocab_size * LOGIT_BYTES[bf16]
+        chunk = min(loss_chunk, micro_batch * seq_len) * model.vocab_size * CHUNK_BYTES[mode] + model.vocab_size * model.n_embd * 4
+        return chunk, chunk
+    logits = micro_batch * seq_len * model.vocab_size
+    return logits * LOSS_FORWARD_BYTES[mode], logits * LOSS_BACKWARD_BYTES
+
+
+def weight_copy_bytes(model: ModelConfig, engine: str, mode: str, checkpointing: bool,
+                      ds_config: dict | None = None) -> tuple[int, int]:
+    """Copies of the weights besides the stored ones (in forward, when backward starts): autocast's bf16 copy of
+    every weight, cached until forward ends and saved for backward unless the blocks are recomputed (the
+    lm_head's stays saved); FSDP2's unsharded root (wte, wpe), which stays gathered from forward to backward;
+    the parameters ZeRO-3 gathers ahead of use (``stage3_prefetch_bucket_size`` elements)."""
+    if engine == "zero3":
+        zero = (ds_config or {}).get("zero_optimization", {})
+        prefetch = min(model.num_params(), int(zero.get("stage3_prefetch_bucket_size", DS_PREFETCH_BUCKET_SIZE)))
+        return (prefetch * (4 if mode == "fp32" else 2),) * 2
+    if mode == "autocast":
+        psi = model.num_params()
+        return 2 * psi, 2 * (model.vocab_size * model.n_embd if checkpointing else psi)
+    if engine == "fsdp":
+        root = (model.vocab_size + model.block_size) * model.n_embd * (4 if mode == "fp32" else 2)
+        return root, root
+    return 0, 0
+
+
+def bucket_bytes(engine: str, bf16: bool, ds_config: dict | None) -> tuple[int, int]:
+    """DeepSpeed's gradient buckets of ``reduce_bucket_size`` elements of the gradient dtype (held through the step,
+    allocated by backward's first gradients): ZeRO-3 keeps one from setup on; ZeRO-1 and ZeRO-2 allocate theirs
+    when gradients arrive, ZeRO-2 two of them while it overlaps communication. Measured on CPU (tests/test_memory.py)."""
+    if not engine.startswith("zero"):
+        return 0, 0
+    zero = (ds_config or {}).get("zero_optimization", {})
+    bucket = int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)) * (2 if bf16 else 4)
+    if engine == "zero3":
+        return bucket, 0
+    return 0, bucket * (2 if engine == "zero2" and zero.get("overlap_comm", False) else 1)
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """What one rank holds at the moments one of which is a training step's peak, for one micro-batch per step
+    and the eager loss (LOSS_*_BYTES): forward computing the loss, backward starting at the loss, backward's first
+    gradients reaching DeepSpeed's buckets, and the optimizer update."""
+
     states: StateBytes
+    held_grads: int  # gradients alive through forward: DDP's bucket views, every engine's while accumulating
     activations: int
-    logits: int
+    weight_copies: tuple[int, int]  # (in forward, from backward's start on)
+    loss: tuple[int, int]  # (in forward, at backward's start)
+    buckets: tuple[int, int]  # DeepSpeed's (held through the step, allocated by backward's first gradients)
+
+    @property
+    def phases(self) -> dict[str, int]:
+        held = self.states.params + self.states.optimizer + self.held_grads + self.buckets[0]
+        in_backward = held + self.activations + self.weight_copies[1]
+        return {
+            "forward": held + self.activations + self.weight_copies[0] + self.loss[0],
+            "backward": in_backward + self.loss[1],
+            "gradients": in_backward + self.buckets[1],
+            "update": held - self.held_grads + self.states.grads + self.buckets[1],
+        }
 
     @property
     def total(self) -> int:
-        return self.states.total + self.activations + self.logits
+        """The predicted peak: the largest of the moments."""
+        return max(self.phases.values())
 
 
 def estimate(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_len: int, *, bf16: bool = True,
-             checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0) -> Estimate:
-    """Predicted peak bytes on one GPU: model states + activations + logits (see the module docstring)."""
+             checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0, accumulation: int = 1,
+             ds_config: dict | None = None) -> Estimate:
+    """Predicted peak bytes on one GPU (see the module docstring); ``ds_config`` is the DeepSpeed JSON of a ZeRO
+    engine (its buckets; DeepSpeed's defaults where absent)."""
+    states = expected_state_bytes(model.num_params(), engine, world, bf16, offload)
+    mode = compute_mode(engine, bf16)
     return Estimate(
-        expected_state_bytes(model.num_params(), engine, world, bf16, offload),
-        activation_bytes(model, micro_batch, seq_len, bf16, checkpointing),
-        logits_bytes(model, micro_batch, seq_len, bf16, loss_chunk),
+        states,
+        states.grads if engine == "ddp" or accumulation > 1 else 0,
+        activation_bytes(model, micro_batch, seq_len, mode, checkpointing),
+        weight_copy_bytes(model, engine, mode, checkpointing, ds_config),
+        loss_bytes(model, micro_batch, seq_len, mode, loss_chunk),
+        bucket_bytes(engine, bf16, ds_config),
     )
 
 
@@ -193,34 +277,44 @@ _STATE_FORMULAS = {  # (weights, gradients, optimizer) per rank, w = bytes per w
 
 
 def explain(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_len: int, *, bf16: bool = True,
-            checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0) -> str:
-    """The estimate with each term's formula and numbers, for tools/estimate_memory.py."""
+            checkpointing: bool = False, offload: bool = False, loss_chunk: int = 0, accumulation: int = 1,
+            ds_config: dict | None = None) -> str:
+    """The estimate with each term's formula and numbers, then the moments, for tools/estimate_memory.py."""
     est = estimate(model, engine, world, micro_batch, seq_len, bf16=bf16, checkpointing=checkpointing, offload=offload,
-                   loss_chunk=loss_chunk)
+                   loss_chunk=loss_chunk, accumulation=accumulation, ds_config=ds_config)
     psi, L, d, V = model.num_params(), model.n_layer, model.n_embd, model.vocab_size
+    mode = compute_mode(engine, bf16)
     w = 2 if bf16 and engine.startswith("zero") else 4
     formulas = list(_STATE_FORMULAS[engine])
     if offload:
         formulas = ["on host"] * 3 if engine == "fsdp" else formulas[:2] + ["on host"]
-    a = BLOCK_BYTES[bf16]
-    act = f"B·T·d·(L·{CHECKPOINTED_BLOCK_BYTES} + {a})" if checkpointing else f"B·T·d·L·{a}"
-    logit = LOGIT_BYTES[bf16]
+    a = BLOCK_BYTES[mode]
+    act = f"B·T·d·(L·{CHECKPOINTED_BLOCK_BYTES[mode]} + {a})" if checkpointing else f"B·T·d·L·{a}"
     if loss_chunk:
-        logits = (f"c·V·{logit} + V·d·4", "one chunk's logits + fp32 weight-gradient accumulator")
+        loss = (f"c·V·{CHUNK_BYTES[mode]} + V·d·4", "one chunk's logits + fp32 weight-gradient accumulator")
     else:
-        logits = (f"B·T·V·{logit}", "saved log-softmax + logits gradient")
+        loss = (f"B·T·V·{LOSS_FORWARD_BYTES[mode]} / {LOSS_BACKWARD_BYTES}", "in forward / at backward's start")
     g = lambda n: f"{n / GiB:8.2f} GiB"  # noqa: E731
     s = est.states
     lines = [
         f"{model.name}: Ψ = {psi:,} parameters, L = {L}, d = {d}, V = {V}; engine {engine}, N = {world}, "
-        f"B = {micro_batch}, T = {seq_len}, {'bf16' if bf16 else 'fp32'}, w = {w}"
+        f"B = {micro_batch}, T = {seq_len}, {mode}, w = {w}"
         + (", activation checkpointing" if checkpointing else "") + (", offload" if offload else "")
+        + (f", {accumulation} micro-batches per step" if accumulation > 1 else "")
         + (f", fused loss in chunks of c = {min(loss_chunk, micro_batch * seq_len)} tokens" if loss_chunk else ""),
-        f"  weights      {formulas[0]:<22} {g(s.params)}",
-        f"  gradients    {formulas[1]:<22} {g(s.grads)}",
-        f"  optimizer    {formulas[2]:<22} {g(s.optimizer)}   fp32 master + Adam m, v",
-        f"  activations  {act:<22} {g(est.activations)}",
-        f"  logits       {logits[0]:<22} {g(est.logits)}   {logits[1]}",
-        f"  total        {'':<22} {g(est.total)}   per GPU, plus 1-3 GiB of CUDA context, buckets and fragmentation",
+        f"  weights      {formulas[0]:<24} {g(s.params)}",
+        f"  gradients    {formulas[1]:<24} {g(s.grads)}"
+        + ("   live through forward" if est.held_grads else "   freed between steps"),
+        f"  optimizer    {formulas[2]:<24} {g(s.optimizer)}   fp32 master + Adam m, v",
+        f"  activations  {act:<24} {g(est.activations)}",
+        f"  loss         {loss[0]:<24} {g(est.loss[0])} / {est.loss[1] / GiB:.2f} GiB   {loss[1]}",
     ]
+    if any(est.weight_copies):
+        what = {"ddp": "autocast's bf16 copies (saved unless checkpointing)", "fsdp": "FSDP2's unsharded wte, wpe",
+                "zero3": "ZeRO-3's prefetched parameters"}[engine]
+        lines.append(f"  copies       {'':<24} {g(est.weight_copies[0])} / {est.weight_copies[1] / GiB:.2f} GiB   {what}")
+    if any(est.buckets):
+        lines.append(f"  buckets      {'reduce_bucket_size·w':<24} {g(sum(est.buckets))}   DeepSpeed's gradient buckets")
+    lines.append("  moments      " + ", ".join(f"{name} {v / GiB:.2f}" for name, v in est.phases.items()) + " GiB")
+    lines.append(f"  peak         {'':<24} {g(est.total)}   per GPU, plus 1-3 GiB of CUDA context, DDP's buckets and fragmentation")
     return "\n".join(lines)

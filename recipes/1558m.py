@@ -4,13 +4,13 @@
     torchrun --nnodes 2 --nproc_per_node 8 --node-rank $i --rdzv-endpoint $HOST:29500 recipes/1558m.py   # 2 nodes
 
 Fits 8 x 80 GB: micro-batch 8 x 1024, 16 micro-steps per step, no activation checkpointing; estimate
-31.5 GiB per GPU (python tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 8 --micro-batch 8).
+28.8 GiB per GPU (python tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 8 --micro-batch 8 --accumulation 16).
 
 On one 80 GB GPU (ZeRO-Offload: Adam state and fp32 master on the host, 128 micro-steps, ~25 GB host RAM):
 
     python recipes/1558m.py --engine.offload=true
 
-(the estimate 31.9 GiB: tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 1 --micro-batch 8 --offload)
+(the estimate 29.2 GiB: tools/estimate_memory.py --model gpt2-1558m --engine zero2 --world 1 --micro-batch 8 --offload --accumulation 128)
 
 Settings shared by the size recipes are in gpt2_scale/recipes.py.
 """

@@ -1,12 +1,16 @@
 """Memory: the ZeRO accounting against what each engine's ranks hold, activation checkpointing under every
-engine, and the estimator's activation constants against saved-for-backward bytes measured here.
+engine, the estimator's activation constants against saved-for-backward bytes measured here, and its predicted
+peak against the peak of a whole training step under every engine, tracked allocation by allocation.
 
-One spawned world of 2 CPU ranks runs every engine (DeepSpeed's setup dominates the cost).
+One spawned world of 2 CPU ranks runs every engine for the accounting, one of 1 rank for the peaks (DeepSpeed's
+setup dominates the cost of both).
 """
 
 import functools
 import gc
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +115,14 @@ def test_activation_checkpointing_saves_less_and_trains_the_same(world2, engine)
         torch.testing.assert_close(weights_ckpt[name], w, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{engine} {name}: {m}")
 
 
-def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,
+def _saved_block_bytes(mode: str, checkpointing: bool, n_layer: int, batch: int = 8, seq: int = 256, d: int = 128,
                        loss_chunk: int = 0) -> int:
+    """Bytes of the tensors a forward saves for backward, parameters and views of them included (so the per-layer
+    constant of the weights appears too: subtract it out by varying the batch)."""
     model = GPT(ModelConfig(n_layer=n_layer, n_head=4, n_embd=d, block_size=seq, vocab_size=128),
                 Options(activation_checkpointing=checkpointing, loss_chunk=loss_chunk))
+    if mode == "bf16":  # FSDP2's and DeepSpeed's bf16: the weights themselves are bf16
+        model = model.to(torch.bfloat16)
     saved: dict[int, int] = {}
 
     def pack(t):
@@ -123,75 +131,192 @@ def _saved_block_bytes(bf16: bool, checkpointing: bool, n_layer: int, batch: int
         return t
 
     idx = torch.randint(0, 128, (batch, seq))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=mode == "autocast"):
         model(idx, idx)
     return sum(saved.values())
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_activation_constants_are_what_a_block_saves(bf16):
-    """The per-block bytes the estimator uses = the growth of saved bytes from 1 to 3 layers, per B·T·d."""
-    tokens_x_d = 8 * 256 * 128
-    per_layer = (_saved_block_bytes(bf16, False, 3) - _saved_block_bytes(bf16, False, 1)) / 2 / tokens_x_d
-    per_layer_ckpt = (_saved_block_bytes(bf16, True, 3) - _saved_block_bytes(bf16, True, 1)) / 2 / tokens_x_d
-    assert per_layer == pytest.approx(memory.BLOCK_BYTES[bf16], rel=0.05)
-    assert per_layer_ckpt == pytest.approx(memory.CHECKPOINTED_BLOCK_BYTES, rel=0.05)
+@pytest.mark.parametrize("mode", ["fp32", "autocast", "bf16"])
+def test_activation_constants_are_what_a_block_saves(mode):
+    """The per-block bytes the estimator uses = the growth of saved bytes from 1 to 3 layers, per B·T·d, taken
+    between two batch sizes so that what a layer saves regardless of the batch (weights, autocast's copies of
+    them: memory.weight_copy_bytes) drops out."""
+    def per_layer_per_token(checkpointing: bool) -> float:
+        per_layer = {b: (_saved_block_bytes(mode, checkpointing, 3, b) - _saved_block_bytes(mode, checkpointing, 1, b)) / 2
+                     for b in (4, 8)}
+        return (per_layer[8] - per_layer[4]) / (4 * 256 * 128)
+
+    assert per_layer_per_token(False) == pytest.approx(memory.BLOCK_BYTES[mode], rel=0.05)
+    assert per_layer_per_token(True) == pytest.approx(memory.CHECKPOINTED_BLOCK_BYTES[mode], rel=0.05)
 
 
 def test_a_fused_loss_chunk_saves_no_log_softmax():
     """With engine.loss_chunk the model saves grad_h (in place of lm_head's input) and the V·d weight gradient,
     not the B·T·V fp32 log-softmax."""
     B, T, V, d = 8, 256, 128, 128
-    plain, fused = _saved_block_bytes(False, False, 1), _saved_block_bytes(False, False, 1, loss_chunk=300)
+    plain, fused = _saved_block_bytes("fp32", False, 1), _saved_block_bytes("fp32", False, 1, loss_chunk=300)
     assert plain - fused >= B * T * V * 4 - V * d * 4, f"{fused:,} B saved with the fused loss, {plain:,} B without"
 
 
-def test_expected_state_bytes_follow_the_paper():
-    psi = 1_000_000
-    assert memory.expected_state_bytes(psi, "zero1", 8, bf16=True).total == 2 * psi + 2 * psi + 12 * psi // 8
-    assert memory.expected_state_bytes(psi, "zero2", 8, bf16=True).total == 2 * psi + (2 + 12) * psi // 8
-    assert memory.expected_state_bytes(psi, "zero3", 8, bf16=True).total == 16 * psi // 8
-    assert memory.expected_state_bytes(psi, "zero2", 8, bf16=True, offload=True).optimizer == 0
-    assert memory.expected_state_bytes(psi, "ddp", 8, bf16=True).total == 16 * psi
-    with pytest.raises(ValueError, match="unknown engine"):
-        memory.expected_state_bytes(psi, "zero4", 8, bf16=True)
+# A model where activations, the loss and the weights all weigh in the peak (the update is never the largest moment:
+# on CPU AdamW's foreach temporaries would add to it, which fused AdamW and DeepSpeed's FusedAdam on a GPU do not).
+WIDE = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192)
+WIDE_BATCH = 4
+# (engine, dtype, activation checkpointing, DeepSpeed's reduce_bucket_size: a few MiB, counted but not the whole
+# peak, or None for the shipped JSON's, whose buckets make backward's first gradients the largest moment)
+PEAK_CASES = [(e, dtype, ckpt, 2_000_000) for e in ENGINES for dtype, ckpt in (("bf16", False), ("fp32", False), ("bf16", True))]
+PEAK_CASES += [("zero1", "bf16", False, None), ("zero2", "bf16", False, None)]
 
 
-def test_estimate_gpt2_xl_zero3_on_8_gpus():
+def _ds_config(engine: str, bucket: int | None) -> dict | None:
+    if not engine.startswith("zero"):
+        return None
+    from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+
+    ds = json.loads((DS_CONFIG_DIR / f"{engine}.json").read_text())
+    if bucket:
+        ds["zero_optimization"]["reduce_bucket_size"] = bucket
+    return ds
+
+
+def _peak_worker(rank: int, port: int, tmp: str) -> None:
+    """The tracked peak of the first two training steps (setup included) of every case, at world 1."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from gpt2_scale import distributed, engines
+    from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
+    from gpt2_scale.step import optimizer_step
+
+    env = distributed.init("cpu")
+    B, T, V = WIDE_BATCH, WIDE.block_size, WIDE.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen))]
+    results = {}
+    for case in PEAK_CASES:
+        name, dtype, checkpointing, bucket = case
+        ds_path = None
+        if name.startswith("zero"):
+            ds_path = Path(tmp) / f"{name}-{bucket}.json"
+            ds_path.write_text(json.dumps(_ds_config(name, bucket)))
+        cfg = Config(model=ModelSection(name="gpt2-tiny", pad_vocab=False),
+                     train=TrainSection(micro_batch=B, seq_len=T, total_batch_tokens=B * T),
+                     engine=EngineSection(name=name, dtype=dtype, compile=False, activation_checkpointing=checkpointing,
+                                          ds_config=str(ds_path) if ds_path else None))
+        tracker = MemTracker()
+        with tracker:  # from before the model exists, so that every buffer an engine allocates is seen
+            torch.manual_seed(0)
+            engine = engines.build(cfg, env)
+            engine.setup(GPT(WIDE))
+            for _ in range(2):  # the second step holds Adam's state through forward and backward
+                optimizer_step(engine, batches, 1e-3, env.device)
+                tracker.reset_mod_stats()
+        results[case] = tracker.get_tracker_snapshot("peak")[env.device]["Total"]
+        engine.close()
+        del engine, tracker
+        gc.collect()
+    torch.save(results, os.path.join(tmp, "results.pt"))
+    distributed.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peaks(tmp_path_factory):
+    return spawned_world(_peak_worker, 1, tmp_path_factory.mktemp("peaks"))
+
+
+@pytest.mark.parametrize("case", PEAK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_the_estimate_is_the_peak_of_a_training_step(peaks, case):
+    """Every byte a step allocates, tracked on CPU (torch's MemTracker), against the estimator's largest moment."""
+    engine, dtype, checkpointing, bucket = case
+    est = memory.estimate(WIDE, engine, 1, WIDE_BATCH, WIDE.block_size, bf16=dtype == "bf16", checkpointing=checkpointing,
+                          ds_config=_ds_config(engine, bucket))
+    phases = {k: f"{v / 2**20:.1f}" for k, v in est.phases.items()}
+    assert peaks[case] == pytest.approx(est.total, rel=0.08), f"measured {peaks[case] / 2**20:.1f} MiB; estimated (MiB) {phases}"
+
+
+def test_the_estimate_is_its_largest_moment():
     xl = ModelConfig.from_name("gpt2-xl")
     plain = memory.estimate(xl, "zero3", 8, 16, 1024)
     ckpt = memory.estimate(xl, "zero3", 8, 16, 1024, checkpointing=True)
     assert plain.states.total == 16 * xl.num_params() // 8
-    assert ckpt.activations < plain.activations / 5 and ckpt.logits == plain.logits
-    assert plain.total == plain.states.total + plain.activations + plain.logits
+    assert ckpt.activations < plain.activations / 5 and ckpt.loss == plain.loss
+    assert plain.total == max(plain.phases.values()) == plain.phases["backward"]
     assert memory.estimate(xl, "ddp", 8, 16, 1024).states.total == 8 * plain.states.total
 
 
+def test_what_lives_through_forward():
+    """DDP's gradients (views of its buckets) and autocast's weight copies; the others' gradients only while
+    accumulating; the copies are not saved for backward when the blocks are recomputed."""
+    m = ModelConfig.from_name("gpt2-124m")
+    psi = m.num_params()
+    ddp, fsdp = memory.estimate(m, "ddp", 1, 8, 1024), memory.estimate(m, "fsdp", 1, 8, 1024)
+    assert ddp.held_grads == 4 * psi and fsdp.held_grads == 0
+    assert memory.estimate(m, "fsdp", 1, 8, 1024, accumulation=4).held_grads == 4 * psi
+    assert ddp.weight_copies == (2 * psi, 2 * psi) and ddp.activations > fsdp.activations  # fp32 residual stream
+    assert memory.estimate(m, "ddp", 1, 8, 1024, checkpointing=True).weight_copies == (2 * psi, 2 * m.vocab_size * m.n_embd)
+    assert memory.estimate(m, "ddp", 1, 8, 1024, bf16=False).weight_copies == (0, 0)
+
+
+def test_deepspeed_buckets_follow_its_config():
+    m = ModelConfig.from_name("gpt2-124m")
+    ds = {"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": True}}
+    assert memory.estimate(m, "zero1", 1, 8, 1024, ds_config=ds).buckets == (0, 2000)
+    assert memory.estimate(m, "zero2", 1, 8, 1024, ds_config=ds).buckets == (0, 4000)
+    assert memory.estimate(m, "zero3", 1, 8, 1024, ds_config=ds, bf16=False).buckets == (4000, 0)
+    assert memory.estimate(m, "zero1", 1, 8, 1024).buckets == (0, memory.DS_REDUCE_BUCKET_SIZE * 2)  # DeepSpeed's default
+    assert memory.estimate(m, "ddp", 1, 8, 1024, ds_config=ds).buckets == (0, 0)
+
+
 def test_estimate_with_a_fused_loss_chunk():
-    """engine.loss_chunk: one chunk's logits (c·V·LOGIT_BYTES) plus the V·d fp32 weight-gradient accumulator."""
+    """engine.loss_chunk: one chunk's logits (c·V·CHUNK_BYTES) plus the V·d fp32 weight-gradient accumulator."""
     m = ModelConfig.from_name("gpt2-124m")
     plain = memory.estimate(m, "ddp", 1, 16, 1024)
     fused = memory.estimate(m, "ddp", 1, 16, 1024, loss_chunk=2048)
-    assert fused.logits == 2048 * m.vocab_size * memory.LOGIT_BYTES[True] + m.vocab_size * m.n_embd * 4
-    assert fused.logits < plain.logits / 6 and fused.activations == plain.activations and fused.states == plain.states
+    chunk = 2048 * m.vocab_size * memory.CHUNK_BYTES["autocast"] + m.vocab_size * m.n_embd * 4
+    assert fused.loss == (chunk, chunk)
+    assert fused.loss[1] < plain.loss[1] / 6 and fused.activations == plain.activations and fused.states == plain.states
     whole = memory.estimate(m, "ddp", 1, 2, 64, loss_chunk=10**6)  # a chunk beyond B·T holds B·T tokens
-    assert whole.logits == memory.logits_bytes(m, 2, 64, True) + m.vocab_size * m.n_embd * 4
+    assert whole.loss[0] == memory.loss_bytes(m, 2, 64, "autocast")[0] + m.vocab_size * m.n_embd * 4
 
 
 def _tool(*args):
     return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True, env=env())
 
 
-def test_estimate_memory_tool():
+def test_estimate_memory_tool(tmp_path):
     out = _tool("--model", "gpt2-xl", "--engine", "zero3", "--world", "8", "--micro-batch", "16", "--seq-len", "1024",
                 "--activation-checkpointing")
     assert out.returncode == 0, out.stderr
-    est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "zero3", 8, 16, 1024, checkpointing=True)
+    from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+
+    shipped = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
+    est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "zero3", 8, 16, 1024, checkpointing=True, ds_config=shipped)
     assert f"{est.total / memory.GiB:.2f} GiB" in out.stdout and "12Ψ/N" in out.stdout
     bad = _tool("--model", "gpt2-xxl", "--engine", "zero3")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt2-xl" in bad.stderr
     fused = _tool("--model", "gpt2-xl", "--micro-batch", "16", "--loss-chunk", "4096")
     est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "ddp", 1, 16, 1024, loss_chunk=4096)
-    assert fused.returncode == 0 and "c·V·10 + V·d·4" in fused.stdout and f"{est.logits / memory.GiB:.2f} GiB" in fused.stdout
+    assert fused.returncode == 0 and "c·V·10 + V·d·4" in fused.stdout and f"{est.loss[0] / memory.GiB:.2f} GiB" in fused.stdout
     bad = _tool("--loss-chunk", "-1")
     assert bad.returncode == 2 and "argument --loss-chunk: must be >= 0" in bad.stderr
+    accumulating = _tool("--engine", "fsdp", "--accumulation", "4")
+    assert accumulating.returncode == 0 and "live through forward" in accumulating.stdout
+    for text in ("{", "[]"):
+        (tmp_path / "ds.json").write_text(text)
+        bad = _tool("--engine", "zero2", "--ds-config", str(tmp_path / "ds.json"))
+        assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "ds.json" in bad.stderr
+
+
+def test_the_recipes_quote_the_estimator(capsys):
+    """Each size recipe's docstring states its per-GPU estimate and the command that prints it: they must agree."""
+    from gpt2_scale.tools.estimate_memory import main
+
+    quotes = []
+    for recipe in sorted(Path(ROOT, "recipes").glob("*.py")):
+        text = " ".join(recipe.read_text().split())  # docstrings wrap lines
+        quotes += [(recipe.name, *m) for m in re.findall(r"([\d.]+) GiB[^(:]*[(:] ?(?:python )?tools/estimate_memory\.py ([^)]*)\)", text)]
+    assert len(quotes) >= 8, quotes
+    for name, gib, args in quotes:
+        assert main(args.split()) == 0
+        peak = re.search(r"peak\s+([\d.]+) GiB", capsys.readouterr().out).group(1)
+        assert float(gib) == pytest.approx(float(peak), abs=0.051), f"{name} quotes {gib} GiB, the estimator says {peak} (args: {args})"

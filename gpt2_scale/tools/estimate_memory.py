@@ -1,7 +1,8 @@
-"""Predicted per-GPU memory of a training run: model states (ZeRO accounting) + activations + logits.
+"""Predicted per-GPU peak memory of a training run: model states (ZeRO accounting), activations, the loss, copies of
+the weights and DeepSpeed's buckets, at the moment of the step that holds the most.
 
     python tools/estimate_memory.py --model gpt2-xl --engine zero3 --world 8 --micro-batch 16 --seq-len 1024 \
-        [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096]
+        [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096] [--accumulation 4] [--ds-config F]
 
 The formulas and their constants are in gpt2_scale/memory.py.
 """
@@ -9,10 +10,12 @@ The formulas and their constants are in gpt2_scale/memory.py.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from gpt2_scale import memory
-from gpt2_scale.config import ENGINES
+from gpt2_scale.config import ENGINES, Config, EngineSection
 from gpt2_scale.tools.args import non_negative, positive
 from gpt2_scale.zoo import ModelConfig
 
@@ -30,17 +33,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pad-vocab", action="store_true", help="50257 rows instead of 50304")
     parser.add_argument("--loss-chunk", type=non_negative, default=0,
                         help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
+    parser.add_argument("--accumulation", type=positive, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--ds-config", type=Path, help="the DeepSpeed JSON of a zero engine (default: the shipped one)")
     args = parser.parse_args(argv)
     try:
         model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
         if args.seq_len > model.block_size:
             raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
         print(memory.explain(model, args.engine, args.world, args.micro_batch, args.seq_len, bf16=args.dtype == "bf16",
-                             checkpointing=args.activation_checkpointing, offload=args.offload, loss_chunk=args.loss_chunk))
+                             checkpointing=args.activation_checkpointing, offload=args.offload, loss_chunk=args.loss_chunk,
+                             accumulation=args.accumulation, ds_config=_ds_config(args)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _ds_config(args: argparse.Namespace) -> dict | None:
+    """The DeepSpeed JSON the run would use: --ds-config, or the shipped one for the engine and offload."""
+    if not args.engine.startswith("zero"):
+        return None
+    from gpt2_scale.engines.deepspeed import default_ds_config_path  # DeepSpeed itself is imported only to train
+
+    path = args.ds_config or default_ds_config_path(Config(engine=EngineSection(name=args.engine, offload=args.offload)))
+    try:
+        ds = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the DeepSpeed config {path}: {e}; pass --ds-config a readable JSON file") from None
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ValueError(f"{path} is not a DeepSpeed config: expected a JSON object with a zero_optimization object")
+    return ds
 
 
 if __name__ == "__main__":
