@@ -125,6 +125,8 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         try:
             log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
                       f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
+            log.print(f"estimated peak memory per rank: {run.engine.memory_estimate().total / 2**30:.2f} GiB "
+                      "(eager PyTorch; the terms: tools/estimate_memory.py)")
             if run.resume_from is not None:
                 log.print(f"resumed from {run.resume_from} at step {run.start_step}")
             if aside:

@@ -74,8 +74,8 @@ def test_engines_match_the_fp32_reference_on_the_gpu():
 
 def test_bench_reports_mfu_against_the_measured_matmul_and_memory_close_to_the_estimate(tmp_path):
     """gpt2-124m, bf16, B=8, T=1024 on one GPU, eager (the estimator's constants are eager PyTorch's; compiled code
-    saves less): MFU against the matmul measured in the run, and the measured peak near the estimate (states +
-    activations + logits, gpt2_scale.memory)."""
+    saves less): MFU against the matmul measured in the run, and the peak allocated within 15% of the estimate
+    (gpt2_scale.memory; the bench prints the ratio), which leaves out the allocator's rounding and workspaces."""
     out = ok(run("tools/bench.py", ["--model", "gpt2-124m", "--engines", "ddp", "--micro-batch", "8", "--seq-len", "1024",
                                     "--warmup", "3", "--steps", "5", "--compile", "off"], timeout=900))
     row = next(line for line in out.splitlines() if line.startswith("| ddp"))
@@ -84,7 +84,8 @@ def test_bench_reports_mfu_against_the_measured_matmul_and_memory_close_to_the_e
     assert mfu_matmul.endswith("%") and 5 < float(mfu_matmul[:-1]) < 100, row
     allocated = float(re.search(r"allocated ([\d,.]+) MiB", cells[10]).group(1).replace(",", "")) * 2**20
     est = memory.estimate(ModelConfig.from_name("gpt2-124m", pad_vocab=True), "ddp", 1, 8, 1024, bf16=True)
-    assert 0.75 < allocated / est.total < 1.25, (allocated / 2**30, est.total / 2**30)
+    assert f"peak/estimate {allocated / est.total:.2f}" in cells[11], (cells[11], allocated / 2**30, est.total / 2**30)
+    assert 0.85 < allocated / est.total < 1.15, (allocated / 2**30, est.total / 2**30, est.phases)
 
 
 def test_training_writes_mfu_and_peak_memory_to_the_metrics(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +34,7 @@ def test_every_engine_trains_the_same_model_on_two_ranks(corpus, tmp_path):
     for engine in ENGINES:
         out = ok(run("recipes/tiny.py", args + ["--engine", engine, "--run-dir", str(tmp_path / engine)], nproc=2))
         assert f"gpt2-tiny ({n_params:,} parameters)" in out, out[:500]  # the whole model, also once ZeRO-3 has sharded it
+        assert re.search(r"estimated peak memory per rank: \d+\.\d\d GiB", out), out[:1500]
         samples = [line for line in out.splitlines() if line.startswith("sample 0: ")]
         assert len(samples) == 2 and "Hello, I" in samples[0], out  # at steps 2 and 3, training on between
         losses[engine] = metrics(tmp_path / engine)

@@ -9,7 +9,7 @@ import torch
 from gpt2_scale.bench.rows import WALKTHROUGH, BenchResult
 
 COLUMNS = ("row", "world", "B", "T", "accum", "ms/step", "tok/s/rank", "tok/s", "MFU", "MFU vs matmul",
-           "peak mem", "weights", "grads", "optimizer", "states")
+           "peak mem", "estimate", "weights", "grads", "optimizer", "states")
 
 
 def row(r: BenchResult) -> list[str]:
@@ -24,10 +24,13 @@ def row(r: BenchResult) -> list[str]:
     if r.error is not None:
         return head + ["failed: " + r.error.replace("|", "\\|")] + [""] * (len(COLUMNS) - len(head) - 1)
     peak = " / ".join(f"{k} {mib(v)}" for k, v in r.peak.items())
+    estimate = mib(r.estimate)
+    if r.estimate and "allocated" in r.peak:  # CUDA's allocated bytes are what the estimator predicts (not CPU's RSS)
+        estimate += f" (peak/estimate {r.peak['allocated'] / r.estimate:.2f})"
     st = r.state
     states = [mib(st.params), mib(st.grads), mib(st.optimizer), mib(st.total)] if st else ["-"] * 4
     return head + [f"{r.ms_per_step:,.1f}", f"{r.tokens_per_s_per_rank:,.0f}", f"{r.tokens_per_s:,.0f}", pct(r.mfu),
-                   pct(r.mfu_matmul), peak] + states
+                   pct(r.mfu_matmul), peak, estimate] + states
 
 
 def table(results: list[BenchResult]) -> str:
@@ -59,7 +62,7 @@ def to_json(results: list[BenchResult], command: list[str] | None = None) -> dic
         "warmup": r.spec.warmup, "steps": r.spec.steps, "ms_per_step": r.ms_per_step, "tokens_per_s": r.tokens_per_s,
         "tokens_per_s_per_rank": r.tokens_per_s_per_rank, "mfu": r.mfu, "mfu_vs_matmul": r.mfu_matmul, "peak_bytes": r.peak,
         "state_bytes": None if r.state is None else {**dataclasses.asdict(r.state), "total": r.state.total},
-        "error": r.error, "config": r.cfg.to_dict(),
+        "estimate_bytes": r.estimate, "error": r.error, "config": r.cfg.to_dict(),
     } for r in results]
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

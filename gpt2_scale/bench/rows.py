@@ -83,6 +83,7 @@ class BenchResult:
     mfu_matmul: float | None = None  # against the measured matmul rate
     peak: dict[str, int] = dataclasses.field(default_factory=dict)  # allocated/reserved (CUDA) or rss (CPU), max over ranks
     state: memory.StateBytes | None = None  # rank 0's model states; None for the walk-through's loop
+    estimate: int | None = None  # tools/estimate_memory.py's peak for the row (eager constants); None for the walk-through
     error: str | None = None
 
     @property

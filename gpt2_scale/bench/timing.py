@@ -94,6 +94,7 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
         elapsed = torch.tensor(time.perf_counter() - t0, dtype=torch.float64)
         peak = memory.peak_memory(env.device)
         state = memory.measure_state_bytes(engine, lambda: step(take())) if engine is not None else None
+        estimate = engine.memory_estimate().total if engine is not None else None
         stats = torch.tensor([elapsed.item()] + [float(v) for v in peak.values()], dtype=torch.float64, device=env.device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     finally:
@@ -106,7 +107,7 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     per_rank = tokens_per_s / env.world_size
     _release()
     return BenchResult(spec, cfg, env.world_size, device_name(env.device), ms, tokens_per_s, mfu(per_rank, flops, peak_tflops),
-                       mfu(per_rank, flops, matmul_tflops), dict(zip(peak, (int(v) for v in stats[1:].tolist()))), state)
+                       mfu(per_rank, flops, matmul_tflops), dict(zip(peak, (int(v) for v in stats[1:].tolist()))), state, estimate)
 
 
 def _release() -> None:

@@ -12,13 +12,14 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from gpt2_scale.config import Config, EngineSection
+from gpt2_scale.config import Config, EngineSection, grad_accum_steps
 from gpt2_scale.device import Runtime, compile_options, resolve
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.engines import layout
 from gpt2_scale.loss import chunk_loss, cross_entropy
-from gpt2_scale.memory import StateBytes, held_bytes, tensors_in
+from gpt2_scale.memory import Estimate, StateBytes, estimate, held_bytes, tensors_in
 from gpt2_scale.model import GPT, Options
+from gpt2_scale.zoo import ModelConfig
 
 
 def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_model: bool = True) -> None:
@@ -53,6 +54,7 @@ class Engine(ABC):
 
     # Gradients freed after each step (the usual); DDP keeps them as views of its all-reduce buckets instead.
     zero_grads_to_none = True
+    ds_config: dict | None = None  # the DeepSpeed JSON a ZeRO engine runs with (its buckets count in memory)
 
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
@@ -105,6 +107,15 @@ class Engine(ABC):
         return StateBytes(
             held_bytes(params), held_bytes(p.grad for p in params), held_bytes(tensors_in(list(self.optimizer.state.values())))
         )
+
+    def memory_estimate(self) -> Estimate:
+        """tools/estimate_memory.py's prediction for this engine's settings (eager: compiled code holds less)."""
+        cfg, world = self.cfg, self.env.world_size
+        return estimate(
+            ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab), cfg.engine.name, world,
+            cfg.train.micro_batch, cfg.train.seq_len, bf16=self.bf16, checkpointing=cfg.engine.activation_checkpointing,
+            offload=cfg.engine.offload, loss_chunk=cfg.engine.loss_chunk, accumulation=grad_accum_steps(cfg, world),
+            ds_config=self.ds_config)
 
     def close(self) -> None:
         """Release the engine: its hooks, buffers and every reference it holds to a process group.

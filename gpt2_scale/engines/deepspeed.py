@@ -136,7 +136,7 @@ class ZeROEngine(Engine):
         import deepspeed
 
         prepare_model(model, self.cfg.engine, self.runtime, compile_model=False)
-        ds_config = build_ds_config(self.cfg, self.env, self.bf16)
+        ds_config = self.ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         self._own_attrs = _attributes(model)  # what DeepSpeed adds from here on, close() takes off again
         with arch_list_deepspeed_reads():  # FusedAdam (CUDA) is JIT-built here on first use
