@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,7 @@ def _rows(stdout: str) -> list[list[str]]:
 def test_bench_rows_for_two_engines_a_varied_lever_and_the_walkthrough(tmp_path):
     out = _tool("--model", "gpt2-tiny", "--engines", "ddp,zero1", "--micro-batch", "2", "--seq-len", "16", "--accum", "2",
                 "--warmup", "1", "--steps", "2", "--compare-walkthrough", "--peak-tflops", "1", "--vary", "train.micro_batch=1",
-                "--json", str(tmp_path / "bench.json"))
+                "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _rows(out.stdout)
     assert [r[0] for r in rows] == ["ddp", "ddp micro_batch=1", "zero1", "zero1 micro_batch=1", "walkthrough"]
@@ -37,6 +38,8 @@ def test_bench_rows_for_two_engines_a_varied_lever_and_the_walkthrough(tmp_path)
     ddp = rows[0]
     # one rank, fp32 on CPU: 4Ψ weights, 4Ψ gradients, 8Ψ Adam state, as the accounting says
     assert ddp[-1] == f"{memory.expected_state_bytes(psi, 'ddp', 1, bf16=False).total / 2**20:,.1f} MiB"
+    estimate = memory.estimate(ModelConfig.from_name("gpt2-tiny", pad_vocab=True), "ddp", 1, 2, 16, bf16=False, accumulation=2)
+    assert ddp[11] == f"{estimate.total / 2**20:,.1f} MiB" and rows[-1][11] == "-"  # none for the walk-through's loop
     assert ddp[8].endswith("%") and float(ddp[5].replace(",", "")) > 0  # MFU against --peak-tflops, ms/step
     assert "ours/walk-through tokens/s: ddp" in out.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -47,6 +50,25 @@ def test_bench_rows_for_two_engines_a_varied_lever_and_the_walkthrough(tmp_path)
     # tokens/s counts the row's own micro-batch: B x T x accum per step
     assert small["tokens_per_s"] == pytest.approx(1 * 16 * 2 / (small["ms_per_step"] / 1000))
     assert all(r["error"] is None and r["ms_per_step"] > 0 for r in report["rows"])
+    assert report["rows"][0]["estimate_bytes"] == estimate.total
+    # --profile: per row, the time by kind of work, the top ops, and a trace
+    profiles = sorted(p.name for p in (tmp_path / "profile").iterdir())
+    assert profiles == sorted(f"{bench.profile.file_name(r[0])}{ext}" for r in rows for ext in (".txt", ".trace.json.gz"))
+    text = (tmp_path / "profile" / "zero1.txt").read_text()
+    assert "3 profiled steps" in text and re.search(r"\nmatmul +[\d.]+ +[\d.]+%", text) and "aten::mm" in text, text
+
+
+def test_profile_kinds_and_file_names():
+    from gpt2_scale.bench.profile import file_name, kind
+
+    assert kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kind("aten::addmm") == "matmul"
+    assert kind("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>") == "attention"
+    assert kind("ncclDevKernel_AllReduce_Sum_f32_RING_LL") == "communication"
+    assert kind("triton_per_fused__to_copy_add_native_layer_norm_0") == "compiled"
+    assert kind("void multi_tensor_apply_kernel<TensorListMetadata<4>, AdamFunctor>") == "optimizer"
+    assert kind("Memcpy DtoD (Device -> Device)") == "copy" and kind("aten::gelu") == "other"
+    assert file_name("ddp compile_mode=reduce-overhead") == "ddp_compile_mode-reduce-overhead"
 
 
 def test_vary_changes_one_key_per_row_from_the_base_row():
@@ -68,7 +90,7 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     missing = str(tmp_path / "missing.json")
     out = _tool("--model", "gpt2-tiny", "--engines", "zero1", "--world", "2", "--micro-batch", "1", "--seq-len", "16",
                 "--warmup", "1", "--steps", "1", "--vary", f"engine.ds_config={missing}", "--vary", "train.micro_batch=2",
-                "--json", str(tmp_path / "bench.json"))
+                "--json", str(tmp_path / "bench.json"), "--profile", str(tmp_path / "profile"))
     assert out.returncode == 0, out.stderr[-2000:]
     rows = _rows(out.stdout)
     assert [r[0] for r in rows] == ["zero1", f"zero1 ds_config={missing}", "zero1 micro_batch=2"]

@@ -9,10 +9,12 @@ walk-through's own loop can be timed beside them, so ours/walk-through is a meas
     walkthrough.py  the walk-through's loop, the baseline
     worlds.py       running rows in this world or in spawned CPU worlds
     report.py       the Markdown table and the JSON
+    profile.py      where a row's step time goes (--profile)
 """
 
+from gpt2_scale.bench import profile
 from gpt2_scale.bench.report import table, to_json
 from gpt2_scale.bench.rows import WALKTHROUGH, BenchResult, BenchSpec, override, sweep
 from gpt2_scale.bench.worlds import run_all, spawn_cpu
 
-__all__ = ["WALKTHROUGH", "BenchResult", "BenchSpec", "override", "run_all", "spawn_cpu", "sweep", "table", "to_json"]
+__all__ = ["WALKTHROUGH", "BenchResult", "BenchSpec", "override", "profile", "run_all", "spawn_cpu", "sweep", "table", "to_json"]

@@ -40,6 +40,7 @@ class BenchSpec:
     warmup: int = 2
     steps: int = 5
     data: str | None = None  # a shard directory (tools/prepare_data.py); None = random tokens
+    profile: str | None = None  # a directory: profile PROFILE_STEPS more steps into it (gpt2_scale/bench/profile.py)
 
     @property
     def name(self) -> str:

@@ -8,11 +8,13 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from gpt2_scale import distributed, engines, memory
+from gpt2_scale.bench.profile import profile_steps
 from gpt2_scale.bench.rows import WALKTHROUGH, BenchResult, BenchSpec
 from gpt2_scale.bench.walkthrough import walkthrough_runner
 from gpt2_scale.config import Config
@@ -21,6 +23,8 @@ from gpt2_scale.metrics import mfu
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.train import build_model
 from gpt2_scale.zoo import ModelConfig
+
+PROFILE_STEPS = 3  # profiled after the timed steps (--profile): enough for a steady state, small traces
 
 
 def measure_matmul_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float | None:
@@ -44,8 +48,6 @@ def token_batches(cfg: Config, data: str | None, env: distributed.DistEnv, vocab
     """Endless (x, y) micro-batches for this rank: random tokens, or the train split of ``data``."""
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     if data:
-        from pathlib import Path
-
         from gpt2_scale.data import TokenLoader
 
         loader = TokenLoader(Path(data), "train", B, T, env.rank, env.world_size, seed=1337)
@@ -95,6 +97,9 @@ def run_one(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
         peak = memory.peak_memory(env.device)
         state = memory.measure_state_bytes(engine, lambda: step(take())) if engine is not None else None
         estimate = engine.memory_estimate().total if engine is not None else None
+        if spec.profile:
+            directory = Path(spec.profile) if env.is_main else None
+            profile_steps(lambda: torch.as_tensor(step(take())), PROFILE_STEPS, env.device, directory, spec.name)
         stats = torch.tensor([elapsed.item()] + [float(v) for v in peak.values()], dtype=torch.float64, device=env.device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     finally:

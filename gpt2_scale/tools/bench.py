@@ -14,7 +14,8 @@ sweep goes on; bad input (an unknown key, a value of the wrong type) exits 2 bef
 
 Columns: ms/step (slowest rank), tokens/s per rank and total, MFU against --peak-tflops or the detected
 GPU's datasheet peak and against a bf16 8192³ matmul timed in the same run (CUDA), peak memory (CUDA max
-allocated / reserved, CPU process peak RSS), and the model-state bytes rank 0 holds.
+allocated / reserved, CPU process peak RSS) next to tools/estimate_memory.py's estimate, and the model-state
+bytes rank 0 holds. --profile DIR adds, per row, where the step's time goes (gpt2_scale/bench/profile.py).
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
                    help="one more row per value, changing only KEY from the base row (repeatable; one lever at a time)")
     p.add_argument("--json", metavar="PATH", help="also write every row, the device, versions and date as JSON")
     p.add_argument("--data", help="a token shard directory; default random tokens")
+    p.add_argument("--profile", metavar="DIR", help="after each row's timed steps, profile 3 more into DIR: where the "
+                   "time goes by kind (matmul, attention, communication ...), the top kernels, and a trace")
     p.add_argument("--world", type=positive, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU; default: the detected GPU's datasheet")
@@ -87,7 +90,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     overrides += [(key, value) for key, (value, unset) in flags.items() if value != unset]
     overrides += [(key, values[0]) for key, values in (assignment(text, "--set") for text in args.set)]
     vary = [assignment(text, "--vary") for text in args.vary]
-    base = bench.BenchSpec(engines[0], tuple(overrides), accum=args.accum, warmup=args.warmup, steps=args.steps, data=args.data)
+    base = bench.BenchSpec(engines[0], tuple(overrides), accum=args.accum, warmup=args.warmup, steps=args.steps, data=args.data,
+                           profile=args.profile)
     specs = bench.sweep(base, engines, vary, args.compare_walkthrough)
     world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
