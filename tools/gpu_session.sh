@@ -133,13 +133,16 @@ scale)
     done
     ;;
 second)
-    # After the H200 session of 2026-11-26 (docs/benchmarks.md): the zero3 fix checked, ZeRO-2/3's overhead at world 1
-    # (zero3 now eager on CUDA), gpt2-xl's largest micro-batch with checkpointing (an OOM row is recorded as failed),
-    # and zero3 with offload.
+    # After the H200 session of 2026-11-26 (docs/benchmarks.md): the zero3 fix checked, ZeRO-1/2/3's overhead at world 1
+    # (zero3 now eager on CUDA) with a profile of each row (where ZeRO-2's +17% goes; ddp's MFU), gpt2-xl's largest
+    # micro-batch with checkpointing (an OOM row is recorded as failed), and zero3 with offload. Every row prints
+    # the memory estimator's prediction and peak/estimate beside its measured peak.
     header
     boxed 120 build_fused_adam
     boxed 200 check_tests 180 2>&1 | tee "$OUT/check.log"
-    boxed 200 bench "${M124[@]}" --engines ddp,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee "$OUT/speed.md"
+    boxed 200 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" \
+        --profile "$OUT/profile" 2>&1 | tee "$OUT/speed.md"
+    head -n 24 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/speed.md" || true
     boxed 240 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines ddp,fsdp --micro-batch 16 \
         --set engine.activation_checkpointing=true --vary train.micro_batch=32,64 --json "$OUT/6-xl-batch.json" 2>&1 | tee "$OUT/scale.md"
     boxed 180 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines zero3 --micro-batch 8 \
