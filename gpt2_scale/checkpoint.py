@@ -142,15 +142,21 @@ def check_compatible(meta: dict, path: Path, config: dict, world_size: int) -> N
 @contextlib.contextmanager
 def reading(path: Path) -> Iterator[None]:
     """Load from checkpoint ``path`` with weights-only unpickling; any failure becomes one CheckpointError."""
+    with _named_failures(path), safeload.weights_only():
+        yield
+
+
+@contextlib.contextmanager
+def _named_failures(path: Path) -> Iterator[None]:
+    """Any failure to read ``path`` (a checkpoint or one of its files) as one CheckpointError that names it."""
     try:
-        with safeload.weights_only():
-            yield
+        yield
     except CheckpointError:
         raise
     except pickle.UnpicklingError as e:
         raise _refuse(path, f"pickled objects ({_first_line(e)})") from e
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        raise CheckpointError(f"cannot load checkpoint {path}: {type(e).__name__}: {_first_line(e)}; it is damaged or "
+        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {_first_line(e)}; it is damaged, truncated or "
                               "incomplete: resume from an earlier checkpoint (point checkpoints/latest at it)") from e
 
 
@@ -169,7 +175,7 @@ def verify(path: Path) -> None:
     """Read every file of checkpoint ``path`` the safe way before an engine does: a truncated, damaged or
     planted file is reported by name, the same on every rank, before any rank enters a collective."""
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        try:
+        with _named_failures(file):
             if file.suffix == ".json":
                 json.loads(file.read_text())
             elif file.suffix == ".pt":
@@ -179,13 +185,6 @@ def verify(path: Path) -> None:
                     torch.load(file, map_location="cpu", mmap=True, weights_only=True)
             elif file.name == ".metadata":
                 _verify_dcp(file.parent)
-        except pickle.UnpicklingError as e:
-            raise _refuse(file, f"pickled objects ({_first_line(e)})") from e
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{file} is damaged or truncated ({type(e).__name__}: {_first_line(e)}); resume from an "
-                                  "earlier checkpoint (point checkpoints/latest at it)") from e
 
 
 def _verify_dcp(path: Path) -> None:
