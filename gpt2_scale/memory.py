@@ -147,15 +147,16 @@ def weight_copy_bytes(model: ModelConfig, engine: str, mode: str, checkpointing:
     return 0, 0
 
 
-def bucket_bytes(engine: str, bf16: bool, ds_config: dict | None) -> tuple[int, int]:
+def bucket_bytes(engine: str, bf16: bool, ds_config: dict | None, accumulation: int = 1) -> tuple[int, int]:
     """DeepSpeed's gradient buckets of ``reduce_bucket_size`` elements of the gradient dtype (held through the step,
-    allocated by backward's first gradients): ZeRO-3 keeps one from setup on; ZeRO-1 and ZeRO-2 allocate theirs
-    when gradients arrive, ZeRO-2 two of them while it overlaps communication. Measured on CPU (tests/test_memory.py)."""
+    allocated by backward's first gradients): ZeRO-3 keeps one from setup on, ZeRO-1 one from the first
+    micro-batch on while accumulating; otherwise ZeRO-1 and ZeRO-2 allocate theirs when gradients arrive, ZeRO-2
+    two of them while it overlaps communication. Measured on CPU (tests/test_memory.py)."""
     if not engine.startswith("zero"):
         return 0, 0
     zero = (ds_config or {}).get("zero_optimization", {})
     bucket = int(zero.get("reduce_bucket_size", DS_REDUCE_BUCKET_SIZE)) * (2 if bf16 else 4)
-    if engine == "zero3":
+    if engine == "zero3" or (engine == "zero1" and accumulation > 1):
         return bucket, 0
     return 0, bucket * (2 if engine == "zero2" and zero.get("overlap_comm", False) else 1)
 
@@ -203,7 +204,7 @@ def estimate(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_
         activation_bytes(model, micro_batch, seq_len, mode, checkpointing),
         weight_copy_bytes(model, engine, mode, checkpointing, ds_config),
         loss_bytes(model, micro_batch, seq_len, mode, loss_chunk),
-        bucket_bytes(engine, bf16, ds_config),
+        bucket_bytes(engine, bf16, ds_config, accumulation),
     )
 
 

@@ -163,9 +163,11 @@ def test_a_fused_loss_chunk_saves_no_log_softmax():
 WIDE = ModelConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192)
 WIDE_BATCH = 4
 # (engine, dtype, activation checkpointing, DeepSpeed's reduce_bucket_size: a few MiB, counted but not the whole
-# peak, or None for the shipped JSON's, whose buckets make backward's first gradients the largest moment)
-PEAK_CASES = [(e, dtype, ckpt, 2_000_000) for e in ENGINES for dtype, ckpt in (("bf16", False), ("fp32", False), ("bf16", True))]
-PEAK_CASES += [("zero1", "bf16", False, None), ("zero2", "bf16", False, None)]
+# peak, or None for the shipped JSON's, whose buckets make backward's first gradients the largest moment,
+# micro-batches per step: with 2 every engine's gradients live through the second forward)
+SETTINGS = (("bf16", False, 2_000_000, 1), ("fp32", False, 2_000_000, 1), ("bf16", True, 2_000_000, 1), ("bf16", False, None, 2))
+PEAK_CASES = [(e, *settings) for e in ENGINES for settings in SETTINGS]
+PEAK_CASES += [("zero1", "bf16", False, None, 1), ("zero2", "bf16", False, None, 1)]
 
 
 def _ds_config(engine: str, bucket: int | None) -> dict | None:
@@ -191,16 +193,16 @@ def _peak_worker(rank: int, port: int, tmp: str) -> None:
     env = distributed.init("cpu")
     B, T, V = WIDE_BATCH, WIDE.block_size, WIDE.vocab_size
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen))]
+    batches = [(torch.randint(0, V, (B, T), generator=gen), torch.randint(0, V, (B, T), generator=gen)) for _ in range(2)]
     results = {}
     for case in PEAK_CASES:
-        name, dtype, checkpointing, bucket = case
+        name, dtype, checkpointing, bucket, accumulation = case
         ds_path = None
         if name.startswith("zero"):
             ds_path = Path(tmp) / f"{name}-{bucket}.json"
             ds_path.write_text(json.dumps(_ds_config(name, bucket)))
         cfg = Config(model=ModelSection(name="gpt2-tiny", pad_vocab=False),
-                     train=TrainSection(micro_batch=B, seq_len=T, total_batch_tokens=B * T),
+                     train=TrainSection(micro_batch=B, seq_len=T, total_batch_tokens=B * T * accumulation),
                      engine=EngineSection(name=name, dtype=dtype, compile=False, activation_checkpointing=checkpointing,
                                           ds_config=str(ds_path) if ds_path else None))
         tracker = MemTracker()
@@ -208,9 +210,16 @@ def _peak_worker(rank: int, port: int, tmp: str) -> None:
             torch.manual_seed(0)
             engine = engines.build(cfg, env)
             engine.setup(GPT(WIDE))
+            micro_step = engine.micro_step
+
+            def tracked_micro_step(*args, micro_step=micro_step, tracker=tracker, **kwargs):
+                loss = micro_step(*args, **kwargs)
+                tracker.reset_mod_stats()  # MemTracker follows one call of each module per reset
+                return loss
+
+            engine.micro_step = tracked_micro_step
             for _ in range(2):  # the second step holds Adam's state through forward and backward
-                optimizer_step(engine, batches, 1e-3, env.device)
-                tracker.reset_mod_stats()
+                optimizer_step(engine, batches[:accumulation], 1e-3, env.device)
         results[case] = tracker.get_tracker_snapshot("peak")[env.device]["Total"]
         engine.close()
         del engine, tracker
@@ -227,9 +236,9 @@ def peaks(tmp_path_factory):
 @pytest.mark.parametrize("case", PEAK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_the_estimate_is_the_peak_of_a_training_step(peaks, case):
     """Every byte a step allocates, tracked on CPU (torch's MemTracker), against the estimator's largest moment."""
-    engine, dtype, checkpointing, bucket = case
+    engine, dtype, checkpointing, bucket, accumulation = case
     est = memory.estimate(WIDE, engine, 1, WIDE_BATCH, WIDE.block_size, bf16=dtype == "bf16", checkpointing=checkpointing,
-                          ds_config=_ds_config(engine, bucket))
+                          accumulation=accumulation, ds_config=_ds_config(engine, bucket))
     phases = {k: f"{v / 2**20:.1f}" for k, v in est.phases.items()}
     assert peaks[case] == pytest.approx(est.total, rel=0.08), f"measured {peaks[case] / 2**20:.1f} MiB; estimated (MiB) {phases}"
 
@@ -262,6 +271,7 @@ def test_deepspeed_buckets_follow_its_config():
     ds = {"zero_optimization": {"reduce_bucket_size": 1000, "overlap_comm": True}}
     assert memory.estimate(m, "zero1", 1, 8, 1024, ds_config=ds).buckets == (0, 2000)
     assert memory.estimate(m, "zero2", 1, 8, 1024, ds_config=ds).buckets == (0, 4000)
+    assert memory.estimate(m, "zero1", 1, 8, 1024, ds_config=ds, accumulation=2).buckets == (2000, 0)  # kept between micro-batches
     assert memory.estimate(m, "zero3", 1, 8, 1024, ds_config=ds, bf16=False).buckets == (4000, 0)
     assert memory.estimate(m, "zero1", 1, 8, 1024).buckets == (0, memory.DS_REDUCE_BUCKET_SIZE * 2)  # DeepSpeed's default
     assert memory.estimate(m, "ddp", 1, 8, 1024, ds_config=ds).buckets == (0, 0)
