@@ -1,4 +1,5 @@
-"""Per-rank memory: the ZeRO paper's model-state accounting, activations and logits, and what a rank holds.
+"""Per-rank memory: the ZeRO paper's model-state accounting, the predicted peak of a training step, and what a
+rank holds.
 
 Model states (Rajbhandari et al. 2020, section 3.1) for Ψ parameters trained with Adam; bytes per rank
 at world size N, bf16 = 16-bit weights where the engine keeps them:
@@ -31,8 +32,8 @@ buckets, the other engines free theirs after the update (``zero_grad(set_to_none
 The constants are eager PyTorch's, each measured in tests/test_memory.py (saved tensors, and the whole step's
 peak against an allocation tracker on CPU); compiled code saves less.
 
-Not counted: DDP's communication buckets, ZeRO-3's prefetched and persistent (``stage3_param_persistence_threshold``)
-full parameters, the CUDA context and the allocator's fragmentation: budget 1-3 GiB for them on a GPU.
+Not counted: DDP's communication buckets, ZeRO-3's persistent (``stage3_param_persistence_threshold``) full
+parameters, the CUDA context and the allocator's fragmentation: budget 1-3 GiB for them on a GPU.
 """
 
 from __future__ import annotations
