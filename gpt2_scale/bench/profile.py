@@ -10,6 +10,7 @@ The profiled steps are not the timed ones: the profiler slows the host.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -66,8 +67,6 @@ def summary(events, on_device: bool, steps: int, wall_ms: float, top: int = 30) 
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, directory: Path | None, row: str) -> None:
     """Run ``step`` ``steps`` times under the profiler and write the summary and the trace into ``directory``
     (every rank steps, for the collectives; only the one given a directory writes)."""
-    import time
-
     on_device = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
     with torch.profiler.profile(activities=activities) as prof:
