@@ -12,12 +12,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import env, spawned_world
+from launch import spawned_world
 
 from gpt2_scale import memory
 from gpt2_scale.model import GPT, Options
@@ -289,12 +288,20 @@ def test_estimate_with_a_fused_loss_chunk():
     assert whole.loss[0] == memory.loss_bytes(m, 2, 64, "autocast")[0] + m.vocab_size * m.n_embd * 4
 
 
-def _tool(*args):
-    return subprocess.run([sys.executable, "tools/estimate_memory.py", *args], cwd=ROOT, capture_output=True, text=True, env=env())
+def _tool(capsys, *args: str) -> subprocess.CompletedProcess:
+    """tools/estimate_memory.py, run in this process (tests/test_package.py runs the installed script)."""
+    from gpt2_scale.tools.estimate_memory import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
 
 
-def test_estimate_memory_tool(tmp_path):
-    out = _tool("--model", "gpt2-xl", "--engine", "zero3", "--world", "8", "--micro-batch", "16", "--seq-len", "1024",
+def test_estimate_memory_tool(tmp_path, capsys):
+    out = _tool(capsys, "--model", "gpt2-xl", "--engine", "zero3", "--world", "8", "--micro-batch", "16", "--seq-len", "1024",
                 "--activation-checkpointing")
     assert out.returncode == 0, out.stderr
     from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
@@ -302,18 +309,18 @@ def test_estimate_memory_tool(tmp_path):
     shipped = json.loads((DS_CONFIG_DIR / "zero3.json").read_text())
     est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "zero3", 8, 16, 1024, checkpointing=True, ds_config=shipped)
     assert f"{est.total / memory.GiB:.2f} GiB" in out.stdout and "12Ψ/N" in out.stdout
-    bad = _tool("--model", "gpt2-xxl", "--engine", "zero3")
+    bad = _tool(capsys, "--model", "gpt2-xxl", "--engine", "zero3")
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "gpt2-xl" in bad.stderr
-    fused = _tool("--model", "gpt2-xl", "--micro-batch", "16", "--loss-chunk", "4096")
+    fused = _tool(capsys, "--model", "gpt2-xl", "--micro-batch", "16", "--loss-chunk", "4096")
     est = memory.estimate(ModelConfig.from_name("gpt2-xl"), "ddp", 1, 16, 1024, loss_chunk=4096)
     assert fused.returncode == 0 and "c·V·10 + V·d·4" in fused.stdout and f"{est.loss[0] / memory.GiB:.2f} GiB" in fused.stdout
-    bad = _tool("--loss-chunk", "-1")
+    bad = _tool(capsys, "--loss-chunk", "-1")
     assert bad.returncode == 2 and "argument --loss-chunk: must be >= 0" in bad.stderr
-    accumulating = _tool("--engine", "fsdp", "--accumulation", "4")
+    accumulating = _tool(capsys, "--engine", "fsdp", "--accumulation", "4")
     assert accumulating.returncode == 0 and "live through forward" in accumulating.stdout
     for text in ("{", "[]"):
         (tmp_path / "ds.json").write_text(text)
-        bad = _tool("--engine", "zero2", "--ds-config", str(tmp_path / "ds.json"))
+        bad = _tool(capsys, "--engine", "zero2", "--ds-config", str(tmp_path / "ds.json"))
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "ds.json" in bad.stderr
 
 
