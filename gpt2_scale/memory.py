@@ -28,7 +28,8 @@ weights and optimizer state plus what lives then (``Estimate.phases``):
     update     gradients + buckets
 
 Gradients live through forward only where they are kept between steps: DDP's are views of its all-reduce
-buckets, the other engines free theirs after the update (``zero_grad(set_to_none)``) unless accumulating.
+buckets, the other engines free theirs after the update (``zero_grad(set_to_none)``) unless accumulating, when
+FSDP2 holds them whole: it reduce-scatters only after the last micro-batch.
 The constants are eager PyTorch's, each measured in tests/test_memory.py (saved tensors, and the whole step's
 peak against an allocation tracker on CPU); compiled code saves less.
 
@@ -162,6 +163,16 @@ def bucket_bytes(engine: str, bf16: bool, ds_config: dict | None, accumulation: 
     return 0, bucket * (2 if engine == "zero2" and zero.get("overlap_comm", False) else 1)
 
 
+def held_grad_bytes(num_params: int, engine: str, states: StateBytes, accumulation: int) -> int:
+    """Gradients alive through forward: DDP's (views of its buckets), and every engine's while accumulating;
+    FSDP2's whole (it skips the reduce-scatter until the last micro-batch and accumulates in fp32)."""
+    if engine == "ddp":
+        return states.grads
+    if accumulation == 1:
+        return 0
+    return 4 * num_params if engine == "fsdp" else states.grads
+
+
 @dataclass(frozen=True)
 class Estimate:
     """What one rank holds at the moments one of which is a training step's peak, for one micro-batch per step
@@ -201,7 +212,7 @@ def estimate(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_
     mode = compute_mode(engine, bf16)
     return Estimate(
         states,
-        states.grads if engine == "ddp" or accumulation > 1 else 0,
+        held_grad_bytes(model.num_params(), engine, states, accumulation),
         activation_bytes(model, micro_batch, seq_len, mode, checkpointing),
         weight_copy_bytes(model, engine, mode, checkpointing, ds_config),
         loss_bytes(model, micro_batch, seq_len, mode, loss_chunk),
