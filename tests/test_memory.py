@@ -2,7 +2,7 @@
 engine, the estimator's activation constants against saved-for-backward bytes measured here, and its predicted
 peak against the peak of a whole training step under every engine, tracked allocation by allocation.
 
-One spawned world of 2 CPU ranks runs every engine for the accounting, one of 1 rank for the peaks (DeepSpeed's
+Two spawned worlds of 2 CPU ranks run every engine, one for the accounting, one for the peaks (DeepSpeed's
 setup dominates the cost of both).
 """
 
