@@ -85,6 +85,13 @@ def _worker(rank: int, port: int, tmp: str) -> None:
             del engine, model
             gc.collect()  # drop this engine's hooks and buffers on every rank before the next one starts
             distributed.barrier()
+    _finish(rank, tmp, results)
+
+
+def _finish(rank: int, tmp: str, results: dict) -> None:
+    """The end of a spawned world's worker: rank 0's results for ``spawned_world``, the process group closed."""
+    from gpt2_scale import distributed
+
     if rank == 0:
         torch.save(results, os.path.join(tmp, "results.pt"))
     distributed.shutdown()
@@ -225,9 +232,7 @@ def _peak_worker(rank: int, port: int, tmp: str) -> None:
         engine.close()
         del engine, tracker
         gc.collect()
-    if rank == 0:
-        torch.save(results, os.path.join(tmp, "results.pt"))
-    distributed.shutdown()
+    _finish(rank, tmp, results)
 
 
 @pytest.fixture(scope="module")
