@@ -194,7 +194,7 @@ class Estimate:
             "forward": held + self.activations + self.weight_copies[0] + self.loss[0],
             "backward": in_backward + self.loss[1],
             "gradients": in_backward + self.buckets[1],
-            "update": held - self.held_grads + self.states.grads + self.buckets[1],
+            "update": self.states.total + sum(self.buckets),
         }
 
     @property

@@ -79,6 +79,6 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
     if directory is None:
         return
     directory.mkdir(parents=True, exist_ok=True)
-    base = directory / file_name(row)
-    (directory / f"{base.name}.txt").write_text(f"profile of row {row!r}\n" + summary(prof.key_averages(), on_device, steps, wall_ms))
-    prof.export_chrome_trace(str(directory / f"{base.name}.trace.json.gz"))
+    name = file_name(row)
+    (directory / f"{name}.txt").write_text(f"profile of row {row!r}\n" + summary(prof.key_averages(), on_device, steps, wall_ms))
+    prof.export_chrome_trace(str(directory / f"{name}.trace.json.gz"))
