@@ -65,14 +65,21 @@ def _differs(a, b) -> bool:
     return a != b
 
 
-def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
-    path = Path(cfg.engine.ds_config) if cfg.engine.ds_config else default_ds_config_path(cfg)
+def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -> dict:
+    """A DeepSpeed JSON as a dict, or a ConfigError that names the file and ``flag``, the way to pass another."""
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; pass --engine.ds_config=PATH or use a file in {DS_CONFIG_DIR}")
+        raise ConfigError(f"DeepSpeed config {path} does not exist; pass {flag}=PATH or use a file in {DS_CONFIG_DIR}")
     try:
         ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
+        raise ConfigError(f"DeepSpeed config {path} is not a JSON object with a zero_optimization object; pass {flag}=PATH")
+    return ds
+
+
+def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
+    ds = read_ds_config(Path(cfg.engine.ds_config) if cfg.engine.ds_config else default_ds_config_path(cfg))
     accum = grad_accum_steps(cfg, env.world_size)
     o = cfg.optim
     values = {

@@ -10,7 +10,6 @@ The formulas and their constants are in gpt2_scale/memory.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -53,16 +52,10 @@ def _ds_config(args: argparse.Namespace) -> dict | None:
     """The DeepSpeed JSON the run would use: --ds-config, or the shipped one for the engine and offload."""
     if not args.engine.startswith("zero"):
         return None
-    from gpt2_scale.engines.deepspeed import default_ds_config_path  # DeepSpeed itself is imported only to train
+    from gpt2_scale.engines.deepspeed import default_ds_config_path, read_ds_config  # DeepSpeed itself is imported only to train
 
-    path = args.ds_config or default_ds_config_path(Config(engine=EngineSection(name=args.engine, offload=args.offload)))
-    try:
-        ds = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the DeepSpeed config {path}: {e}; pass --ds-config a readable JSON file") from None
-    if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
-        raise ValueError(f"{path} is not a DeepSpeed config: expected a JSON object with a zero_optimization object")
-    return ds
+    return read_ds_config(args.ds_config or default_ds_config_path(Config(engine=EngineSection(name=args.engine, offload=args.offload))),
+                          "--ds-config")
 
 
 if __name__ == "__main__":
