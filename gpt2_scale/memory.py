@@ -220,6 +220,34 @@ def estimate(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_
     )
 
 
+# What a GPU's memory holds besides the estimate when deciding what fits (the module docstring's 1-3 GiB).
+RESERVE = 2 * GiB
+
+
+def largest_micro_batch(peak: Callable[[int], int], budget: int, limit: int | None = None) -> int:
+    """The largest power of two B (at most ``limit``) with ``peak(B) <= budget``, or 0 if not even 1 fits. Powers
+    of two because a step's batch (2^19 tokens in the recipes) must split evenly into micro-batches and ranks;
+    the peak grows with B, so the first one over the budget ends the search."""
+    fits = 0
+    while (limit is None or 2 * fits <= limit) and peak(max(1, 2 * fits)) <= budget:
+        fits = max(1, 2 * fits)
+    return fits
+
+
+def too_large(peak: Callable[[int], int], micro_batch: int, device_bytes: int, reserve: int = RESERVE) -> str | None:
+    """The trainer's warning when the estimate for ``micro_batch`` exceeds the device less ``reserve``: what to
+    change. A warning, not a refusal: the estimate is eager PyTorch's (compiled code holds less) and within ~10%."""
+    budget = device_bytes - reserve
+    if peak(micro_batch) <= budget:
+        return None
+    fits = largest_micro_batch(peak, budget, limit=micro_batch)
+    change = (f"--train.micro_batch={fits} (the largest power of two predicted to fit; accumulation keeps the batch)"
+              if fits else "--engine.activation_checkpointing=true, --engine.loss_chunk=4096, --engine.offload=true "
+              "or more ranks with a sharding engine")
+    return (f"warning: the estimated peak, {peak(micro_batch) / GiB:.2f} GiB, exceeds this GPU's {device_bytes / GiB:.1f} GiB "
+            f"less {reserve / GiB:.0f} GiB reserved: expect an out-of-memory error; try {change}")
+
+
 # --- what a rank actually holds ---
 
 
@@ -273,6 +301,11 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     if device.type == "cuda":
         return {"allocated": torch.cuda.max_memory_allocated(device), "reserved": torch.cuda.max_memory_reserved(device)}
     return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
+
+
+def device_bytes(device: torch.device) -> int | None:
+    """A GPU's total memory, what ``too_large`` weighs the estimate against; None for the CPU."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -28,7 +28,7 @@ from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.memory import peak_memory
+from gpt2_scale.memory import device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
@@ -125,8 +125,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
         try:
             log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
                       f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
-            log.print(f"estimated peak memory per rank: {run.engine.memory_estimate().total / 2**30:.2f} GiB "
-                      "(eager PyTorch; the terms: tools/estimate_memory.py)")
+            log.print(run.engine.memory_report(device_bytes(env.device)))
             if run.resume_from is not None:
                 log.print(f"resumed from {run.resume_from} at step {run.start_step}")
             if aside:

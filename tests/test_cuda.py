@@ -89,6 +89,12 @@ def test_bench_reports_mfu_against_the_measured_matmul_and_memory_close_to_the_e
     assert 0.85 < allocated / est.total < 1.15, (allocated / 2**30, est.total / 2**30, est.phases)
 
 
+def test_the_trainer_weighs_its_estimate_against_the_gpus_memory():
+    """memory.device_bytes, what Engine.memory_report warns against (the report itself is tested on CPU)."""
+    assert memory.device_bytes(torch.device("cuda")) == torch.cuda.mem_get_info()[1]
+    assert memory.device_bytes(torch.device("cpu")) is None
+
+
 def test_training_writes_mfu_and_peak_memory_to_the_metrics(tmp_path):
     run_dir = tmp_path / "run"
     ok(run("recipes/tiny.py", TINY + ["--max-steps", "6", "--total-batch-tokens", "128", "--log.val_every=0",

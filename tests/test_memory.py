@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 from launch import spawned_world
 
 from gpt2_scale import memory
@@ -297,6 +299,49 @@ def test_estimate_with_a_fused_loss_chunk():
     assert whole.loss[0] == memory.loss_bytes(m, 2, 64, "autocast")[0] + m.vocab_size * m.n_embd * 4
 
 
+@given(fixed=st.integers(0, 1000), per_sample=st.integers(1, 100), budget=st.integers(0, 10**5),
+       limit=st.none() | st.integers(1, 512))
+@example(fixed=0, per_sample=1, budget=100, limit=4)  # the limit binds, itself a power of two: 4
+@example(fixed=0, per_sample=1, budget=64, limit=None)  # the budget binds, exactly: 64
+@example(fixed=5, per_sample=1, budget=5, limit=None)  # not even 1: 0
+def test_the_largest_micro_batch_is_the_last_power_of_two_that_fits(fixed, per_sample, budget, limit):
+    def peak(b: int) -> int:
+        return fixed + per_sample * b
+
+    fits = memory.largest_micro_batch(peak, budget, limit)
+    if fits == 0:
+        assert peak(1) > budget or limit == 0
+    else:
+        assert fits & (fits - 1) == 0 and peak(fits) <= budget and (limit is None or fits <= limit)
+        assert peak(2 * fits) > budget or (limit is not None and 2 * fits > limit)
+
+
+def test_a_micro_batch_too_large_for_the_gpu_gets_a_warning_naming_one_that_fits():
+    """What the trainer prints on a GPU (Engine.memory_report, the estimate of the engine's own settings): nothing
+    more where the estimate fits; the largest power of two that fits where one does; the settings that shrink a
+    step where none does."""
+    from gpt2_scale import engines
+    from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
+    from gpt2_scale.distributed import DistEnv
+
+    def report(engine: str, micro_batch: int, gib: float, **options) -> str:
+        cfg = Config(model=ModelSection(name="gpt2-xl"), engine=EngineSection(name=engine, dtype="bf16", **options),
+                     train=TrainSection(micro_batch=micro_batch, seq_len=1024, total_batch_tokens=64 * 1024))
+        return engines.build(cfg, DistEnv(0, 0, 1, torch.device("cpu"))).memory_report(int(gib * memory.GiB))
+
+    xl = ModelConfig.from_name("gpt2-xl", pad_vocab=True)  # as the trainer builds it
+    peak = memory.estimate(xl, "ddp", 1, 64, 1024, checkpointing=True).total
+    fits = report("ddp", 64, peak / memory.GiB + 2.01, activation_checkpointing=True)
+    assert fits == f"estimated peak memory per rank: {peak / memory.GiB:.2f} GiB (eager PyTorch; the terms: tools/estimate_memory.py)"
+    over = report("ddp", 64, 79.6, activation_checkpointing=True).splitlines()
+    assert over[0] == fits and "exceeds this GPU's 79.6 GiB less 2 GiB reserved" in over[1]
+    smaller = memory.estimate(xl, "ddp", 1, 32, 1024, checkpointing=True, accumulation=2).total
+    assert smaller < 77.6 * memory.GiB < memory.estimate(xl, "ddp", 1, 64, 1024, checkpointing=True, accumulation=1).total
+    assert "--train.micro_batch=32 " in over[1]
+    none = report("fsdp", 8, 20).splitlines()[1]
+    assert "--train.micro_batch" not in none and "--engine.activation_checkpointing=true" in none, none
+
+
 def _tool(capsys, *args: str) -> subprocess.CompletedProcess:
     """tools/estimate_memory.py, run in this process (tests/test_package.py runs the installed script)."""
     from gpt2_scale.tools.estimate_memory import main
@@ -331,6 +376,27 @@ def test_estimate_memory_tool(tmp_path, capsys):
         (tmp_path / "ds.json").write_text(text)
         bad = _tool(capsys, "--engine", "zero2", "--ds-config", str(tmp_path / "ds.json"))
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "ds.json" in bad.stderr
+
+
+def test_estimate_memory_fits_the_largest_micro_batch_to_a_gpu(capsys):
+    """--fit GIB: the largest power of two whose estimate fits GIB less --reserve, in the first line (tools/gpu_session.sh
+    reads it) and then its terms; nothing fits: one line of what to change, exit 1."""
+    xl = ModelConfig.from_name("gpt2-xl")
+    for gib, reserve in ((79.6, 2.0), (139.8, 2.0), (79.6, 30.0)):
+        out = _tool(capsys, "--model", "gpt2-xl", "--engine", "fsdp", "--activation-checkpointing", "--fit", str(gib),
+                    "--reserve", str(reserve))
+        assert out.returncode == 0, out.stderr
+        fits = int(re.match(r"micro-batch (\d+): ", out.stdout).group(1))
+        peak = lambda b: memory.estimate(xl, "fsdp", 1, b, 1024, checkpointing=True).total  # noqa: E731
+        assert peak(fits) <= (gib - reserve) * memory.GiB < peak(2 * fits), (gib, reserve, fits)
+        assert f"B = {fits}, T = 1024" in out.stdout and f"{2 * fits} would need {peak(2 * fits) / memory.GiB:.2f} GiB" in out.stdout
+    none = _tool(capsys, "--model", "gpt2-xl", "--fit", "20")
+    assert none.returncode == 1 and none.stdout == "" and none.stderr.startswith("no micro-batch fits: even 1 needs ")
+    for args, message in ((["--fit", "80", "--micro-batch", "4"], "give --micro-batch or --fit, not both"),
+                          (["--fit", "nan"], "argument --fit: must be a size in GiB >= 0, got nan"),
+                          (["--fit", "80", "--reserve", "-1"], "argument --reserve: must be a size in GiB >= 0")):
+        bad = _tool(capsys, *args)
+        assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)
 
 
 def test_the_recipes_quote_the_estimator(capsys):

@@ -8,7 +8,7 @@
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs the walk-through's loop, then every engine at world 1
-#   bash tools/gpu_session.sh second     # on the GPU, one call: check again, ZeRO-2/3 against ddp, gpt2-xl's largest B
+#   bash tools/gpu_session.sh second     # on the GPU, one call: check again, gpt2-xl's largest B, ZeRO-1/2/3 against ddp
 #
 # BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
 # deadline, so a part that hangs or runs long costs its box, not the call (and its tables up to then come back).
@@ -49,21 +49,22 @@ header() {
 # pytest on the GPU: xdist (4 workers) and a per-test timeout where the image has them
 check_tests() {
     local opts=()
-    $PY -c 'import xdist' 2>/dev/null && opts+=(-n 4)
+    $PY -c 'import xdist' 2>/dev/null && opts+=(-n 6)
     $PY -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout "$1")
     $PY -m pytest -q -p no:cacheprovider "${opts[@]}" tests/test_cuda.py
 }
-# DeepSpeed JIT-builds FusedAdam with nvcc on first use: time it once, so later runs find it cached
-build_fused_adam() {
-    $PY -c 'import time; from deepspeed.ops.op_builder import FusedAdamBuilder as B; from gpt2_scale.engines.deepspeed import arch_list_deepspeed_reads as archs
+# DeepSpeed JIT-builds its ops on first use (FusedAdam with nvcc; CPUAdam, ZeRO-Offload's, with the host compiler):
+# build_op FusedAdam|CPUAdam times the build once, so later runs find it cached
+build_op() {
+    $PY -c 'import sys, time; from deepspeed.ops import op_builder; from gpt2_scale.engines.deepspeed import arch_list_deepspeed_reads as archs
 t = time.time()
-with archs(): B().load()
-print(f"FusedAdam JIT build: {time.time() - t:.0f} s")'
+with archs(): getattr(op_builder, sys.argv[1] + "Builder")().load()
+print(f"{sys.argv[1]} JIT build: {time.time() - t:.0f} s")' "$1"
 }
 M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 
 export PY
-export -f bench check_tests build_fused_adam
+export -f bench check_tests build_op
 STAGE=${1:-}
 [[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|second)$ ]] && use_wheels
 case "$STAGE" in
@@ -82,13 +83,13 @@ wheels)
     ;;
 check)
     header
-    boxed 200 build_fused_adam
+    boxed 200 build_op FusedAdam
     boxed 300 check_tests 280 2>&1 | tee "$OUT/check.log"
     ;;
 first)
     # Stage 1 (check) and stage 2 (speed) of issue 15 in one call, in priority order.
     header
-    boxed 180 build_fused_adam
+    boxed 180 build_op FusedAdam
     boxed 240 check_tests 220 2>&1 | tee "$OUT/check.log"
     boxed 150 bench "${M124[@]}" --engines ddp --micro-batch 64 --compare-walkthrough --json "$OUT/1-ours-walkthrough.json" 2>&1 | tee "$OUT/speed.md"
     boxed 240 bench "${M124[@]}" --engines fsdp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" 2>&1 | tee -a "$OUT/speed.md"
@@ -133,20 +134,30 @@ scale)
     done
     ;;
 second)
-    # After the H200 session of 2026-11-26 (docs/benchmarks.md): the zero3 fix checked, ZeRO-1/2/3's overhead at world 1
-    # (zero3 now eager on CUDA) with a profile of each row (where ZeRO-2's +17% goes; ddp's MFU), gpt2-xl's largest
-    # micro-batch with checkpointing (an OOM row is recorded as failed), and zero3 with offload. Every row prints
-    # the memory estimator's prediction and peak/estimate beside its measured peak.
+    # After the H200 session of 2026-11-26 (docs/benchmarks.md), in priority order: the zero3 fix checked; gpt2-xl's
+    # largest micro-batch under ddp and fsdp with checkpointing and zero3 with offload, each at the estimator's
+    # largest power of two for this GPU and at twice that (predicted not to fit: an OOM row is recorded as failed);
+    # then ZeRO-1/2/3's overhead at world 1 (zero3 now eager on CUDA), each row profiled (where ZeRO-2's +17% goes).
+    # Every bench row prints the memory estimate and peak/estimate beside its measured peak.
     header
-    boxed 120 build_fused_adam
+    boxed 120 build_op FusedAdam
+    boxed 200 build_op CPUAdam > "$OUT/cpu_adam.log" 2>&1 &  # for the offload rows, built while the checks run
     boxed 200 check_tests 180 2>&1 | tee "$OUT/check.log"
+    GPU_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print $1 / 1024}')
+    for row in "ddp --activation-checkpointing" "fsdp --activation-checkpointing" "zero3 --offload --activation-checkpointing"; do
+        [[ $row == *offload* ]] && { wait; cat "$OUT/cpu_adam.log"; }
+        # shellcheck disable=SC2086
+        $PY tools/estimate_memory.py --model gpt2-xl --seq-len 1024 --engine $row --fit "$GPU_GIB" > "$OUT/fit.txt" || true
+        B=$(sed -n '1s/^micro-batch \([0-9]*\):.*/\1/p' "$OUT/fit.txt")
+        echo "gpt2-xl --engine $row on $GPU_GIB GiB: $(head -1 "$OUT/fit.txt")" | tee -a "$OUT/scale.md"
+        [[ -n $B ]] || continue
+        # shellcheck disable=SC2086
+        boxed 150 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 3 --compile off --engines $row --micro-batch "$B" \
+            --vary train.micro_batch=$(( 2 * B )) --json "$OUT/6-xl-${row%% *}.json" 2>&1 | tee -a "$OUT/scale.md"
+    done
     boxed 200 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" \
         --profile "$OUT/profile" 2>&1 | tee "$OUT/speed.md"
     head -n 24 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/speed.md" || true
-    boxed 240 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines ddp,fsdp --micro-batch 16 \
-        --set engine.activation_checkpointing=true --vary train.micro_batch=32,64 --json "$OUT/6-xl-batch.json" 2>&1 | tee "$OUT/scale.md"
-    boxed 180 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 5 --compile off --engines zero3 --micro-batch 8 \
-        --offload --activation-checkpointing --json "$OUT/7-xl-offload.json" 2>&1 | tee -a "$OUT/scale.md"
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'

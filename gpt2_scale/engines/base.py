@@ -12,12 +12,12 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from gpt2_scale.config import Config, EngineSection, grad_accum_steps
+from gpt2_scale.config import Config, EngineSection
 from gpt2_scale.device import Runtime, compile_options, resolve
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.engines import layout
 from gpt2_scale.loss import chunk_loss, cross_entropy
-from gpt2_scale.memory import Estimate, StateBytes, estimate, held_bytes, tensors_in
+from gpt2_scale.memory import Estimate, GiB, StateBytes, estimate, held_bytes, tensors_in, too_large
 from gpt2_scale.model import GPT, Options
 from gpt2_scale.zoo import ModelConfig
 
@@ -108,14 +108,25 @@ class Engine(ABC):
             held_bytes(params), held_bytes(p.grad for p in params), held_bytes(tensors_in(list(self.optimizer.state.values())))
         )
 
-    def memory_estimate(self) -> Estimate:
-        """tools/estimate_memory.py's prediction for this engine's settings (eager: compiled code holds less)."""
+    def memory_estimate(self, micro_batch: int | None = None) -> Estimate:
+        """tools/estimate_memory.py's prediction for this engine's settings (eager: compiled code holds less), or
+        for another micro-batch with the same total batch."""
         cfg, world = self.cfg, self.env.world_size
+        micro_batch = micro_batch or cfg.train.micro_batch
         return estimate(
             ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab), cfg.engine.name, world,
-            cfg.train.micro_batch, cfg.train.seq_len, bf16=self.bf16, checkpointing=cfg.engine.activation_checkpointing,
-            offload=cfg.engine.offload, loss_chunk=cfg.engine.loss_chunk, accumulation=grad_accum_steps(cfg, world),
+            micro_batch, cfg.train.seq_len, bf16=self.bf16, checkpointing=cfg.engine.activation_checkpointing,
+            offload=cfg.engine.offload, loss_chunk=cfg.engine.loss_chunk,
+            accumulation=max(1, cfg.train.total_batch_tokens // (micro_batch * cfg.train.seq_len * world)),
             ds_config=self.ds_config)
+
+    def memory_report(self, device_bytes: int | None) -> str:
+        """The trainer's opening line on memory: the estimated peak and, where it exceeds ``device_bytes`` (a GPU's
+        total; None elsewhere), the micro-batch or setting to change."""
+        line = (f"estimated peak memory per rank: {self.memory_estimate().total / GiB:.2f} GiB "
+                "(eager PyTorch; the terms: tools/estimate_memory.py)")
+        warning = device_bytes and too_large(lambda b: self.memory_estimate(b).total, self.cfg.train.micro_batch, device_bytes)
+        return f"{line}\n{warning}" if warning else line
 
     def close(self) -> None:
         """Release the engine: its hooks, buffers and every reference it holds to a process group.

@@ -21,6 +21,14 @@ def non_negative(text: str) -> int:
     return value
 
 
+def gib(text: str) -> int:
+    """A size in GiB (a float, >= 0; nan and inf refused), as bytes."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a size in GiB >= 0, got {text}")
+    return int(value * 2**30)
+
+
 def engine_list(text: str) -> list[str]:
     """Comma-separated engine names, at least one."""
     engines = [e.strip() for e in text.split(",") if e.strip()]

@@ -3,6 +3,8 @@ the weights and DeepSpeed's buckets, at the moment of the step that holds the mo
 
     python tools/estimate_memory.py --model gpt2-xl --engine zero3 --world 8 --micro-batch 16 --seq-len 1024 \
         [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096] [--accumulation 4] [--ds-config F]
+    python tools/estimate_memory.py --model gpt2-xl --engine fsdp --activation-checkpointing --fit 79.6
+        # the largest power-of-two micro-batch predicted to fit a GPU of 79.6 GiB (nvidia-smi's memory.total / 1024)
 
 The formulas and their constants are in gpt2_scale/memory.py.
 """
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from gpt2_scale import memory
 from gpt2_scale.config import ENGINES, Config, EngineSection
-from gpt2_scale.tools.args import non_negative, positive
+from gpt2_scale.tools.args import gib, non_negative, positive
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt2-124m", help="a zoo name (gpt2-124m ... gpt2-xl, gpt3-*)")
     parser.add_argument("--engine", default="ddp", choices=ENGINES)
     parser.add_argument("--world", type=positive, default=1, help="data-parallel ranks (GPUs)")
-    parser.add_argument("--micro-batch", type=positive, default=16)
+    parser.add_argument("--micro-batch", type=positive, help="sequences per GPU per micro-step (default 16)")
     parser.add_argument("--seq-len", type=positive, default=1024)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--activation-checkpointing", action="store_true")
@@ -34,18 +36,46 @@ def main(argv: list[str] | None = None) -> int:
                         help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
     parser.add_argument("--accumulation", type=positive, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--ds-config", type=Path, help="the DeepSpeed JSON of a zero engine (default: the shipped one)")
+    parser.add_argument("--fit", type=gib, metavar="GIB",
+                        help="in place of --micro-batch: the largest power of two predicted to fit a GPU of GIB GiB")
+    parser.add_argument("--reserve", type=gib, default=memory.RESERVE, metavar="GIB",
+                        help="with --fit: GiB the estimate leaves out (CUDA context, DDP's buckets, fragmentation); default 2")
     args = parser.parse_args(argv)
+    if args.fit is not None and args.micro_batch is not None:
+        parser.error("give --micro-batch or --fit, not both")
     try:
         model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
         if args.seq_len > model.block_size:
             raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
-        print(memory.explain(model, args.engine, args.world, args.micro_batch, args.seq_len, bf16=args.dtype == "bf16",
-                             checkpointing=args.activation_checkpointing, offload=args.offload, loss_chunk=args.loss_chunk,
-                             accumulation=args.accumulation, ds_config=_ds_config(args)))
+        options = dict(bf16=args.dtype == "bf16", checkpointing=args.activation_checkpointing, offload=args.offload,
+                       loss_chunk=args.loss_chunk, accumulation=args.accumulation, ds_config=_ds_config(args))
+        micro_batch = args.micro_batch or 16
+        if args.fit is not None:
+            micro_batch = _fit(model, args, options)
+            if not micro_batch:
+                return 1
+        print(memory.explain(model, args.engine, args.world, micro_batch, args.seq_len, **options))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _fit(model: ModelConfig, args: argparse.Namespace, options: dict) -> int:
+    """Print the --fit line (parsed by tools/gpu_session.sh) and return its micro-batch, 0 if none fits."""
+    def peak(b: int) -> int:
+        return memory.estimate(model, args.engine, args.world, b, args.seq_len, **options).total
+
+    budget = args.fit - args.reserve
+    fits = memory.largest_micro_batch(peak, budget)
+    room = f"{args.fit / memory.GiB:.1f} GiB less {args.reserve / memory.GiB:.1f} GiB reserved"
+    if not fits:
+        print(f"no micro-batch fits: even 1 needs {peak(1) / memory.GiB:.2f} GiB of {room}; try --activation-checkpointing, "
+              "--loss-chunk 4096, --offload, or a larger --world with a sharding engine", file=sys.stderr)
+        return 0
+    print(f"micro-batch {fits}: the largest power of two predicted to fit {room} "
+          f"({peak(fits) / memory.GiB:.2f} GiB; {2 * fits} would need {peak(2 * fits) / memory.GiB:.2f} GiB)")
+    return fits
 
 
 def _ds_config(args: argparse.Namespace) -> dict | None:
