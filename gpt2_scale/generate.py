@@ -13,6 +13,7 @@ import torch
 from gpt2_scale.model import GPT, KVCache
 
 
+@torch.compiler.set_stance("force_eager")  # compiled blocks would recompile per layer and cache position, see below
 def generate(
     model: GPT,
     idx: torch.Tensor,
@@ -28,7 +29,8 @@ def generate(
     ``top_k``, all but the k most likely tokens are dropped before sampling with ``generator``.
     The model runs in eval mode under ``torch.no_grad()`` (not inference_mode: sharded engines such as
     ZeRO-3 keep the weights they gather, and inference tensors could not be used in a later backward);
-    its train/eval mode is restored.
+    its train/eval mode is restored. Blocks the trainer compiled run eagerly here: the cache's layer index and
+    position would make dynamo recompile them up to its recompile limit, minutes of GPU time for a few tokens.
     """
     if idx.dim() not in (1, 2) or idx.size(-1) < 1:
         raise ValueError(f"idx must be (T,) or (B, T) with T >= 1 token ids, got shape {tuple(idx.shape)}")

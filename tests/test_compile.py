@@ -114,3 +114,22 @@ def test_zero3_stays_eager_on_cuda_and_refuses_block_compile_there():
         check_compile(EngineSection(name="zero3", compile=True), cuda)
     with pytest.raises(ConfigError, match="--engine.compile=false"):  # every engine resolves its settings through it
         resolve("train", cuda, EngineSection(name="zero3", compile=True))
+
+
+def test_sampling_and_hellaswag_run_compiled_blocks_eagerly(tmp_path):
+    """The trainer samples and runs HellaSwag between steps with its compiled blocks. The KV cache's layer index
+    and position, and each HellaSwag batch's width, would recompile them up to dynamo's recompile limit (minutes
+    on a GPU, for seconds of work): both run eagerly, and nothing is compiled for them."""
+    from test_hellaswag import write_examples
+    from torch._dynamo.utils import counters
+
+    from gpt2_scale.eval.hellaswag import evaluate, load_examples
+    from gpt2_scale.generate import generate
+
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304))
+    for block in model.transformer.h:
+        block.compile()
+    counters.clear()
+    generate(model, torch.zeros(2, 3, dtype=torch.long), 4)
+    evaluate(model, load_examples(write_examples(tmp_path / "hellaswag.jsonl")), "cpu")
+    assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])

@@ -169,6 +169,7 @@ def _block_size(model: torch.nn.Module) -> int:
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # every batch has its own width: compiled blocks would recompile
 def evaluate(
     model: torch.nn.Module,
     examples: list[Example],
