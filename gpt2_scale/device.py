@@ -104,7 +104,7 @@ def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope |
     """What torch.compile covers for a training run: "block", "model", or None (eager).
 
     By default (engine.compile unset) compile is on for CUDA, except under ZeRO-3, which stays eager there:
-    its per-block compile trains wrong on CUDA (see ``check_compile``)."""
+    compiled, it trains wrong on CUDA (see ``check_compile``)."""
     default = device.type == "cuda" and engine.name != "zero3"
     on = engine.compile if engine.compile is not None else default
     return engine.compile_scope if on else None
@@ -113,17 +113,19 @@ def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope |
 def check_compile(engine: EngineSection, device: torch.device) -> None:
     """Refuse a combination measured to train wrong.
 
-    ZeRO-3 with per-block compile on CUDA (H200, torch 2.11, DeepSpeed 0.19.8, 2026-11-26): dynamo traces
-    DeepSpeed's parameter and pre-backward hooks inside each compiled block; the first loss is right and every
-    later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after 6 steps). The same
-    run on CPU matches DDP, so only a GPU shows it (docs/benchmarks.md)."""
-    if engine.name == "zero3" and device.type == "cuda" and compile_scope(engine, device) == "block":
+    ZeRO-3 with torch.compile on CUDA. Per-block compile (H200, torch 2.11, DeepSpeed 0.19.8, 2026-11-26): dynamo
+    traces DeepSpeed's parameter and pre-backward hooks inside each compiled block; the first loss is right and
+    every later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after 6 steps). The same
+    run on CPU matches DDP, so only a GPU shows it (docs/benchmarks.md). The whole-model compile (DeepSpeed's
+    ``engine.compile()``) traces the same hooks: on CPU it recompiles 46 times per rank in 8 steps, past dynamo's
+    limit; until a GPU shows it right, it is refused too."""
+    if engine.name == "zero3" and device.type == "cuda" and compile_scope(engine, device) is not None:
         from gpt2_scale.config import ConfigError
 
         raise ConfigError(
-            "engine zero3 with engine.compile_scope=block trains wrong on CUDA (DeepSpeed's ZeRO-3 hooks traced inside "
-            "the compiled blocks); leave engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), "
-            "or try --engine.compile_scope=model (DeepSpeed's engine.compile)"
+            f"engine zero3 with torch.compile (engine.compile_scope={engine.compile_scope}) on CUDA: DeepSpeed's ZeRO-3 "
+            "hooks get traced into the compiled code, and with compiled blocks it trained wrong on an H200; leave "
+            "engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), or use --engine fsdp, which compiles"
         )
 
 

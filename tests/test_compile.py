@@ -97,9 +97,10 @@ def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):
     assert "engine.compile_scope=block" in results.get("refused", "")
 
 
-def test_zero3_stays_eager_on_cuda_and_refuses_block_compile_there():
+def test_zero3_stays_eager_on_cuda_and_refuses_compile_there():
     """Measured on an H200: ZeRO-3 with compiled blocks trains wrong on CUDA (right on CPU, so this test pins the
-    rule rather than the failure): the default leaves ZeRO-3 eager on CUDA, an explicit block compile is refused."""
+    rule rather than the failure); the whole-model compile traces the same hooks. The default leaves ZeRO-3 eager
+    on CUDA; an explicit compile, of either scope, is refused."""
     from gpt2_scale.config import ConfigError, EngineSection
     from gpt2_scale.device import check_compile, compile_scope, resolve
 
@@ -109,9 +110,10 @@ def test_zero3_stays_eager_on_cuda_and_refuses_block_compile_there():
     assert compile_scope(EngineSection(name="zero3"), cuda) is None
     check_compile(EngineSection(name="zero3"), cuda)
     check_compile(EngineSection(name="zero3", compile=True), cpu)
-    check_compile(EngineSection(name="zero3", compile=True, compile_scope="model"), cuda)
-    with pytest.raises(ConfigError, match="--engine.compile=false"):
-        check_compile(EngineSection(name="zero3", compile=True), cuda)
+    check_compile(EngineSection(name="zero3", compile=True, compile_scope="model"), cpu)
+    for scope in ("block", "model"):
+        with pytest.raises(ConfigError, match=f"compile_scope={scope}.*--engine.compile=false"):
+            check_compile(EngineSection(name="zero3", compile=True, compile_scope=scope), cuda)
     with pytest.raises(ConfigError, match="--engine.compile=false"):  # every engine resolves its settings through it
         resolve("train", cuda, EngineSection(name="zero3", compile=True))
 
