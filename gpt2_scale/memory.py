@@ -234,9 +234,11 @@ def largest_micro_batch(peak: Callable[[int], int], budget: int, limit: int | No
     return fits
 
 
-def too_large(peak: Callable[[int], int], micro_batch: int, device_bytes: int, reserve: int = RESERVE) -> str | None:
+def too_large(peak: Callable[[int], int], micro_batch: int, device_bytes: int, compiled: bool = False,
+              reserve: int = RESERVE) -> str | None:
     """The trainer's warning when the estimate for ``micro_batch`` exceeds the device less ``reserve``: what to
-    change. A warning, not a refusal: the estimate is eager PyTorch's (compiled code holds less) and within ~10%."""
+    change. A warning, not a refusal: the estimate is within ~10% for eager PyTorch, and ``compiled`` code holds
+    less (GPT-2 124M at B=64 on an H200: 36.0 GiB measured against 59 GiB estimated)."""
     budget = device_bytes - reserve
     if peak(micro_batch) <= budget:
         return None
@@ -244,8 +246,10 @@ def too_large(peak: Callable[[int], int], micro_batch: int, device_bytes: int, r
     change = (f"--train.micro_batch={fits} (the largest power of two predicted to fit; accumulation keeps the batch)"
               if fits else "--engine.activation_checkpointing=true, --engine.loss_chunk=4096, --engine.offload=true "
               "or more ranks with a sharding engine")
+    expect = ("compiled code holds less than this eager estimate, so it may fit; if it runs out of memory"
+              if compiled else "expect an out-of-memory error")
     return (f"warning: the estimated peak, {peak(micro_batch) / GiB:.2f} GiB, exceeds this GPU's {device_bytes / GiB:.1f} GiB "
-            f"less {reserve / GiB:.0f} GiB reserved: expect an out-of-memory error; try {change}")
+            f"less {reserve / GiB:.0f} GiB reserved: {expect}; try {change}")
 
 
 # --- what a rank actually holds ---

@@ -334,7 +334,9 @@ def test_a_micro_batch_too_large_for_the_gpu_gets_a_warning_naming_one_that_fits
     fits = report("ddp", 64, peak / memory.GiB + 2.01, activation_checkpointing=True)
     assert fits == f"estimated peak memory per rank: {peak / memory.GiB:.2f} GiB (eager PyTorch; the terms: tools/estimate_memory.py)"
     over = report("ddp", 64, 79.6, activation_checkpointing=True).splitlines()
-    assert over[0] == fits and "exceeds this GPU's 79.6 GiB less 2 GiB reserved" in over[1]
+    assert over[0] == fits and "exceeds this GPU's 79.6 GiB less 2 GiB reserved: expect an out-of-memory error" in over[1]
+    compiled = report("ddp", 64, 79.6, activation_checkpointing=True, compile=True).splitlines()[1]
+    assert "compiled code holds less than this eager estimate, so it may fit" in compiled and "micro_batch=32 " in compiled
     smaller = memory.estimate(xl, "ddp", 1, 32, 1024, checkpointing=True, accumulation=2).total
     assert smaller < 77.6 * memory.GiB < memory.estimate(xl, "ddp", 1, 64, 1024, checkpointing=True, accumulation=1).total
     assert "--train.micro_batch=32 " in over[1]

@@ -125,7 +125,8 @@ class Engine(ABC):
         total; None elsewhere), the micro-batch or setting to change."""
         line = (f"estimated peak memory per rank: {self.memory_estimate().total / GiB:.2f} GiB "
                 "(eager PyTorch; the terms: tools/estimate_memory.py)")
-        warning = device_bytes and too_large(lambda b: self.memory_estimate(b).total, self.cfg.train.micro_batch, device_bytes)
+        warning = device_bytes and too_large(lambda b: self.memory_estimate(b).total, self.cfg.train.micro_batch, device_bytes,
+                                             compiled=self.runtime.compile is not None)
         return f"{line}\n{warning}" if warning else line
 
     def close(self) -> None:
