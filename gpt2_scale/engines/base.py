@@ -109,8 +109,8 @@ class Engine(ABC):
         )
 
     def memory_estimate(self, micro_batch: int | None = None) -> Estimate:
-        """tools/estimate_memory.py's prediction for this engine's settings (eager: compiled code holds less), or
-        for another micro-batch with the same total batch."""
+        """tools/estimate_memory.py's prediction for this engine's settings, compiled or not, or for another
+        micro-batch with the same total batch."""
         cfg, world = self.cfg, self.env.world_size
         micro_batch = micro_batch or cfg.train.micro_batch
         return estimate(
@@ -118,15 +118,14 @@ class Engine(ABC):
             micro_batch, cfg.train.seq_len, bf16=self.bf16, checkpointing=cfg.engine.activation_checkpointing,
             offload=cfg.engine.offload, loss_chunk=cfg.engine.loss_chunk,
             accumulation=max(1, cfg.train.total_batch_tokens // (micro_batch * cfg.train.seq_len * world)),
-            ds_config=self.ds_config)
+            ds_config=self.ds_config, compiled=self.runtime.compile is not None)
 
     def memory_report(self, device_bytes: int | None) -> str:
         """The trainer's opening line on memory: the estimated peak and, where it exceeds ``device_bytes`` (a GPU's
         total; None elsewhere), the micro-batch or setting to change."""
         line = (f"estimated peak memory per rank: {self.memory_estimate().total / GiB:.2f} GiB "
-                "(eager PyTorch; the terms: tools/estimate_memory.py)")
-        warning = device_bytes and too_large(lambda b: self.memory_estimate(b).total, self.cfg.train.micro_batch, device_bytes,
-                                             compiled=self.runtime.compile is not None)
+                "(the terms: tools/estimate_memory.py)")
+        warning = device_bytes and too_large(lambda b: self.memory_estimate(b).total, self.cfg.train.micro_batch, device_bytes)
         return f"{line}\n{warning}" if warning else line
 
     def close(self) -> None:

@@ -3,6 +3,7 @@ the weights and DeepSpeed's buckets, at the moment of the step that holds the mo
 
     python tools/estimate_memory.py --model gpt2-xl --engine zero3 --world 8 --micro-batch 16 --seq-len 1024 \
         [--activation-checkpointing] [--offload] [--dtype fp32] [--loss-chunk 4096] [--accumulation 4] [--ds-config F]
+        [--compile]
     python tools/estimate_memory.py --model gpt2-xl --engine fsdp --activation-checkpointing --fit 79.6
         # the largest power-of-two micro-batch predicted to fit a GPU of 79.6 GiB (nvidia-smi's memory.total / 1024)
 
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-pad-vocab", action="store_true", help="50257 rows instead of 50304")
     parser.add_argument("--loss-chunk", type=non_negative, default=0,
                         help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile on, as the trainer does on CUDA except under ZeRO-3: the loss fused")
     parser.add_argument("--accumulation", type=positive, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--ds-config", type=Path, help="the DeepSpeed JSON of a zero engine (default: the shipped one)")
     parser.add_argument("--fit", type=gib, metavar="GIB",
@@ -48,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.seq_len > model.block_size:
             raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
         options = dict(bf16=args.dtype == "bf16", checkpointing=args.activation_checkpointing, offload=args.offload,
-                       loss_chunk=args.loss_chunk, accumulation=args.accumulation, ds_config=_ds_config(args))
+                       loss_chunk=args.loss_chunk, accumulation=args.accumulation, ds_config=_ds_config(args),
+                       compiled=args.compile)
         micro_batch = args.micro_batch or 16
         if args.fit is not None:
             micro_batch = _fit(model, args, options)
