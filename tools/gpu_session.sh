@@ -158,6 +158,12 @@ second)
     boxed 200 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" \
         --profile "$OUT/profile" 2>&1 | tee "$OUT/speed.md"
     head -n 24 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/speed.md" || true
+    # ZeRO-2 without overlap_comm: at world 1 there is nothing to overlap, and with it DeepSpeed waits for the device
+    $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
+json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero2_no_overlap.json"
+    boxed 90 bench "${M124[@]}" --engines zero2 --micro-batch 64 --set engine.ds_config="$OUT/zero2_no_overlap.json" \
+        --json "$OUT/4-zero2-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
