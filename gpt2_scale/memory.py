@@ -185,8 +185,8 @@ def held_grad_bytes(num_params: int, engine: str, states: StateBytes, accumulati
 @dataclass(frozen=True)
 class Estimate:
     """What one rank holds at the moments one of which is a training step's peak, for one micro-batch per step
-    and the loss as eager or compiled code computes it: forward computing the loss, backward starting at the loss, backward's first
-    gradients reaching DeepSpeed's buckets, and the optimizer update."""
+    and the loss as eager or compiled code computes it: forward computing the loss, backward starting at the loss,
+    backward's first gradients reaching DeepSpeed's buckets, and the optimizer update."""
 
     states: StateBytes
     held_grads: int  # gradients alive through forward: DDP's bucket views, every engine's while accumulating
