@@ -91,7 +91,8 @@ def test_bench_reports_mfu_against_the_measured_matmul_and_memory_close_to_the_e
 
 def test_the_trainer_weighs_its_estimate_against_the_gpus_memory():
     """memory.device_bytes, what Engine.memory_report warns against (the report itself is tested on CPU)."""
-    assert memory.device_bytes(torch.device("cuda")) == torch.cuda.mem_get_info()[1]
+    free, total = torch.cuda.mem_get_info()
+    assert free <= memory.device_bytes(torch.device("cuda")) == pytest.approx(total, rel=0.02)
     assert memory.device_bytes(torch.device("cpu")) is None
 
 
