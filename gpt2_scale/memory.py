@@ -125,6 +125,11 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, mode: s
     return per_block * model.n_layer * BLOCK_BYTES[mode]
 
 
+def loss_constants(mode: str, compiled: bool) -> tuple[int, int]:
+    """Bytes per logit around the plain loss (in forward, at backward's start), eager or compiled."""
+    return COMPILED_LOSS_BYTES[mode] if compiled else (LOSS_FORWARD_BYTES[mode], LOSS_BACKWARD_BYTES)
+
+
 def loss_bytes(model: ModelConfig, micro_batch: int, seq_len: int, mode: str, loss_chunk: int = 0,
                compiled: bool = False) -> tuple[int, int]:
     """Bytes around the loss (while forward computes it, when backward starts): all B·T tokens' logits, or with
@@ -133,10 +138,8 @@ def loss_bytes(model: ModelConfig, micro_batch: int, seq_len: int, mode: str, lo
         chunk = min(loss_chunk, micro_batch * seq_len) * model.vocab_size * CHUNK_BYTES[mode] + model.vocab_size * model.n_embd * 4
         return chunk, chunk
     logits = micro_batch * seq_len * model.vocab_size
-    if compiled:
-        forward, backward = COMPILED_LOSS_BYTES[mode]
-        return logits * forward, logits * backward
-    return logits * LOSS_FORWARD_BYTES[mode], logits * LOSS_BACKWARD_BYTES
+    forward, backward = loss_constants(mode, compiled)
+    return logits * forward, logits * backward
 
 
 def weight_copy_bytes(model: ModelConfig, engine: str, mode: str, checkpointing: bool,
@@ -246,14 +249,14 @@ def largest_micro_batch(peak: Callable[[int], int], budget: int, limit: int | No
 def too_large(peak: Callable[[int], int], micro_batch: int, device_bytes: int, reserve: int = RESERVE) -> str | None:
     """The trainer's warning when the estimate for ``micro_batch`` exceeds the device less ``reserve``: what to
     change. A warning, not a refusal: the estimate is within ~10%, not exact."""
-    budget = device_bytes - reserve
-    if peak(micro_batch) <= budget:
+    budget, need = device_bytes - reserve, peak(micro_batch)
+    if need <= budget:
         return None
     fits = largest_micro_batch(peak, budget, limit=micro_batch)
     change = (f"--train.micro_batch={fits} (the largest power of two predicted to fit; accumulation keeps the batch)"
               if fits else "--engine.activation_checkpointing=true, --engine.loss_chunk=4096, --engine.offload=true "
               "or more ranks with a sharding engine")
-    return (f"warning: the estimated peak, {peak(micro_batch) / GiB:.2f} GiB, exceeds this GPU's {device_bytes / GiB:.1f} GiB "
+    return (f"warning: the estimated peak, {need / GiB:.2f} GiB, exceeds this GPU's {device_bytes / GiB:.1f} GiB "
             f"less {reserve / GiB:.0f} GiB reserved: expect an out-of-memory error; try {change}")
 
 
@@ -348,7 +351,7 @@ def explain(model: ModelConfig, engine: str, world: int, micro_batch: int, seq_l
     if loss_chunk:
         loss = (f"c·V·{CHUNK_BYTES[mode]} + V·d·4", "one chunk's logits + fp32 weight-gradient accumulator")
     else:
-        forward, backward = COMPILED_LOSS_BYTES[mode] if compiled else (LOSS_FORWARD_BYTES[mode], LOSS_BACKWARD_BYTES)
+        forward, backward = loss_constants(mode, compiled)
         loss = (f"B·T·V·{forward} / {backward}", "in forward / at backward's start" + (", fused by compile" if compiled else ""))
     g = lambda n: f"{n / GiB:8.2f} GiB"  # noqa: E731
     s = est.states
