@@ -23,6 +23,8 @@ EngineName = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
 ENGINES: tuple[str, ...] = typing.get_args(EngineName)
 # torch.compile's modes; None is its default. "reduce-overhead" adds CUDA graphs.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# scaled_dot_product_attention's kernels (gpt2_scale/model.py); "auto" is PyTorch's own choice.
+AttentionKernel = Literal["auto", "flash", "cudnn", "efficient", "math"]
 
 
 def short(*flags: str):
@@ -77,6 +79,7 @@ class EngineSection:
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute
     loss_chunk: int = 0  # tokens per chunk of the fused lm_head + cross-entropy; 0 = full logits, the walk-through's way
+    attention: AttentionKernel = "auto"  # attention's kernel: auto = PyTorch's (FlashAttention on CUDA); else that one only (cudnn, efficient: CUDA)
     ds_config: str | None = None  # DeepSpeed JSON; default gpt2_scale/ds_configs/zero{1,2,3}[_offload].json
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
 

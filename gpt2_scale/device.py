@@ -64,6 +64,7 @@ def resolve(purpose: Purpose, device: str | torch.device = "auto", engine: Engin
 
         engine = EngineSection()
     check_compile(engine, device)
+    check_attention(engine, device)
     bf16 = engine.dtype == "bf16" or (engine.dtype == "auto" and device.type == "cuda")
     return Runtime(device, torch.bfloat16 if bf16 else torch.float32, compile_scope(engine, device))
 
@@ -127,6 +128,15 @@ def check_compile(engine: EngineSection, device: torch.device) -> None:
             "hooks get traced into the compiled code, and with compiled blocks it trained wrong on an H200; leave "
             "engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), or use --engine fsdp, which compiles"
         )
+
+
+def check_attention(engine: EngineSection, device: torch.device) -> None:
+    """Refuse an attention kernel this device does not have (PyTorch's CPU has FlashAttention's algorithm and the
+    math one), before a run starts rather than at its first step."""
+    if engine.attention in ("cudnn", "efficient") and device.type != "cuda":
+        from gpt2_scale.config import ConfigError
+
+        raise ConfigError(f"engine.attention={engine.attention} needs a CUDA GPU; on {device.type} use auto, flash or math")
 
 
 def compile_options(engine: EngineSection) -> dict:

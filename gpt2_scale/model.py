@@ -8,15 +8,29 @@ engine sets in one place (``engines.base.prepare_model``) before it wraps the mo
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from gpt2_scale.loss import ChunkFn, LossFn, chunk_loss, cross_entropy, linear_cross_entropy
 from gpt2_scale.zoo import ModelConfig
+
+# Options.attention: the one kernel scaled_dot_product_attention may use; "auto" lets PyTorch choose.
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """Restrict scaled_dot_product_attention to the kernel ``name`` ("auto": no restriction).
+
+    Entered inside forward, so that under torch.compile the choice is part of the traced graph. Around a compiled
+    call it would not be: the compile caches, keyed on the graph, then serve whichever kernel was traced first."""
+    return contextlib.nullcontext() if name == "auto" else sdpa_kernel(SDPA_KERNELS[name])
 
 
 class KVCache:
@@ -38,7 +52,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.c_proj.residual_scale = True  # init std scaled by 1/sqrt(2 * n_layer)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, kernel: str = "auto") -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -52,7 +66,8 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer][:, :, cache.pos : end] = k
             cache.v[layer][:, :, cache.pos : end] = v
             k, v = cache.k[layer][:, :, :end], cache.v[layer][:, :, :end]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        with attention_kernel(kernel if mask is None else "auto"):  # a masked (cached) step: not every kernel takes a mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -75,8 +90,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, kernel: str = "auto") -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, kernel)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -109,6 +124,7 @@ class Options:
 
     activation_checkpointing: bool = False  # recompute each block in backward: memory for compute
     loss_chunk: int = 0  # > 0: with targets, the fused chunked lm_head + cross-entropy (no logits returned)
+    attention: str = "auto"  # attention's kernel, a key of SDPA_KERNELS, or "auto" (PyTorch's choice)
     cross_entropy: LossFn = cross_entropy  # the loss of the full logits; block-scope compile gives a compiled copy
     chunk_loss: ChunkFn = chunk_loss  # the fused loss's per-chunk softmax and gradient; likewise
 
@@ -156,9 +172,9 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for i, block in enumerate(self.transformer.h):
             if options.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, None, i, options.attention, use_reentrant=False)
             else:
-                x = block(x, cache, i)
+                x = block(x, cache, i, options.attention)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)

@@ -56,6 +56,7 @@ def auto_resume_dir(cfg: Config) -> str | None:
 AUTO_RESUME_MAY_CHANGE = (
     "train.max_steps", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
     "engine.compile_mode", "engine.activation_checkpointing", "engine.loss_chunk",
+    "engine.attention",
 )  # fmt: skip
 
 

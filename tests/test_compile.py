@@ -135,3 +135,77 @@ def test_sampling_and_hellaswag_run_compiled_blocks_eagerly(tmp_path):
     generate(model, torch.zeros(2, 3, dtype=torch.long), 4)
     evaluate(model, load_examples(write_examples(tmp_path / "hellaswag.jsonl")), "cpu")
     assert counters["stats"]["unique_graphs"] == 0, dict(counters["stats"])
+
+
+def _attention_ops(model: GPT, idx: torch.Tensor) -> tuple[set[str], float]:
+    """The attention ops a training forward and backward ran (``aten::`` names), and its loss."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        _, loss = model(idx, idx)
+        loss.backward()
+    return {e.key for e in prof.key_averages() if "attention_" in e.key}, loss.item()
+
+
+def test_the_attention_kernel_is_the_one_asked_for():
+    """engine.attention restricts scaled_dot_product_attention to one kernel, in forward and in checkpointing's
+    recompute, and is refused before a run where the device lacks it. On CPU PyTorch has the flash and math ones."""
+    from gpt2_scale.config import ConfigError, EngineSection
+    from gpt2_scale.device import resolve
+    from gpt2_scale.model import Options
+
+    flash = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+    idx = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for kernel, checkpointing in [("auto", False), ("flash", True), ("math", False), ("math", True)]:
+        torch.manual_seed(0)
+        ops, losses[kernel, checkpointing] = _attention_ops(GPT(SMALL, Options(checkpointing, attention=kernel)), idx)
+        assert ops == ({"aten::_scaled_dot_product_attention_math"} if kernel == "math" else flash), (kernel, checkpointing, ops)
+    assert max(losses.values()) - min(losses.values()) < 1e-5, losses
+    for kernel in ("cudnn", "efficient"):  # CUDA's kernels
+        with pytest.raises(ConfigError, match=f"engine.attention={kernel} needs a CUDA GPU"):
+            resolve("train", "cpu", EngineSection(attention=kernel))
+
+
+def test_the_attention_kernel_is_traced_into_compiled_blocks():
+    """The restriction is entered inside the blocks' forward, so it is part of the graph dynamo captures. Around a
+    compiled call it would not be, and the compile caches, keyed on the graph, would serve whichever kernel was
+    traced first, here or in an earlier process: on CPU, math after flash or auto after math (seen with Inductor's
+    caches), and a benchmark row would time the wrong kernel."""
+    from gpt2_scale.config import EngineSection
+    from gpt2_scale.device import resolve
+    from gpt2_scale.engines.base import prepare_model
+
+    graphs: list[str] = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    for kernel in ("math", "auto"):
+        torch._dynamo.reset()
+        graphs.clear()
+        model = GPT(SMALL)
+        engine = EngineSection(dtype="fp32", compile=False, attention=kernel)
+        prepare_model(model, engine, resolve("train", "cpu", engine))
+        for block in model.transformer.h:
+            block.compile(backend=capture)
+        model(torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long))[1].backward()
+        restricted = [g for g in graphs if "_sdpa_kernel" in g and "'MATH'" in g]
+        assert len(restricted) == (len(graphs) if kernel == "math" else 0) and graphs, (kernel, graphs)
+
+
+def test_a_cached_generation_step_leaves_the_kernel_to_pytorch():
+    """A KV-cache step attends through a mask, which not every kernel takes: only the prompt's causal pass
+    uses the kernel asked for."""
+    from torch.profiler import profile
+
+    from gpt2_scale.generate import generate
+    from gpt2_scale.model import Options
+
+    model = GPT(SMALL, Options(attention="math"))
+    with profile() as prof:
+        generate(model, torch.zeros(2, 3, dtype=torch.long), 4)
+    counts = {e.key: e.count for e in prof.key_averages()}
+    assert counts.get("aten::_scaled_dot_product_attention_math") == SMALL.n_layer  # the prompt
+    assert counts.get("aten::_scaled_dot_product_flash_attention_for_cpu") == 3 * SMALL.n_layer  # 3 cached steps

@@ -106,18 +106,42 @@ def test_training_writes_mfu_and_peak_memory_to_the_metrics(tmp_path):
     assert last.get("mfu", 0) > 0 and last["peak_mem_gb"] > 0, last
 
 
-def test_attention_runs_on_the_flash_kernel():
-    """SDPA picks FlashAttention for our shapes in bf16: forcing that backend alone must work, forward and backward."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+@pytest.mark.parametrize("kernel", ["flash", "cudnn", "efficient"])
+def test_each_attention_kernel_trains_compiled_in_bf16(kernel):
+    """engine.attention on our shapes (head dim 64, as every GPT-2 size; T=1024), bf16, blocks compiled as the
+    trainer compiles them: the kernel asked for runs in forward and backward, and the loss is auto's."""
+    from torch.profiler import profile
 
+    from gpt2_scale.config import EngineSection
+    from gpt2_scale.device import resolve
+    from gpt2_scale.engines.base import prepare_model
     from gpt2_scale.model import GPT
 
-    model = GPT(ModelConfig.from_name("gpt2-tiny", pad_vocab=True)).cuda()
-    idx = torch.randint(0, 50257, (4, 256), device="cuda")
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), torch.autocast("cuda", torch.bfloat16):
-        _, loss = model(idx, idx)
-        loss.backward()
-    assert math.isfinite(loss.item())
+    config = ModelConfig(n_layer=2, n_head=4, n_embd=256, block_size=1024, vocab_size=50304)
+    idx = torch.randint(0, 50257, (4, 1024), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    ops, losses = {}, {}
+    for name in ("auto", kernel):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = GPT(config).cuda()
+        engine = EngineSection(attention=name)
+        runtime = resolve("train", torch.device("cuda"), engine)
+        assert runtime.compile == "block" and runtime.bf16
+        prepare_model(model, engine, runtime)
+        def step(model=model, runtime=runtime):
+            with runtime.autocast():
+                _, loss = model(idx, idx)
+            loss.backward()
+            return loss
+
+        step()  # compiles
+        with profile() as prof:
+            loss = step()
+        ops[name] = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+        losses[name] = loss.item()
+    own = {"flash": "flash_attention", "cudnn": "cudnn_attention", "efficient": "efficient_attention"}[kernel]
+    assert ops[kernel] == {f"aten::_scaled_dot_product_{own}", f"aten::_scaled_dot_product_{own}_backward"}, ops
+    assert losses[kernel] == pytest.approx(losses["auto"], rel=1e-2), losses
 
 
 def _step_without_host_sync(rank: int, name: str, port: int) -> None:

@@ -4,7 +4,7 @@
 #   bash tools/gpu_session.sh wheels     # on a machine with pip access: wheels the GPU machine may lack, into .whl/
 #   bash tools/gpu_session.sh check      # on the GPU: tests/test_cuda.py (bf16, compile, fused AdamW/FusedAdam, NCCL)
 #   bash tools/gpu_session.sh speed      # on the GPU: GPT-2 124M ours vs the walk-through's loop, compile scope, micro-batch, loss chunk
-#   bash tools/gpu_session.sh levers     # on the GPU: CUDA graphs (reduce-overhead), the other engines at B=64
+#   bash tools/gpu_session.sh levers     # on the GPU, one call: stage 4, every lever of GPT-2 124M one at a time from ddp B=64, profiled
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs the walk-through's loop, then every engine at world 1
@@ -110,10 +110,13 @@ speed)
         --json "$OUT/3-batch-chunk.json" | tee -a "$OUT/speed.md"
     ;;
 levers)
-    # CUDA graphs, and every engine at B=64 on one GPU (the sharding engines' overhead with nothing to shard over).
-    bench "${M124[@]}" --engines ddp --micro-batch 64 --vary engine.compile_mode=reduce-overhead \
-        --json "$OUT/2-modes.json" | tee "$OUT/levers.md"
-    bench "${M124[@]}" --engines fsdp,zero1,zero3 --micro-batch 64 --json "$OUT/4-engines.json" | tee -a "$OUT/levers.md"
+    # Stage 4 of issue 15: from ours (ddp, B=64, compiled blocks) one lever at a time, each row profiled (where its
+    # time goes), the walk-through's loop last for the ratio in this call. Predictions: docs/benchmarks.md.
+    header
+    boxed 420 bench "${M124[@]}" --engines ddp --micro-batch 64 --vary engine.attention=cudnn,efficient \
+        --vary engine.compile_scope=model --vary engine.compile_mode=reduce-overhead --vary engine.loss_chunk=8192 \
+        --vary train.micro_batch=32 --compare-walkthrough --profile "$OUT/profile" --json "$OUT/8-levers.json" 2>&1 | tee "$OUT/levers.md"
+    head -n 12 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/levers.md" || true
     ;;
 autotune)
     bench "${M124[@]}" --engines ddp --micro-batch 64 --vary engine.compile_mode=max-autotune-no-cudagraphs \
@@ -164,6 +167,9 @@ ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text()); ds["zero_optimizati
 json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero2_no_overlap.json"
     boxed 90 bench "${M124[@]}" --engines zero2 --micro-batch 64 --set engine.ds_config="$OUT/zero2_no_overlap.json" \
         --json "$OUT/4-zero2-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
+    # stage 4's first lever, if time is left: cuDNN's attention kernel against ddp's (FlashAttention) above
+    boxed 90 bench "${M124[@]}" --engines ddp --micro-batch 64 --set engine.attention=cudnn --profile "$OUT/profile" \
+        --json "$OUT/8-attention-cudnn.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'

@@ -25,7 +25,7 @@ from gpt2_scale.zoo import ModelConfig
 def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_model: bool = True) -> None:
     """Apply the run's engine settings to the model, in place, before any engine wraps it: the one place that does.
 
-    The model's ``Options`` (activation checkpointing, the fused loss's chunk, compiled loss functions), then
+    The model's ``Options`` (activation checkpointing, the fused loss's chunk, attention's kernel, compiled loss functions), then
     torch.compile, as torchtitan's ``parallelize`` applies activation checkpointing and compile before FSDP.
     Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and state-dict names
     those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it. Scope "block" compiles each
@@ -33,7 +33,7 @@ def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_m
     and the fused loss's per-chunk softmax); scope "model" the whole GPT, unless ``compile_model`` is False because
     the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
     """
-    options = Options(activation_checkpointing=engine.activation_checkpointing, loss_chunk=engine.loss_chunk)
+    options = Options(activation_checkpointing=engine.activation_checkpointing, loss_chunk=engine.loss_chunk, attention=engine.attention)
     compile_kwargs = compile_options(engine)
     if runtime.compile == "block":
         for block in model.transformer.h:
