@@ -102,6 +102,8 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path / 'meta.json'} ({e}); resume from another checkpoint of the run") from e
     if missing:
         raise CheckpointError(f"{path / 'meta.json'} lacks {', '.join(missing)}: it is damaged; resume from another checkpoint")
+    if not isinstance(meta.get("config", {}), dict) or type(meta["step"]) is not int or meta["step"] < 1:
+        raise CheckpointError(f"{path / 'meta.json'} holds a bad step or config: it is damaged; resume from another checkpoint")
     return meta
 
 

@@ -8,6 +8,7 @@ choices, checked the same way for the command line, YAML and ``set_value``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -231,17 +232,39 @@ def validate(cfg: Config) -> None:
         "log.log_every": cfg.log.log_every,
         "log.val_tokens": cfg.log.val_tokens,
     }
+    optim, log = cfg.optim, cfg.log
+    positive |= {"optim.eps": optim.eps, "optim.decay_steps": optim.decay_steps or 1}
+    if log.sample_every:  # what sampling needs, checked before a run writes rather than at its first sample
+        positive |= {"log.num_samples": log.num_samples, "log.sample_tokens": log.sample_tokens}
+        if not log.sample_prompt:
+            raise ConfigError("log.sample_prompt is empty; give a prompt, or turn sampling off with --log.sample_every=0")
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be > 0, got {value}")
-    for key in ("engine.loss_chunk", "optim.warmup_steps", "log.val_every", "log.sample_every", "log.hellaswag_every", "checkpoint.every"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ConfigError(f"{key} must be >= 0")
-    if not 0 <= cfg.optim.min_lr_ratio <= 1:
+        if not value > 0 or value == math.inf:  # NaN fails every comparison
+            raise ConfigError(f"{key} must be > 0 and finite, got {value}")
+    non_negative = {key: _get(cfg, key) for key in ("engine.loss_chunk", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
+                                                    "train.seed", "data.seed", "log.val_every", "log.sample_every",
+                                                    "log.hellaswag_every", "checkpoint.every")}
+    for key, value in non_negative.items():
+        if not value >= 0 or value == math.inf:
+            raise ConfigError(f"{key} must be >= 0 and finite, got {value}")
+    for key in ("optim.beta1", "optim.beta2"):
+        if not 0 <= _get(cfg, key) < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    if not 0 <= optim.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+    if cfg.engine.offload and cfg.engine.name == "ddp":
+        raise ConfigError("engine.offload: ddp keeps its optimizer state on the device; use --engine zero1/zero2/zero3 or fsdp with it")
+    for key in ("log.run_dir", "checkpoint.resume"):
+        if _get(cfg, key) == "":
+            raise ConfigError(f"{key} is an empty string (an unset shell variable?); give a directory" +
+                              (", or leave --resume out to start a run" if key == "checkpoint.resume" else ""))
     if cfg.checkpoint.keep < 1:
         raise ConfigError("checkpoint.keep must be >= 1")
+
+
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

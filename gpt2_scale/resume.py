@@ -4,6 +4,7 @@ that died logged for steps the next one trains again."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from gpt2_scale import checkpoint
@@ -21,6 +22,7 @@ def check_run_dir(cfg: Config) -> Path:
     of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
     aside first (set_aside_lost_attempt)."""
     run_dir = Path(cfg.log.run_dir)
+    check_writable(run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not cfg.checkpoint.resume:
         if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:
@@ -28,6 +30,15 @@ def check_run_dir(cfg: Config) -> Path:
         what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
     return run_dir
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory, and the checkpoints in it, can be written: found before a run trains, not at its first save."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} is a file, not a directory; pass another --run-dir")
+    existing = next(p for p in (run_dir / "checkpoints", run_dir, *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write in {existing} (for run directory {run_dir}); fix its permissions or pass another --run-dir")
 
 
 def find_checkpoint(cfg: Config, world_size: int) -> Path | None:

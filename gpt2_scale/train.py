@@ -260,6 +260,9 @@ def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
         progress.step_done(step, loss, norm, lr, last)
         stopping = stop.any_rank()  # every rank asks every step, so all leave after the same one
         if stopping or last or (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0):
+            for what, value in (("loss", loss), ("gradient norm", norm)):  # never save what a non-finite step updated
+                if not math.isfinite(float(value)):
+                    raise non_finite(run, step, what, float(value))
             save(run, step + 1, log)
         if stopping:
             again = "run the same command again" if cfg.checkpoint.auto_resume else f"continue with --resume {run.dir}"
@@ -394,12 +397,7 @@ class Progress:
             return
         loss = loss_t.item()  # the host waits for the device only on log steps
         if not math.isfinite(loss):
-            kept = checkpoint.latest(run.dir)
-            raise TrainingError(
-                f"non-finite loss ({loss}) at step {step}; stopped without saving. "
-                + (f"The last good checkpoint is {kept}: resume with --resume {run.dir} and a lower --lr."
-                   if kept else "No checkpoint was written yet.")
-            )
+            raise non_finite(run, step, "loss", loss)
         dt = (time.time() - self.window_start) / self.window_steps
         self.restart()
         self.avg_dt = dt if self.avg_dt is None or step == run.start_step + 1 else 0.9 * self.avg_dt + 0.1 * dt
@@ -421,6 +419,16 @@ class Progress:
         if self.run.env.is_main and finished:
             write_atomic(self.run.dir / "summary.json", json.dumps(summary, indent=2))
         return summary
+
+
+def non_finite(run: Run, step: int, what: str, value: float) -> TrainingError:
+    """The error that stops a run at a non-finite loss or gradient norm, naming the checkpoint to go back to."""
+    kept = checkpoint.latest(run.dir)
+    return TrainingError(
+        f"non-finite {what} ({value}) at step {step}; stopped without saving. "
+        + (f"The last good checkpoint is {kept}: resume with --resume {run.dir} and a lower --lr."
+           if kept else "No checkpoint was written yet.")
+    )
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -452,3 +460,6 @@ def restore(run: Run) -> None:
         run.start_step, run.tokens = int(state["step"]), int(state["tokens"])
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e
+    if run.start_step != checkpoint.read_meta(path)["step"]:  # the two files of one save disagree
+        raise checkpoint.CheckpointError(f"cannot resume from {path}: its {checkpoint.TRAINER_FILE} says step {run.start_step} and "
+                                         "its meta.json another; the checkpoint is damaged, resume from an earlier one")

@@ -3,6 +3,7 @@ name, by every program that loads a checkpoint, and writes are durable (fsync be
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -134,6 +135,20 @@ def test_a_damaged_trainer_state_is_named_and_nothing_is_rewritten(runs, tmp_pat
     line = one_error_line(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "3"], launcher="python"))
     assert str(state) in line
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("file,edit", [("trainer.json", {"step": -3}), ("trainer.json", {"step": 0}), ("meta.json", {"config": "x"}),
+                                       ("meta.json", {"step": "2"})])
+def test_a_checkpoint_whose_step_or_config_is_damaged_is_refused_and_nothing_is_rewritten(runs, tmp_path, file, edit):
+    """A step that trainer.json and meta.json do not agree on, or a config that is not one: the run would otherwise
+    set aside its metrics and train over its own checkpoints."""
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    path = newest(run_dir) / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    line = one_error_line(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "3"], launcher="python"))
+    assert "damaged" in line and str(newest(run_dir)) in line, line
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 # What a checkpoint of today's engines holds, rewritten in the layout main wrote before (engines/legacy.py): DDP's

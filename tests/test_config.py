@@ -53,7 +53,22 @@ def test_bad_flags_exit_2_naming_the_fix(argv, match, capsys):
     "argv,match",
     [
         (["--model", "gpt9"], "valid names"),
-        (["--train.micro_batch=0"], "must be > 0"),
+        (["--train.micro_batch=0"], "must be > 0 and finite"),
+        (["--lr", "nan"], "optim.lr must be > 0 and finite, got nan"),
+        (["--lr", "inf"], "optim.lr must be > 0 and finite, got inf"),
+        (["--optim.eps=0"], "optim.eps must be"),
+        (["--optim.decay_steps=-5"], "optim.decay_steps must be"),
+        (["--optim.grad_clip=-1"], "optim.grad_clip must be >= 0 and finite"),  # would flip every gradient
+        (["--optim.weight_decay=nan"], "optim.weight_decay must be"),
+        (["--optim.beta1=1.5"], r"optim.beta1 must be in \[0, 1\)"),
+        (["--optim.beta2=nan"], "optim.beta2 must be in"),
+        (["--seed", "-1"], "train.seed must be"),
+        (["--data.seed=-1"], "data.seed must be"),
+        (["--log.num_samples=0"], "log.num_samples must be"),
+        (["--log.sample_prompt="], "sample_prompt is empty.*--log.sample_every=0"),
+        (["--engine.offload=true"], "ddp keeps its optimizer state on the device"),
+        (["--run-dir="], "log.run_dir is an empty string"),
+        (["--resume="], "checkpoint.resume is an empty string.*leave --resume out"),
         (["--config", "/does/not/exist.yaml"], "does not exist"),
         (["--config"], "--config needs a value"),
     ],
@@ -248,6 +263,15 @@ def test_auto_resume_without_a_checkpoint_starts_the_run_again_there(tmp_path):
     (run_dir / "summary.json").write_text("{}")  # a finished run whose checkpoints are gone is not restarted over
     with pytest.raises(ConfigError, match="already holds a run .*summary.json"):
         check_run_dir(cfg)
+
+
+def test_a_run_directory_that_cannot_be_written_is_refused_before_training(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "file")]))
+    with pytest.raises(ConfigError, match=f"cannot write in {tmp_path / 'file'}"):
+        check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "file" / "run")]))
+    assert check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "new" / "run")])) == tmp_path / "new" / "run"
 
 
 def test_without_auto_resume_a_run_directory_is_refused_as_before(tmp_path):

@@ -143,9 +143,12 @@ def test_a_longer_resume_keeps_the_schedule_the_run_started_with(corpus, tmp_pat
     assert metrics(tmp_path / "part") == metrics(tmp_path / "full")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+@pytest.mark.parametrize("log_every", [1, 1000])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, log_every):
+    """Checked on log steps, and before every checkpoint: one is never written from a step that went non-finite."""
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "5",
-                   "--optim.warmup_steps=0", "--lr", "1e30", "--checkpoint.every=1", "--run-dir", str(tmp_path)]
+                   "--optim.warmup_steps=0", "--lr", "1e30", "--checkpoint.every=1", "--run-dir", str(tmp_path),
+                   f"--log.log_every={log_every}"]
     proc = run("recipes/tiny.py", args, launcher="python")
     assert proc.returncode == 1
     assert "non-finite loss" in proc.stderr and "at step 1" in proc.stderr and "step_00000001" in proc.stderr
