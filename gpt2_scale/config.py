@@ -208,8 +208,11 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"config file {path} does not exist")
     try:
         return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{at}: {what}") from e
 
 
 def validate(cfg: Config) -> None:

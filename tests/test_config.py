@@ -296,3 +296,12 @@ def test_auto_resume_with_a_broken_latest_pointer_is_one_error(tmp_path):
 
 def test_what_a_restart_may_change_leaves_what_the_checkpoint_depends_on():
     assert not [key for key in checkpoint.RESUME_KEYS if key in AUTO_RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in AUTO_RESUME_MAY_CHANGE]
+
+
+@pytest.mark.parametrize("content", [b"train:\n  max_steps: [1\n", b"\xac\xed\x00\x05 not text"])
+def test_a_config_file_that_is_not_yaml_is_one_line_naming_it(tmp_path, content):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=f"config file {path} is not valid YAML") as e:
+        parse_args(Config(), ["--config", str(path)])
+    assert "\n" not in str(e.value)
