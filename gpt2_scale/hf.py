@@ -311,9 +311,11 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
         raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
         raise HFCheckpointError(
-            f"{out} is a non-empty directory that is not an export of this package; "
+            f"{out} is a non-empty directory that is not an export of this package (or holds other files too); "
             f"choose another directory or pass {how} to replace it"
         )
+    if out.is_dir() and (run := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
+        raise HFCheckpointError(f"{out} holds a training run ({run}); an export never replaces one: choose another directory")
     return out
 
 
@@ -380,6 +382,9 @@ def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
 
 
 def _is_export(path: Path) -> bool:
+    """An export of this package, and nothing else: replacing it loses no file that export_hf did not write."""
+    if {p.name for p in path.iterdir()} - {CONFIG_FILE, SAFETENSORS_FILE}:
+        return False
     try:
         config = json.loads((path / CONFIG_FILE).read_bytes())
     except (OSError, ValueError):

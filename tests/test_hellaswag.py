@@ -108,6 +108,18 @@ def test_download_without_network_names_data_flag(tmp_path):
     assert not (tmp_path / "hellaswag_val.jsonl").exists()
 
 
+def test_a_download_that_is_not_hellaswag_is_not_cached(tmp_path):
+    """A wrong URL (an error page, another file) is refused and leaves the cache empty, so the right URL works after."""
+    bad, good, cache = tmp_path / "bad.jsonl", tmp_path / "good.jsonl", tmp_path / "cache"
+    bad.write_text("<html>not found</html>\n")
+    write_examples(good)
+    with pytest.raises(HellaSwagError, match=f"file://{bad} is not HellaSwag's validation file.*not JSON.*nothing was cached"):
+        hellaswag.download(cache, url=f"file://{bad}")
+    assert list(cache.iterdir()) == []
+    assert hellaswag.download(cache, url=f"file://{good}").read_bytes() == good.read_bytes()
+    assert [p.name for p in cache.iterdir()] == ["hellaswag_val.jsonl"]
+
+
 def test_none_reads_the_cached_download(tmp_path, monkeypatch):
     monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path))
     hellaswag.cache_dir().mkdir(parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -185,6 +186,25 @@ def test_export_refuses_foreign_non_empty_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     (tmp_path / "empty").mkdir()
     export_hf(model, tmp_path / "empty")  # an empty directory is fine
+
+
+def test_export_never_loses_a_file_it_did_not_write_nor_a_run(tmp_path):
+    """An earlier export with a file added is not replaced without overwrite=True; a directory holding a training
+    run (the run being exported, or a parent of it) never is."""
+    model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
+    out = tmp_path / "export"
+    export_hf(model, out)
+    (out / "tokenizer.json").write_text("mine")
+    with pytest.raises(HFCheckpointError, match="holds other files"):
+        export_hf(model, out)
+    assert (out / "tokenizer.json").read_text() == "mine"
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").write_text("{}\n")
+    for target in (run, tmp_path / "runs"):
+        with pytest.raises(HFCheckpointError, match=f"holds a training run \\({re.escape(str(run))}\\)"):
+            export_hf(model, target, overwrite=True)
+    assert (run / "metrics.jsonl").read_text() == "{}\n"
 
 
 def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -57,13 +57,20 @@ def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> 
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)  # writes a temp file, then renames
+        torch.hub.download_url_to_file(url, str(partial), progress=True)
+        load_examples(partial)  # only a file of HellaSwag examples enters the cache, where every later run reads it
+        os.replace(partial, path)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
         raise HellaSwagError(
             f"could not download HellaSwag from {url} ({e}). Without network, copy hellaswag_val.jsonl "
             f"from a machine that has it and pass its path with --data PATH (or load_examples(PATH))."
         ) from None
+    except HellaSwagError as e:
+        raise HellaSwagError(f"{url} is not HellaSwag's validation file ({e}); nothing was cached: check the URL") from None
+    finally:
+        partial.unlink(missing_ok=True)
     return path
 
 
