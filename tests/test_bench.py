@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from launch import env
 
 from gpt2_scale import bench, memory
@@ -114,7 +115,12 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     (["--set", "compile"], "expected SECTION.KEY=VALUE"),
     (["--set", "engine.name=fsdp"], "engine.name is set by the bench; use --engines"),
     (["--model", "gpt2-tiny", "--seq-len", "16", "--vary", "train.micro_batch=0"], "row 'ddp micro_batch=0': train.micro_batch must be > 0"),
-])
+    (["--json", "/nonexistent/b.json"], "--json /nonexistent/b.json: not a file in an existing directory"),
+    (["--json", "/tmp"], "--json /tmp: not a file in an existing directory"),
+    (["--profile", __file__], "is a file; name a directory"),
+    (["--peak-tflops", "nan"], "error: argument --peak-tflops: must be a finite number > 0, got nan"),
+    (["--peak-tflops", "0"], "must be a finite number > 0"),
+] + ([(["--device", "cuda"], "no CUDA GPU is visible here")] if not torch.cuda.is_available() else []))
 def test_bad_input_is_an_error_with_exit_2(args, message):
     out = _tool(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

@@ -241,3 +241,14 @@ def test_the_equivalence_tool_checks_a_run_moved_to_another_engine_and_world(tmp
     assert "zero2->zero3" in proc.stdout and "OK:" in proc.stdout
     bad = launch("tools/check_equivalence.py", args[:-2] + ["--resume-as", "zero3"], launcher="python")
     assert bad.returncode == 2 and "need --resume-at" in bad.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--rtol", "nan"), ("--atol", "-1"), ("--grad-rtol", "inf"), ("--lr", "nan"), ("--lr", "0"),
+                                        ("--grad-clip", "nan")])
+def test_the_equivalence_tool_refuses_a_tolerance_or_setting_that_cannot_be_checked(flag, value, capsys):
+    """A nan tolerance passes every comparison (``diff > nan`` is False): the check could never fail."""
+    from gpt2_scale.tools.check_equivalence import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args([flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be a finite number" in capsys.readouterr().err

@@ -21,6 +21,21 @@ def non_negative(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """A finite float > 0 (nan and inf refused: a nan tolerance would pass every comparison)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def gib(text: str) -> int:
     """A size in GiB (a float, >= 0; nan and inf refused), as bytes."""
     value = float(text)

@@ -25,10 +25,12 @@ import json
 import os
 import sys
 
+import torch
+
 from gpt2_scale import bench
 from gpt2_scale.config import ENGINES, Config, ConfigError
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.tools.args import engine_list, non_negative, positive
+from gpt2_scale.tools.args import engine_list, non_negative, positive, positive_float
 
 
 def assignment(text: str, flag: str) -> tuple[str, list[str]]:
@@ -70,7 +72,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
                    "time goes by kind (matmul, attention, communication ...), the top kernels, and a trace")
     p.add_argument("--world", type=positive, default=1, help="spawn this many CPU ranks (without torchrun)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--peak-tflops", type=float, help="per-device peak for MFU; default: the detected GPU's datasheet")
+    p.add_argument("--peak-tflops", type=positive_float, help="per-device peak for MFU; default: the detected GPU's datasheet")
     p.add_argument("--compare-walkthrough", "--compare-seed", action="store_true", dest="compare_walkthrough",
                    help="also time the walk-through's own loop (build-nanogpt), for ours/walk-through ratios")
     args = p.parse_args(argv)
@@ -81,6 +83,12 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         raise ConfigError("--world spawns CPU ranks; for GPUs launch with torchrun --nproc_per_node N")
     if args.data and not os.path.isdir(args.data):
         raise ConfigError(f"--data {args.data}: not a directory (make one with tools/prepare_data.py)")
+    if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
+        raise ConfigError(f"--json {args.json}: not a file in an existing directory; name one, the rows are written there as they finish")
+    if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
+        raise ConfigError(f"--profile {args.profile} is a file; name a directory for the profiles")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but no CUDA GPU is visible here; use --device cpu or auto")
     # The convenience flags are config overrides like --set ones (which come after them, so win).
     overrides = [("model.name", args.model), ("train.micro_batch", str(args.micro_batch)), ("train.seq_len", str(args.seq_len))]
     flags = {"engine.dtype": (args.dtype, "auto"), "engine.compile": ({"on": "true", "off": "false"}.get(args.compile), None),

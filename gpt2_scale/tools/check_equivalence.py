@@ -23,7 +23,7 @@ from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case
 from gpt2_scale.harness.compare import Tolerance, format_table, mismatches
 from gpt2_scale.harness.run import Result, joined
-from gpt2_scale.tools.args import engine_list, positive
+from gpt2_scale.tools.args import engine_list, non_negative_float, positive, positive_float
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -35,16 +35,16 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--micro-batch", type=positive, default=2, help="sequences per rank per micro-step")
     p.add_argument("--accum", type=positive, default=2, help="micro-steps per optimizer step")
     p.add_argument("--seq-len", type=positive, default=64)
-    p.add_argument("--lr", type=float, default=1e-4, help="peak lr (warms up linearly over the steps)")
-    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak lr (warms up linearly over the steps)")
+    p.add_argument("--grad-clip", type=non_negative_float, default=1.0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--deterministic", action="store_true", help="train.deterministic=true for the engine runs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--world-size", type=positive, default=2, help="ranks of the CPU world spawned without a launcher")
-    p.add_argument("--rtol", type=float, help="losses, gradient norms, weights and logits; default: 1e-5 for fp32, "
+    p.add_argument("--rtol", type=non_negative_float, help="losses, gradient norms, weights and logits; default: 1e-5 for fp32, "
                    "2^-7 for bf16 (see gpt2_scale/harness/compare.py)")
-    p.add_argument("--atol", type=float, help="logits; default: 1e-6 for fp32")
-    p.add_argument("--grad-rtol", type=float, help="gradient elements as a fraction of their tensor's largest, which "
+    p.add_argument("--atol", type=non_negative_float, help="logits; default: 1e-6 for fp32")
+    p.add_argument("--grad-rtol", type=non_negative_float, help="gradient elements as a fraction of their tensor's largest, which "
                    "bounds the weights through Adam; default: 1e-4 for fp32")
     p.add_argument("--workdir", default="runs/check_equivalence", help="scratch directory every rank can reach (launched runs)")
     p.add_argument("--resume-at", type=int, help="stop each run after this many steps, checkpoint, and resume from it")
