@@ -19,6 +19,7 @@ import contextlib
 import importlib
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -39,7 +40,8 @@ NUMPY_GLOBALS = ("numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._recons
 def _resolve(dotted: str):
     module, _, name = dotted.rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout from its import on: keep a tool's output clean
+            return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError):
         return None  # not installed (e.g. no DeepSpeed) or another numpy layout: nothing to allow
 

@@ -226,3 +226,14 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     moved = events.index(("replace", str(root / checkpoint.LATEST)))
     assert ("fsync", str(root)) in events[publish:moved]  # the rename itself is durable before latest moves
     assert ("fsync", str(root)) in events[moved:]  # and so is latest's
+
+
+def test_a_tools_json_output_is_json_alone(runs, tmp_path):
+    """Reading a checkpoint imports DeepSpeed (its pickled globals are allowed by name), whose logger writes to stdout:
+    that line goes to stderr, so `eval_hellaswag --json | jq` and `sample > out.txt` hold only their output."""
+    from test_hellaswag import write_examples
+
+    data = write_examples(tmp_path / "val.jsonl")
+    proc = run_module("gpt2_scale.tools.eval_hellaswag", ["--ckpt", str(runs["ddp"]), "--data", str(data), "--device", "cpu", "--json"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["n"] == 5
