@@ -301,7 +301,7 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
 
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = Path(out_path).suffix.lstrip(".").lower()
-    if suffix and suffix not in formats:  # checked before drawing: matplotlib would fail only when saving
+    if suffix not in formats or Path(out_path).is_dir():  # before drawing; without a suffix matplotlib would add one
         raise RunError(f"cannot plot to {out_path}: give a name ending in .{', .'.join(sorted(formats))}")
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
     for i, run in enumerate(runs):

@@ -222,9 +222,10 @@ def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
     assert "has not logged a step" not in proc.stderr
 
 
-def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("name", ["curves.xyz", "curves", "run"])  # without a suffix matplotlib wrote curves.png
+def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys, name):
     run = write_run(tmp_path / "run", records=RECORDS)
-    assert compare_baselines.main([str(run), "--plot", str(tmp_path / "curves.xyz")]) == 2
+    assert compare_baselines.main([str(run), "--plot", str(tmp_path / name)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: cannot plot to {tmp_path / 'curves.xyz'}: give a name")
-    assert not (tmp_path / "curves.xyz").exists()
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot plot to {tmp_path / name}: give a name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
