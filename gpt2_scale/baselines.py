@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -152,7 +153,8 @@ MAX_WARNINGS = 5  # skipped lines named per metrics file
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: a NaN would otherwise win or lose every "best" and make --json's output invalid JSON."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _record_problem(record: object) -> str | None:
@@ -161,7 +163,7 @@ def _record_problem(record: object) -> str | None:
         return "not a JSON record with an integer step"
     for key in NUMERIC:
         if record.get(key) is not None and not _is_number(record[key]):
-            return f"{key} is {record[key]!r}, not a number"
+            return f"{key} is {record[key]!r}, not a finite number"
     return None
 
 

@@ -139,10 +139,12 @@ def test_errors_are_user_errors():
 @pytest.mark.parametrize(
     "bad, why",
     [
-        ('{"step": 120, "train_loss": "abc"}', "train_loss is 'abc', not a number"),
-        ('{"step": 120, "val_loss": [3.0]}', "val_loss is [3.0], not a number"),
-        ('{"step": 120, "hellaswag_acc_norm": true}', "hellaswag_acc_norm is True, not a number"),
-        ('{"step": 120, "tokens": "many"}', "tokens is 'many', not a number"),
+        ('{"step": 120, "train_loss": "abc"}', "train_loss is 'abc', not a finite number"),
+        ('{"step": 120, "val_loss": [3.0]}', "val_loss is [3.0], not a finite number"),
+        ('{"step": 120, "hellaswag_acc_norm": true}', "hellaswag_acc_norm is True, not a finite number"),
+        ('{"step": 120, "tokens": "many"}', "tokens is 'many', not a finite number"),
+        ('{"step": 120, "val_loss": NaN}', "val_loss is nan, not a finite number"),  # Python's json reads and writes NaN
+        ('{"step": 120, "val_loss": -Infinity}', "val_loss is -inf, not a finite number"),
         ('{"step": "120", "val_loss": 3.0}', "not a JSON record with an integer step"),
         ('[1, 2]', "not a JSON record with an integer step"),
         ("garbage \udcff", "not JSON"),
@@ -215,7 +217,7 @@ def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[:2] == [
-        f"warning: {run / 'metrics.jsonl'}:1: skipped (train_loss is 'abc', not a number)",
+        f"warning: {run / 'metrics.jsonl'}:1: skipped (train_loss is 'abc', not a finite number)",
         f"warning: {run / 'metrics.jsonl'}:2: skipped (truncated, the run was probably killed mid-write)",
     ]
     assert len(lines) == 3 and lines[2].startswith(f"error: {run / 'metrics.jsonl'} holds no valid metrics record")
