@@ -250,9 +250,9 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if not value >= 0 or value == math.inf:
             raise ConfigError(f"{key} must be >= 0 and finite, got {value}")
-    for key in ("optim.beta1", "optim.beta2"):
-        if not 0 <= _get(cfg, key) < 1:
-            raise ConfigError(f"{key} must be in [0, 1), got {_get(cfg, key)}")
+    for key, value in (("optim.beta1", optim.beta1), ("optim.beta2", optim.beta2)):
+        if not 0 <= value < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if not 0 <= optim.min_lr_ratio <= 1:
         raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
     if cfg.engine.offload and cfg.engine.name == "ddp":

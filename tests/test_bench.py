@@ -120,7 +120,8 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     (["--profile", __file__], "is a file; name a directory"),
     (["--peak-tflops", "nan"], "error: argument --peak-tflops: must be a finite number > 0, got nan"),
     (["--peak-tflops", "0"], "must be a finite number > 0"),
-] + ([(["--device", "cuda"], "no CUDA GPU is visible here")] if not torch.cuda.is_available() else []))
+] + ([(["--device", "cuda"], "error: device 'cuda' was asked for but CUDA is not available here; use --device cpu or auto")]
+      if not torch.cuda.is_available() else []))
 def test_bad_input_is_an_error_with_exit_2(args, message):
     out = _tool(*args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

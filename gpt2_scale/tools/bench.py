@@ -25,10 +25,9 @@ import json
 import os
 import sys
 
-import torch
-
 from gpt2_scale import bench
 from gpt2_scale.config import ENGINES, Config, ConfigError
+from gpt2_scale.device import resolve_device
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.tools.args import engine_list, non_negative, positive, positive_float
 
@@ -87,8 +86,7 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         raise ConfigError(f"--json {args.json}: not a file in an existing directory; name one, the rows are written there as they finish")
     if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
         raise ConfigError(f"--profile {args.profile} is a file; name a directory for the profiles")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda, but no CUDA GPU is visible here; use --device cpu or auto")
+    resolve_device(args.device, "train")  # a device that is not here: its ValueError is the tool's one error line
     # The convenience flags are config overrides like --set ones (which come after them, so win).
     overrides = [("model.name", args.model), ("train.micro_batch", str(args.micro_batch)), ("train.seq_len", str(args.seq_len))]
     flags = {"engine.dtype": (args.dtype, "auto"), "engine.compile": ({"on": "true", "off": "false"}.get(args.compile), None),
