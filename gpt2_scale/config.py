@@ -199,7 +199,10 @@ def apply_dict(cfg: Config, data: dict, source: str = "config") -> None:
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
         for key, value in values.items():
-            set_value(cfg, f"{section_name}.{key}", value)
+            try:
+                set_value(cfg, f"{section_name}.{key}", value)
+            except ConfigError as e:  # a file's mistake names the file, so the user knows which one to edit
+                raise ConfigError(f"{source}: {e}") from None
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -78,10 +78,14 @@ def test_bad_configs_name_the_fix(argv, match):
         parse_args(Config(), argv)
 
 
-def test_yaml_values_are_checked_against_the_same_types(tmp_path):
-    (tmp_path / "c.yaml").write_text("engine:\n  name: zero4\n")
-    with pytest.raises(ConfigError, match="engine.name must be one of ddp, fsdp, zero1, zero2, zero3, got 'zero4'"):
-        parse_args(Config(), ["--config", str(tmp_path / "c.yaml")])
+def test_yaml_values_are_checked_against_the_same_types_naming_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("engine:\n  name: zero4\n")
+    with pytest.raises(ConfigError, match=f"^{path}: engine.name must be one of ddp, fsdp, zero1, zero2, zero3, got 'zero4'"):
+        parse_args(Config(), ["--config", str(path)])
+    path.write_text("train:\n  micro_bach: 4\n")
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'train.micro_bach'; valid keys: train.micro_batch"):
+        parse_args(Config(), ["--config", str(path)])
     cfg = Config()
     cfg.engine.compile_mode = "cudagraphs"  # a config built in code is checked too
     with pytest.raises(ConfigError, match="engine.compile_mode must be one of null, default, reduce-overhead"):
