@@ -95,6 +95,11 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def read_meta(path: Path) -> dict:
+    """Checkpoint ``path``'s meta.json, checked, once its weights are known to be there in a layout we read."""
+    if not (layout.is_elastic(path) or legacy.holds(path)):  # else a lost .metadata would be taken for a legacy checkpoint
+        lost = ".metadata, DCP's index of its *.distcp files," if any(path.glob("*.distcp")) else "its weights"
+        raise CheckpointError(f"checkpoint {path} has lost {lost} so it is incomplete; resume from an earlier checkpoint "
+                              "(point checkpoints/latest at it)")
     try:
         meta = json.loads((path / "meta.json").read_text())
         missing = [k for k in ("model", "engine", "step", "world_size") if k not in meta]

@@ -127,6 +127,20 @@ def test_a_truncated_checkpoint_file_is_named(runs, tmp_path, engine):
     assert str(biggest) in line
 
 
+@pytest.mark.parametrize("lost", [".metadata", "*"])
+def test_a_checkpoint_that_lost_its_index_or_weights_is_named_not_taken_for_a_legacy_one(runs, tmp_path, lost):
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    for file in newest(run_dir).glob(lost):
+        if file.name not in ("meta.json", "trainer.json"):
+            file.unlink()
+    what = ".metadata, DCP's index" if lost == ".metadata" else "its weights"
+    with pytest.raises(checkpoint.CheckpointError, match=f"{re.escape(str(newest(run_dir)))} has lost {what}"):
+        checkpoint.load_model(run_dir)
+    if lost == ".metadata":  # under another engine: not "resume it with --engine ddp", the legacy advice
+        line = one_error_line(run("recipes/tiny.py", ["--resume", str(run_dir), "--engine", "fsdp", "--max-steps", "3"], launcher="python"))
+        assert f"{newest(run_dir)} has lost .metadata" in line, line
+
+
 def test_a_damaged_trainer_state_is_named_and_nothing_is_rewritten(runs, tmp_path):
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     state = newest(run_dir) / "trainer.json"

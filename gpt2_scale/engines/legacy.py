@@ -13,6 +13,11 @@ DDP_FILE = "model_optim.pt"
 ZERO_TAG = "engine"  # the sub-directory DeepSpeed's save_checkpoint wrote
 
 
+def holds(path: Path) -> bool:
+    """Whether checkpoint ``path`` has this layout's files."""
+    return (path / DDP_FILE).is_file() or (path / ZERO_TAG).is_dir()
+
+
 def load(engine, path: Path) -> None:
     """Restore a legacy checkpoint into the engine that wrote it (every rank calls)."""
     if (path / DDP_FILE).is_file():
