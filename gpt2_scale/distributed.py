@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2_scale.device import resolve_device
+from gpt2_scale.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,45 @@ def attempt_store(world: int) -> dist.Store | None:
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
     return dist.PrefixStore(f"gpt2_scale/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
+class PeerError(UserError):
+    """Another rank left the run on bad input while this one waited for it in a collective."""
+
+
+def _failure_key() -> str:  # per restart: across nodes the launcher's store keeps an earlier attempt's keys
+    return f"gpt2_scale/failed/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+
+
+def announce_failure(error: BaseException) -> None:
+    """Leave ``error`` in the process group's store for the other ranks, before this rank leaves the group.
+
+    A rank that stops on bad input only it sees (a corrupt window of the data) leaves its peers inside a collective;
+    on gloo that collective fails at once with "Connection closed by peer", a traceback that hides the cause. The
+    peers read this in ``peer_failure`` and report the cause instead. Best effort: without a reachable store
+    (rank 0 hosts it outside torchrun, and may be gone) nothing is announced."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        try:
+            _store().set(_failure_key(), f"rank {dist.get_rank()} stopped on: {error}")
+        except Exception:  # noqa: BLE001 - best effort; the rank's own error line still says it
+            pass
+
+
+def peer_failure() -> PeerError | None:
+    """What another rank announced before it left, as this rank's error; None when no rank did."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    try:
+        store = _store()
+        if not store.check([_failure_key()]):
+            return None
+        return PeerError(f"rank {dist.get_rank()} stopped because {store.get(_failure_key()).decode()}")
+    except Exception:  # noqa: BLE001 - the store went with its host: nothing to tell
+        return None
+
+
+def _store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()  # the launcher's store (torchrun's agent hosts it)
 
 
 def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:

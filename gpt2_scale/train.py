@@ -106,6 +106,13 @@ def train(cfg: Config) -> dict:
         summary = _train(cfg, env)  # closes its engine on every way out
         finished = True
         return summary
+    except UserError as e:
+        distributed.announce_failure(e)  # before leaving the group, so that peers waiting for this rank learn why
+        raise
+    except Exception as e:
+        if (peer := distributed.peer_failure()) is not None:  # a peer left on bad input: its error, not the collective's
+            raise peer from e
+        raise
     finally:
         distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
 

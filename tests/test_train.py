@@ -11,12 +11,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
-from gpt2_scale.config import config_from_yaml_file
+from gpt2_scale.config import Config, config_from_yaml_file
+from gpt2_scale.data.loader import TokenLoader
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.model import GPT
 from gpt2_scale.train import EXIT_PREEMPTED
@@ -265,6 +267,24 @@ def test_damaged_data_is_one_error_line_on_every_rank(corpus, tmp_path):
     assert proc.stderr.count("exitcode  : 2") >= 1, proc.stderr[-3000:]  # the root cause in torchrun's report
     assert f'File "{REPO}' not in proc.stderr, proc.stderr[-3000:]  # no traceback from our code (torchrun prints its own)
     shutil.copy(corpus / "manifest.json", broken / "manifest.json")
+
+    # A corrupt window that only rank 1 reads, at the second step: rank 0 is then inside a collective with it, which
+    # gloo ends at once ("Connection closed by peer"). Rank 0 reports rank 1's error, not that traceback.
+    ranks = [TokenLoader(broken, "train", 2, 32, rank, 2, seed=Config().data.seed, windows_per_step=4) for rank in (0, 1)]
+    for loader in ranks:
+        loader.next_batch()
+    shard_index, window = ranks[1].window_ids()[0]  # no window comes twice in an epoch
+    tokens = np.memmap(broken / ranks[1].files[shard_index].name, dtype=np.uint16, mode="r+")
+    tokens[window * 32 + 5] = 60000
+    tokens.flush()
+    del tokens
+    proc = run("recipes/tiny.py", args + ["--max-steps", "3", "--run-dir", str(tmp_path / "run1")], nproc=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("holds token id 60000" in line for line in errors), proc.stderr[-3000:]
+    assert "error: rank 0 stopped because rank 1 stopped on: shard" in proc.stderr, proc.stderr[-3000:]
+    assert f'File "{REPO}' not in proc.stderr and "exitcode  : 1" not in proc.stderr, proc.stderr[-3000:]
+    shutil.copy(corpus / "train_000000.bin", broken / "train_000000.bin")
+
     shard = broken / "train_000000.bin"
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size - 1)
