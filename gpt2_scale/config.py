@@ -275,14 +275,20 @@ def _get(cfg: Config, key: str):
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:
     """Micro-steps per optimizer step: total batch / (micro-batch x sequence x ranks), which must divide."""
-    per_micro = cfg.train.micro_batch * cfg.train.seq_len * world_size
-    if cfg.train.total_batch_tokens % per_micro:
+    train = cfg.train
+    per_micro = train.micro_batch * train.seq_len * world_size
+    if train.total_batch_tokens % per_micro:
+        sequences = train.total_batch_tokens // train.seq_len  # per step, over all ranks
+        fits = [m for m in range(train.micro_batch, 0, -1) if train.total_batch_tokens % (m * train.seq_len * world_size) == 0]
+        fixes = [f"--micro-batch {fits[0]}"] if fits else []
+        if not cfg.checkpoint.resume:  # a resumed run keeps its batch: its schedule and data position depend on it
+            fixes.append(f"--total-batch-tokens {max(1, train.total_batch_tokens // per_micro) * per_micro}")
+        fixes = " or ".join(fixes) or f"a number of ranks that divides its {sequences} sequences per step"
         raise ConfigError(
-            f"train.total_batch_tokens ({cfg.train.total_batch_tokens}) is not divisible by micro_batch x seq_len x "
-            f"world_size = {cfg.train.micro_batch} x {cfg.train.seq_len} x {world_size} = {per_micro}; "
-            f"use a multiple of {per_micro} (e.g. --total-batch-tokens {max(1, cfg.train.total_batch_tokens // per_micro) * per_micro})"
+            f"train.total_batch_tokens ({train.total_batch_tokens}) is not divisible by micro_batch x seq_len x "
+            f"world_size = {train.micro_batch} x {train.seq_len} x {world_size} = {per_micro}; use {fixes}"
         )
-    return cfg.train.total_batch_tokens // per_micro
+    return train.total_batch_tokens // per_micro
 
 
 def config_from_yaml_file(path: str | Path) -> Config:

@@ -116,8 +116,16 @@ def test_grad_accum_from_total_batch():
     cfg = Config()
     assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8  # 2^19 / (64 * 1024 * world)
     cfg.train.total_batch_tokens = 500_000
-    with pytest.raises(ConfigError, match="not divisible"):
+    with pytest.raises(ConfigError, match="not divisible.*; use --total-batch-tokens 458752$"):
         grad_accum_steps(cfg, 1)
+    cfg.train.total_batch_tokens, cfg.train.micro_batch = 2**19, 48  # 512 sequences a step, 64 per rank on 8
+    with pytest.raises(ConfigError, match="48 x 1024 x 8 = 393216; use --micro-batch 32 or --total-batch-tokens 393216$"):
+        grad_accum_steps(cfg, 8)
+    cfg.checkpoint.resume = "run"  # a resumed run keeps its total batch: no advice to change it
+    with pytest.raises(ConfigError, match="= 393216; use --micro-batch 32$"):
+        grad_accum_steps(cfg, 8)
+    with pytest.raises(ConfigError, match="; use a number of ranks that divides its 512 sequences per step$"):
+        grad_accum_steps(cfg, 3)
 
 
 def test_lr_schedule_warmup_cosine_floor():
