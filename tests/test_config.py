@@ -155,6 +155,21 @@ def test_deepspeed_auto_fields_filled_and_conflicts_refused():
         fill_auto(ds, {"train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "optimizer.params.lr": 3e-4})
     with pytest.raises(ConfigError, match="no value"):
         fill_auto({"mystery": "auto"}, {})
+    # What the JSON leaves out is ours as well: a JSON of DeepSpeed's own settings alone is a whole config.
+    ours = {"train_batch_size": 16, "bf16.enabled": True, "optimizer.params.lr": 3e-4}
+    assert fill_auto({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, ours) == {
+        "zero_optimization": {"stage": 2}, "train_batch_size": 16, "bf16": {"enabled": True}, "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}
+    with pytest.raises(ConfigError, match="field bf16 must be a JSON object, got True"):
+        fill_auto({"bf16": True}, ours)
+
+
+def test_a_deepspeed_config_that_enables_fp16_is_refused(tmp_path):
+    from gpt2_scale.engines.deepspeed import read_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"fp16": {"enabled": true}, "zero_optimization": {"stage": 1}}')
+    with pytest.raises(ConfigError, match=f"{path} enables fp16.*remove its fp16 section"):
+        read_ds_config(path)
 
 
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])

@@ -37,7 +37,8 @@ def default_ds_config_path(cfg: Config) -> Traversable:
 
 
 def fill_auto(ds: dict, values: dict[str, object], where: str = "") -> dict:
-    """Replace "auto" by our value at the same dotted path; refuse a concrete value that differs."""
+    """Our value at each dotted path of ``values`` that the JSON leaves "auto" or out; refuse a concrete value that
+    differs. A JSON may then hold only what is DeepSpeed's own (zero_optimization's settings)."""
     out = {}
     for key, value in ds.items():
         path = f"{where}{key}"
@@ -54,6 +55,15 @@ def fill_auto(ds: dict, values: dict[str, object], where: str = "") -> dict:
                     f'set it to "auto" in the JSON, or change the run config'
                 )
             out[key] = value
+    if not where:
+        for path, value in values.items():
+            *parents, leaf = path.split(".")
+            node = out
+            for i, name in enumerate(parents):
+                node = node.setdefault(name, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"DeepSpeed config field {'.'.join(parents[:i + 1])} must be a JSON object, got {node!r}")
+            node.setdefault(leaf, value)
     return out
 
 
@@ -75,6 +85,9 @@ def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
     if not isinstance(ds, dict) or not isinstance(ds.get("zero_optimization", {}), dict):
         raise ConfigError(f"DeepSpeed config {path} is not a JSON object with a zero_optimization object; pass {flag}=PATH")
+    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
+        raise ConfigError(f"DeepSpeed config {path} enables fp16, which gpt2-scale does not train in (it has no loss scaling): "
+                          "remove its fp16 section; --engine.dtype picks bf16 or fp32")
     return ds
 
 
@@ -88,6 +101,7 @@ def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
         "train_batch_size": cfg.train.micro_batch * accum * env.world_size,
         "gradient_clipping": o.grad_clip,
         "bf16.enabled": bf16,
+        "fp16.enabled": False,  # engine.dtype is bf16 or fp32: the loop has no loss scaling
         "optimizer.type": "AdamW",
         "optimizer.params.lr": o.lr,
         "optimizer.params.betas": [o.beta1, o.beta2],
