@@ -65,6 +65,7 @@ def resolve(purpose: Purpose, device: str | torch.device = "auto", engine: Engin
         engine = EngineSection()
     check_compile(engine, device)
     check_attention(engine, device)
+    check_offload(engine, device)
     bf16 = engine.dtype == "bf16" or (engine.dtype == "auto" and device.type == "cuda")
     return Runtime(device, torch.bfloat16 if bf16 else torch.float32, compile_scope(engine, device))
 
@@ -137,6 +138,16 @@ def check_attention(engine: EngineSection, device: torch.device) -> None:
         from gpt2_scale.config import ConfigError
 
         raise ConfigError(f"engine.attention={engine.attention} needs a CUDA GPU; on {device.type} use auto, flash or math")
+
+
+def check_offload(engine: EngineSection, device: torch.device) -> None:
+    """FSDP2's CPU offload pins host memory for copies to a GPU, which a CPU run has not got (PyTorch fails in
+    ``fully_shard`` with "Cannot access accelerator device"); ZeRO-Offload runs on CPU too."""
+    if engine.offload and engine.name == "fsdp" and device.type != "cuda":
+        from gpt2_scale.config import ConfigError
+
+        raise ConfigError(f"engine.offload with fsdp moves state between a GPU and the host; on {device.type} it is already "
+                          "in host memory: drop --engine.offload (or use a zero engine, whose offload also runs on CPU)")
 
 
 def compile_options(engine: EngineSection) -> dict:

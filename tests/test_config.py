@@ -332,3 +332,12 @@ def test_a_config_file_that_is_not_yaml_is_one_line_naming_it(tmp_path, content)
     with pytest.raises(ConfigError, match=f"config file {path} is not valid YAML") as e:
         parse_args(Config(), ["--config", str(path)])
     assert "\n" not in str(e.value)
+
+
+def test_fsdp_offload_is_refused_off_cuda_before_a_run_starts():
+    from gpt2_scale.config import EngineSection
+    from gpt2_scale.device import resolve
+
+    with pytest.raises(ConfigError, match="engine.offload with fsdp .* on cpu .* drop --engine.offload"):
+        resolve("train", "cpu", EngineSection(name="fsdp", offload=True))
+    assert resolve("train", "cpu", EngineSection(name="zero1", offload=True)).device.type == "cpu"  # ZeRO-Offload runs on CPU
