@@ -22,6 +22,7 @@ from gpt2_scale.errors import UserError
 
 EngineName = Literal["ddp", "fsdp", "zero1", "zero2", "zero3"]
 ENGINES: tuple[str, ...] = typing.get_args(EngineName)
+SEED_LIMIT = 2**32  # a seed is below it: numpy.random.seed takes no larger one
 # torch.compile's modes; None is its default. "reduce-overhead" adds CUDA graphs.
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # scaled_dot_product_attention's kernels (gpt2_scale/model.py); "auto" is PyTorch's own choice.
@@ -253,6 +254,8 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if not value >= 0 or value == math.inf:
             raise ConfigError(f"{key} must be >= 0 and finite, got {value}")
+    if cfg.train.seed >= SEED_LIMIT:
+        raise ConfigError(f"train.seed must be < 2**32 (numpy's and Python's generators are seeded with it), got {cfg.train.seed}")
     for key, value in (("optim.beta1", optim.beta1), ("optim.beta2", optim.beta2)):
         if not 0 <= value < 1:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")

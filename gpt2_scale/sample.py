@@ -12,6 +12,7 @@ Bad input (an unknown model, a missing directory, an unusable checkpoint) prints
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gpt2_scale.device import DEVICE_CHOICES, resolve
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
+from gpt2_scale.tools.args import random_seed
 from gpt2_scale.zoo import ModelConfig
 
 SEPARATOR = "-" * 60
@@ -48,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0 = all")
-    p.add_argument("--seed", type=int, default=None, help="seed for random init and sampling")
+    p.add_argument("--seed", type=random_seed, default=None, help="seed for random init and sampling, in [0, 2**32)")
     p.add_argument("--device", default="auto", help=f"{' | '.join(DEVICE_CHOICES)} (auto: cuda, then mps, then cpu)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole context every step (slow)")
     return p
@@ -104,8 +106,8 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < (1 if name == "num_samples" else 0):
             parser.error(f"--{name.replace('_', '-')} must be >= {1 if name == 'num_samples' else 0}")
-    if args.temperature < 0:
-        parser.error("--temperature must be >= 0")
+    if not 0 <= args.temperature < math.inf:  # nan too
+        parser.error(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         parser.error("--top-k must be >= 0")
 

@@ -63,6 +63,7 @@ def test_bad_flags_exit_2_naming_the_fix(argv, match, capsys):
         (["--optim.beta1=1.5"], r"optim.beta1 must be in \[0, 1\)"),
         (["--optim.beta2=nan"], "optim.beta2 must be in"),
         (["--seed", "-1"], "train.seed must be"),
+        (["--seed", str(2**32)], r"train.seed must be < 2\*\*32"),
         (["--data.seed=-1"], "data.seed must be"),
         (["--log.num_samples=0"], "log.num_samples must be"),
         (["--log.sample_prompt="], "sample_prompt is empty.*--log.sample_every=0"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -283,12 +284,17 @@ def test_cli_ckpt_user_error_is_one_line(capsys, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--model", "gpt2-tiny", "--num-samples", "0"], ["--hf", "x", "--init", "random"], []]
+    "argv,says",
+    [(["--model", "gpt2-tiny", "--num-samples", "0"], "--num-samples must be >= 1"), (["--hf", "x", "--init", "random"], "--init goes with --model"),
+     ([], "one of the arguments"), (["--model", "gpt2-tiny", "--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+     (["--model", "gpt2-tiny", "--seed", str(2**64)], r"--seed: must be in \[0, 2\*\*32\)"),
+     (["--model", "gpt2-tiny", "--seed", "-1"], "--seed: must be")],
 )
-def test_cli_usage_errors_exit_2(argv):
+def test_cli_usage_errors_exit_2_in_one_line(argv, says, capsys):
     with pytest.raises(SystemExit) as e:
         sample_cli.main(argv)
-    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and re.search(says, err) and "Traceback" not in err, err
 
 
 def _run_module(*argv):

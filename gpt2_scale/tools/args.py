@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from gpt2_scale.config import ENGINES
+from gpt2_scale.config import ENGINES, SEED_LIMIT
 
 
 def positive(text: str) -> int:
@@ -18,6 +18,13 @@ def non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def random_seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {value}")
     return value
 
 

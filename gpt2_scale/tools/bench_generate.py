@@ -18,6 +18,7 @@ import torch
 from gpt2_scale.device import resolve_device
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
+from gpt2_scale.tools.args import positive, random_seed
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -44,11 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-124m", help="zoo name (random init)")
     p.add_argument("--device", default="cpu", help="auto | cpu | cuda | mps")
-    p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode; the median is reported")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-len", type=positive, default=16)
+    p.add_argument("--new-tokens", type=positive, default=200)
+    p.add_argument("--batch-size", type=positive, default=1)
+    p.add_argument("--repeats", type=positive, default=3, help="timed runs per mode; the median is reported")
+    p.add_argument("--seed", type=random_seed, default=0)
     args = p.parse_args(argv)
     try:
         device = resolve_device(args.device)
@@ -56,8 +57,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.prompt_len < 1 or args.new_tokens < 1 or args.repeats < 1 or args.batch_size < 1:
-        p.error("--prompt-len, --new-tokens, --repeats and --batch-size must be >= 1")
 
     torch.manual_seed(args.seed)
     model = GPT(config).to(device).eval()

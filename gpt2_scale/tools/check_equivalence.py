@@ -23,7 +23,7 @@ from gpt2_scale.config import ENGINES
 from gpt2_scale.harness.case import Case
 from gpt2_scale.harness.compare import Tolerance, format_table, mismatches
 from gpt2_scale.harness.run import Result, joined
-from gpt2_scale.tools.args import engine_list, non_negative_float, positive, positive_float
+from gpt2_scale.tools.args import engine_list, non_negative_float, positive, positive_float, random_seed
 from gpt2_scale.zoo import ModelConfig
 
 
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--grad-clip", type=non_negative_float, default=1.0)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--deterministic", action="store_true", help="train.deterministic=true for the engine runs")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=random_seed, default=0)
     p.add_argument("--world-size", type=positive, default=2, help="ranks of the CPU world spawned without a launcher")
     p.add_argument("--rtol", type=non_negative_float, help="losses, gradient norms, weights and logits; default: 1e-5 for fp32, "
                    "2^-7 for bf16 (see gpt2_scale/harness/compare.py)")
