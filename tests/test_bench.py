@@ -138,3 +138,14 @@ def test_loss_chunk_flag_reaches_the_engine_config():
 
     _, specs = bench_cli.parse(["--model", "gpt2-tiny", "--engines", "zero3", "--seq-len", "16", "--loss-chunk", "8"])
     assert specs[0].config(1).engine.loss_chunk == 8
+
+
+@pytest.mark.parametrize("argv", [["--model", "gpt2-huge"], ["--seq-len", "0"]])
+def test_bench_resume_refuses_bad_flags_before_it_builds_anything(argv, capsys):
+    from gpt2_scale.tools import bench_resume
+
+    with pytest.raises(SystemExit) as e:
+        bench_resume.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error: argument" in err.splitlines()[-1], err
+    assert ("unknown model 'gpt2-huge'; valid names: gpt2-124m" in err) == (argv[0] == "--model"), err

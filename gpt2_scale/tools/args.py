@@ -51,6 +51,17 @@ def gib(text: str) -> int:
     return int(value * 2**30)
 
 
+def model_name(text: str) -> str:
+    """A zoo name (the error lists the valid ones)."""
+    from gpt2_scale.zoo import ModelConfig
+
+    try:
+        ModelConfig.from_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def engine_list(text: str) -> list[str]:
     """Comma-separated engine names, at least one."""
     engines = [e.strip() for e in text.split(",") if e.strip()]

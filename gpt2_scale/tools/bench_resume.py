@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from gpt2_scale.config import ENGINES
-from gpt2_scale.tools.args import positive
+from gpt2_scale.tools.args import model_name, positive
 
 GiB = 2**30
 
@@ -59,7 +59,7 @@ def peak_during(fn: Callable[[], object], device: torch.device) -> tuple[int, in
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gpt2-124m", help="a zoo name")
+    p.add_argument("--model", type=model_name, default="gpt2-124m", help="a zoo name")
     p.add_argument("--save-as", default="zero3", choices=ENGINES, help="the engine that writes the checkpoint")
     p.add_argument("--load-as", default="ddp", choices=ENGINES, help="the engine that reads it")
     p.add_argument("--seq-len", type=positive, default=64, help="tokens of the one training step (activations are not the point)")
