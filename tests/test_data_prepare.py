@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -238,8 +240,9 @@ def test_bad_sources(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="no 'text' field.*--field"):
         text_source([tmp_path / "a.jsonl"])
     pq.write_table(pa.table({"content": ["hi"]}), tmp_path / "a.parquet")
-    with pytest.raises(DataError, match="no 'text' field"):
-        fineweb_edu_source(from_dir=tmp_path)
+    with pytest.raises(DataError, match="no 'text' field.*not a file of HuggingFaceFW/fineweb-edu.*prepare_data.py text DIR --field") as e:
+        fineweb_edu_source(from_dir=tmp_path)  # the fineweb-edu command has no --field to pass
+    assert "; pass --field" not in str(e.value)
     with pytest.raises(DataError, match="--workers must be >= 1"):
         prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "w", 100, workers=0)
     assert not (tmp_path / "w").exists()
@@ -373,6 +376,34 @@ def test_cli_errors_exit_2_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: input file") and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def written(out: Path) -> list[dict]:
+    """The train shards the manifest of ``out`` lists (written atomically, so it can be read while a run writes it)."""
+    try:
+        return json.loads((out / MANIFEST).read_text())["shards"]["train"]
+    except FileNotFoundError:
+        return []
+
+
+def test_ctrl_c_stops_every_process_with_one_line_and_keeps_what_was_written(tmp_path):
+    """SIGINT to the process group, as Ctrl-C sends it: the tokenizer workers ignore it, the parent says how to go
+    on; no traceback from any process."""
+    source = tmp_path / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(400, seed=3) * 60))  # ~3M tokens
+    out = tmp_path / "out"
+    cmd = [sys.executable, "tools/prepare_data.py", "text", str(source), "--out", str(out), "--quiet", "--workers", "2", "--shard-tokens", "5000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not written(out) and proc.poll() is None:  # mid-way
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip() == f"interrupted; what it wrote is kept: run `python tools/prepare_data.py {' '.join(cmd[2:])}` again to go on from there"
+    assert not json.loads((out / MANIFEST).read_text())["complete"] and written(out)
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:

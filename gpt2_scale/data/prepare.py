@@ -17,6 +17,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Iterable, Iterator
@@ -87,7 +88,10 @@ def _reading(path: Path) -> Iterator[None]:
         raise DataError(f"cannot read {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
 
 
-def _check_field(path: Path, field: str) -> None:
+FIELD_FIX = "pass --field NAME"  # what to do about a file without the text field; FineWeb-Edu's has its own
+
+
+def _check_field(path: Path, field: str, fix: str = FIELD_FIX) -> None:
     """Fail before any work when a file lacks the text field (a parquet schema, a jsonl first record)."""
     with _reading(path):
         if path.suffix == ".parquet":
@@ -101,7 +105,7 @@ def _check_field(path: Path, field: str) -> None:
         else:
             return
     if field not in names:
-        raise DataError(f"{path} has no {field!r} field (it has {', '.join(names) or 'none'}); pass --field NAME")
+        raise DataError(f"{path} has no {field!r} field (it has {', '.join(names) or 'none'}); {fix}")
 
 
 def _json_record(line: str, path: Path, lineno: int) -> dict:
@@ -114,14 +118,14 @@ def _json_record(line: str, path: Path, lineno: int) -> dict:
     return record
 
 
-def _iter_documents(files: list[Path], field: str) -> Iterator[str]:
+def _iter_documents(files: list[Path], field: str, fix: str = FIELD_FIX) -> Iterator[str]:
     """A document per .txt file, per .jsonl record, per .parquet row."""
     for path in files:
         with _reading(path):
-            yield from _read_documents(path, field)
+            yield from _read_documents(path, field, fix)
 
 
-def _read_documents(path: Path, field: str) -> Iterator[str]:
+def _read_documents(path: Path, field: str, fix: str) -> Iterator[str]:
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8")
     elif path.suffix == ".jsonl":
@@ -130,7 +134,7 @@ def _read_documents(path: Path, field: str) -> Iterator[str]:
                 if line.strip():
                     text = _json_record(line, path, lineno).get(field)
                     if not isinstance(text, str):
-                        raise DataError(f"{path}:{lineno} has no {field!r} string; pass --field NAME")
+                        raise DataError(f"{path}:{lineno} has no {field!r} string; {fix}")
                     yield text
     else:
         import pyarrow.parquet as pq
@@ -138,7 +142,7 @@ def _read_documents(path: Path, field: str) -> Iterator[str]:
         for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=1024):
             for text in batch.column(0).to_pylist():
                 if not isinstance(text, str):
-                    raise DataError(f"{path}: a row has no {field!r} string; pass --field NAME")
+                    raise DataError(f"{path}: a row has no {field!r} string; {fix}")
                 yield text
 
 
@@ -178,9 +182,11 @@ def fineweb_edu_source(config: str = "sample-10BT", from_dir: str | Path | None 
     """FineWeb-Edu streamed from the Hugging Face hub, or its parquet/jsonl files from a local directory."""
     if from_dir is not None:
         files = _list_files([from_dir], (".parquet", ".jsonl"))
+        fix = (f"it is not a file of {FINEWEB_EDU} (columns {', '.join(FINEWEB_EDU_COLUMNS)}); prepare other data with "
+               "`python tools/prepare_data.py text DIR --field NAME --out OUT`")
         for f in files:
-            _check_field(f, "text")
-        return {"kind": "fineweb-edu", "files": [str(f.resolve()) for f in files]}, _iter_documents(files, "text")
+            _check_field(f, "text", fix)
+        return {"kind": "fineweb-edu", "files": [str(f.resolve()) for f in files]}, _iter_documents(files, "text", fix)
     if not _hub_reachable():
         raise ConnectionError(
             f"the Hugging Face hub is unreachable from this machine, so {FINEWEB_EDU} cannot be streamed; download "
@@ -221,7 +227,7 @@ def _tokenized(documents: Iterable[str], workers: int) -> Iterator[Iterator[np.n
         yield map(tokenize_document, documents)
         return
     tokenizer.get_tokenizer()  # load once here; forked workers inherit it
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:  # Ctrl-C: the parent's
         yield pool.imap(tokenize_document, documents, chunksize=16)
 
 

@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (UserError, OSError) as e:  # OSError: an unreachable hub (ConnectionError), a full disk
         return report(e)
+    except KeyboardInterrupt:  # every write is atomic and the manifest records how far it got
+        print(f"interrupted; what it wrote is kept: run `{command}` again to go on from there", file=sys.stderr)
+        return 130
     t = m["tokens"]
     print(
         f"{args.out}: {t['train']:,} train and {t['val']:,} val tokens from {m['documents']:,} documents in "
