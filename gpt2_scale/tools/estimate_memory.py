@@ -41,11 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ds-config", type=Path, help="the DeepSpeed JSON of a zero engine (default: the shipped one)")
     parser.add_argument("--fit", type=gib, metavar="GIB",
                         help="in place of --micro-batch: the largest power of two predicted to fit a GPU of GIB GiB")
-    parser.add_argument("--reserve", type=gib, default=memory.RESERVE, metavar="GIB",
+    parser.add_argument("--reserve", type=gib, metavar="GIB",
                         help="with --fit: GiB the estimate leaves out (CUDA context, DDP's buckets, fragmentation); default 2")
     args = parser.parse_args(argv)
     if args.fit is not None and args.micro_batch is not None:
         parser.error("give --micro-batch or --fit, not both")
+    if args.reserve is not None and args.fit is None:
+        parser.error("--reserve goes with --fit (it is what --fit leaves out of the GPU's memory)")
+    if args.ds_config is not None and not args.engine.startswith("zero"):
+        parser.error(f"--ds-config goes with a zero engine; --engine {args.engine} reads no DeepSpeed JSON")
+    args.reserve = memory.RESERVE if args.reserve is None else args.reserve
     try:
         model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
         if args.seq_len > model.block_size:
