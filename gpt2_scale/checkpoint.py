@@ -163,7 +163,8 @@ def _named_failures(path: Path) -> Iterator[None]:
     except pickle.UnpicklingError as e:
         raise _refuse(path, f"pickled objects ({_first_line(e)})") from e
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        raise CheckpointError(f"cannot load {path}: {type(e).__name__}: {_first_line(e)}; it is damaged, truncated or "
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e  # not its traceback text
+        raise CheckpointError(f"cannot load {path}: {type(cause).__name__}: {_first_line(cause)}; it is damaged, truncated or "
                               "incomplete: resume from an earlier checkpoint (point checkpoints/latest at it)") from e
 
 

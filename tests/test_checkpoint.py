@@ -141,6 +141,15 @@ def test_a_checkpoint_that_lost_its_index_or_weights_is_named_not_taken_for_a_le
         assert f"{newest(run_dir)} has lost .metadata" in line, line
 
 
+def test_a_zeroed_checkpoint_file_is_one_line_with_dcps_cause_not_its_traceback(runs, tmp_path):
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    data = next(newest(run_dir).glob("*.distcp"))
+    data.write_bytes(bytes(data.stat().st_size))  # same size: past the truncation check, into DCP's reader
+    with pytest.raises(checkpoint.CheckpointError, match=f"cannot load {re.escape(str(newest(run_dir)))}: UnpicklingError") as e:
+        checkpoint.load_model(run_dir)
+    assert "Traceback" not in str(e.value) and "\n" not in str(e.value), e.value
+
+
 def test_a_damaged_trainer_state_is_named_and_nothing_is_rewritten(runs, tmp_path):
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     state = newest(run_dir) / "trainer.json"
