@@ -94,12 +94,15 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
-def read_meta(path: Path) -> dict:
-    """Checkpoint ``path``'s meta.json, checked, once its weights are known to be there in a layout we read."""
-    if not (layout.is_elastic(path) or legacy.holds(path)):  # else a lost .metadata would be taken for a legacy checkpoint
+def check_layout(path: Path) -> None:
+    """Checkpoint ``path`` holds weights in a layout we read; else a lost .metadata would be taken for a legacy one."""
+    if not (layout.is_elastic(path) or legacy.holds(path)):
         lost = ".metadata, DCP's index of its *.distcp files," if any(path.glob("*.distcp")) else "its weights"
         raise CheckpointError(f"checkpoint {path} has lost {lost} so it is incomplete; resume from an earlier checkpoint "
                               "(point checkpoints/latest at it)")
+
+
+def read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / "meta.json").read_text())
         missing = [k for k in ("model", "engine", "step", "world_size") if k not in meta]
@@ -124,6 +127,7 @@ def check_compatible(meta: dict, path: Path, config: dict, world_size: int) -> N
     (the layout is the same for every engine, and the data position is one in the global order); checkpoints
     from before that layout may not. Checkpoints that predate meta.json's config are checked on model, engine and
     world size here, and on the data settings by the loader's own state."""
+    check_layout(path)
     saved = meta.get("config") or {"model": {"name": meta["model"]}, "engine": {"name": meta["engine"]}}
     if meta["model"] != _get(config, "model.name"):
         raise CheckpointError(
@@ -182,6 +186,7 @@ def _refuse(file: Path, what: str) -> CheckpointError:
 def verify(path: Path) -> None:
     """Read every file of checkpoint ``path`` the safe way before an engine does: a truncated, damaged or
     planted file is reported by name, the same on every rank, before any rank enters a collective."""
+    check_layout(path)
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         with _named_failures(file):
             if file.suffix == ".json":
