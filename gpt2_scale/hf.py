@@ -305,8 +305,11 @@ def _check_keys_and_shapes(
 def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = "overwrite=True") -> Path:
     """The directory an export may be written to (what ``export_hf`` checks first). A program calls it before
     loading a model, to fail fast, and names its own way to overwrite in ``how`` (e.g. ``--overwrite``)."""
-    out = Path(out_dir).expanduser()
+    out = Path(out_dir).expanduser().resolve()  # "." names the directory it is, which can be renamed into place
     existing = next(p for p in (out, *out.parents) if p.exists())  # out, or the directory it would be made in
+    if run := next((p for p in (out, *out.parents) if _is_run(p)), None):  # not even with overwrite
+        raise HFCheckpointError(f"{out} is in the training run {run}; an export never goes into a run's directory (it "
+                                "would replace the run's files): choose a directory outside it")
     if not existing.is_dir():
         raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
     if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
@@ -317,6 +320,11 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
     if out.is_dir() and (run := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
         raise HFCheckpointError(f"{out} holds a training run ({run}); an export never replaces one: choose another directory")
     return out
+
+
+def _is_run(path: Path) -> bool:
+    """Whether ``path`` is a training run's directory (resume.RUN_FILES)."""
+    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:

@@ -205,6 +205,19 @@ def test_export_never_loses_a_file_it_did_not_write_nor_a_run(tmp_path):
         with pytest.raises(HFCheckpointError, match=f"holds a training run \\({re.escape(str(run))}\\)"):
             export_hf(model, target, overwrite=True)
     assert (run / "metrics.jsonl").read_text() == "{}\n"
+    (run / "config.yaml").write_text("model:\n  name: gpt2-tiny\n")
+    (run / "checkpoints" / "step_00000001").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_00000001")
+    for target in (run / "checkpoints", run / "checkpoints" / "step_00000001", run / "checkpoints" / "new"):
+        with pytest.raises(HFCheckpointError, match=f"is in the training run {re.escape(str(run))}; an export never goes into"):
+            export_hf(model, target, overwrite=True)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+
+
+def test_export_to_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert export_hf(GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100)), ".") == tmp_path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_export_failure_leaves_nothing_half_written(tmp_path, monkeypatch):
