@@ -68,7 +68,9 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
     if resume := explicit or auto_resume_dir(cfg):
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml)" if explicit else
+            parent = next((p for p in run_dir.parents if (p / "config.yaml").is_file()), None)
+            hint = f"; pass the run's directory, {parent} (its checkpoints/latest names the step it resumes from)" if parent else ""
+            raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml){hint}" if explicit else
                               f"--checkpoint.auto_resume: {run_dir} has a checkpoint but no config.yaml; put the run's config.yaml "
                               "back, or pass another --run-dir")
         saved = config_from_yaml_file(run_dir / "config.yaml")
@@ -76,6 +78,9 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
         cfg = parse_args(saved, argv)
         if not explicit:
             check_same_run(saved, cfg, run_dir)
+        elif cfg.log.run_dir != saved.log.run_dir and Path(cfg.log.run_dir).resolve() != run_dir.resolve():
+            raise ConfigError(f"--resume continues {run_dir} in place, writing its checkpoints there, but --run-dir names "
+                              f"{cfg.log.run_dir}; drop --run-dir (to branch off, copy the run directory and resume the copy)")
         cfg.log.run_dir = cfg.checkpoint.resume = str(run_dir)
     cfg.optim.decay_steps = cfg.optim.decay_steps or cfg.train.max_steps
     return cfg

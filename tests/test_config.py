@@ -277,6 +277,17 @@ def test_resume_wins_over_auto_resume_and_takes_the_change(tmp_path):
     assert cfg.checkpoint.resume == str(run_dir) and cfg.optim.lr == 3e-4
 
 
+def test_resume_refuses_another_run_dir_and_names_the_run_of_a_checkpoint_path(tmp_path):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    with pytest.raises(ConfigError, match=f"--resume continues {run_dir} in place.*--run-dir names {tmp_path / 'new'}; drop --run-dir"):
+        resolve_config(RECIPE, ["--resume", str(run_dir), "--run-dir", str(tmp_path / "new")])  # else trained in run_dir silently
+    assert resolve_config(RECIPE, ["--resume", str(run_dir), "--run-dir", f"{run_dir}/."]).log.run_dir == str(run_dir)
+    step = checkpoint.latest(run_dir)
+    with pytest.raises(ConfigError, match=f"--resume {step}: not a run directory .*; pass the run's directory, {run_dir} "):
+        resolve_config(RECIPE, ["--resume", str(step)])
+
+
 def test_auto_resume_without_a_checkpoint_starts_the_run_again_there(tmp_path):
     run_dir = tmp_path / "run"
     saved_run(run_dir, AUTO, step=None)
