@@ -85,12 +85,22 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
 
 
 def latest(run_dir: Path) -> Path | None:
-    pointer = checkpoints_root(run_dir) / LATEST
+    """The checkpoint ``checkpoints/latest`` names; without that file (a save killed just before it, or a user's
+    deletion) the newest complete step_* directory, as a save renames only complete ones into place."""
+    root = checkpoints_root(run_dir)
+    pointer = root / LATEST
+    steps = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
     if not pointer.exists():
-        return None
-    path = pointer.parent / pointer.read_text().strip()
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names {path.name}, which is not a complete checkpoint; point it at an existing step_* directory")
+        return steps[-1] if steps else None
+    try:
+        name = pointer.read_text().strip()
+        why = f"names {name!r}, which is not a complete checkpoint" if name else "is empty"
+    except (OSError, UnicodeDecodeError) as e:  # a directory, unreadable, binary
+        name, why = "", f"cannot be read ({type(e).__name__})"
+    path = root / name
+    if not name or path.parent != root or not (path / "meta.json").is_file():
+        have = f" ({', '.join(p.name for p in steps)} are)" if steps else ""
+        raise CheckpointError(f"{pointer} {why}; write the name of a complete step_* directory into it{have}")
     return path
 
 
@@ -253,7 +263,9 @@ def load_model(run_dir: str | Path, step: int | None = None):
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass the --run-dir of a training run")
     path = checkpoints_root(run_dir) / f"step_{step:08d}" if step is not None else latest(run_dir)
     if path is None or not path.is_dir():
-        raise CheckpointError(f"{run_dir} has no checkpoint{'' if step is None else f' for step {step}'}; train it first")
+        steps = sorted(p.name for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
+        raise CheckpointError(f"{run_dir} has no checkpoint for step {step}; it has {', '.join(steps) or 'none'}" if step is not None
+                              else f"{run_dir} has no checkpoint; train it first")
     meta = read_meta(path)
     model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
     verify(path)

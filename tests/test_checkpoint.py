@@ -141,6 +141,11 @@ def test_a_checkpoint_that_lost_its_index_or_weights_is_named_not_taken_for_a_le
         assert f"{newest(run_dir)} has lost .metadata" in line, line
 
 
+def test_a_step_without_a_checkpoint_lists_the_steps_that_have_one(runs):
+    with pytest.raises(checkpoint.CheckpointError, match="has no checkpoint for step 7; it has step_00000001, step_00000002$"):
+        checkpoint.load_model(runs["ddp"], step=7)
+
+
 def test_a_zeroed_checkpoint_file_is_one_line_with_dcps_cause_not_its_traceback(runs, tmp_path):
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     data = next(newest(run_dir).glob("*.distcp"))

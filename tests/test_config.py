@@ -325,12 +325,30 @@ def test_without_auto_resume_a_run_directory_is_refused_as_before(tmp_path):
         check_run_dir(cfg)
 
 
-def test_auto_resume_with_a_broken_latest_pointer_is_one_error(tmp_path):
+@pytest.mark.parametrize("content,why", [("step_00000099", "names 'step_00000099', which is not a complete checkpoint"), ("", "is empty"),
+                                         ("../run", "names '../run', which is not a complete checkpoint"),
+                                         (None, r"cannot be read \(IsADirectoryError\)")])
+def test_auto_resume_with_a_broken_latest_pointer_is_one_error_listing_the_checkpoints(tmp_path, content, why):
     run_dir = tmp_path / "run"
     saved_run(run_dir, AUTO)
-    (checkpoint.checkpoints_root(run_dir) / checkpoint.LATEST).write_text("step_00000099")
-    with pytest.raises(checkpoint.CheckpointError, match="not a complete checkpoint"):
+    pointer = checkpoint.checkpoints_root(run_dir) / checkpoint.LATEST
+    if content is None:
+        pointer.unlink()
+        pointer.mkdir()
+    else:
+        pointer.write_text(content)
+    fix = r"write the name of a complete step_\* directory into it \(step_00000004 are\)"
+    with pytest.raises(checkpoint.CheckpointError, match=f"latest {why}; {fix}"):
         resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)])
+
+
+def test_without_its_latest_pointer_a_run_resumes_from_its_newest_checkpoint(tmp_path):
+    """A save killed between renaming its directory into place and writing `latest`: that checkpoint is complete."""
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    (checkpoint.checkpoints_root(run_dir) / checkpoint.LATEST).unlink()
+    assert checkpoint.latest(run_dir).name == "step_00000004"
+    assert resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)]).checkpoint.resume == str(run_dir)
 
 
 def test_what_a_restart_may_change_leaves_what_the_checkpoint_depends_on():
