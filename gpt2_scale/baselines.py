@@ -218,7 +218,18 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     records = read_metrics(path / "metrics.jsonl")
     if not records:
         raise RunError(f"{path / 'metrics.jsonl'} has no records yet: the run has not logged a step")
-    return Run(path, model["name"], records, finished=(path / "summary.json").is_file())
+    return Run(path, model["name"], records, finished=_finished(path / "summary.json", records))
+
+
+def _finished(summary_file: Path, records: list[dict]) -> bool:
+    """Whether the run's summary stands for its last logged step: a resume to a larger --max-steps that was
+    stopped leaves the earlier finish's summary.json behind, and a damaged one says nothing."""
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    steps = [r["step"] for r in records if isinstance(r.get("step"), int)]
+    return isinstance(summary, dict) and summary.get("finished") is True and summary.get("step") == max(steps, default=None)
 
 
 def compare(run: Run) -> dict:

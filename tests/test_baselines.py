@@ -22,8 +22,9 @@ def write_run(path, model="gpt2-124m", records=(), finished=True, tail=""):
     with open(path / "metrics.jsonl", "w", errors="surrogateescape") as f:  # "\udcff" in tail writes byte 0xff
         f.writelines(json.dumps(r) + "\n" for r in records)
         f.write(tail)
-    if finished:
-        (path / "summary.json").write_text('{"final_val_loss": 3.1}')
+    if finished:  # as the trainer writes it at the end of its last step
+        last = max((r["step"] for r in records), default=0)
+        (path / "summary.json").write_text(json.dumps({"step": last, "finished": True, "final_val_loss": 3.1}))
     return path
 
 
@@ -91,6 +92,15 @@ def test_compare_final_best_diff_and_beats(tmp_path):
     gpt3 = rows["GPT-3 Small (125M)", "hellaswag_acc_norm"]
     assert gpt3["diff"] == pytest.approx(0.30 - 0.337) and not gpt3["beats"]
     assert "play.ipynb" in loss["source"] and "Brown et al. 2020" in gpt3["source"]
+
+
+@pytest.mark.parametrize("summary", ['{"step": 100, "finished": true}', '{"step": 1', "[]"])
+def test_a_summary_of_an_earlier_step_or_a_damaged_one_is_not_a_finish(tmp_path, summary):
+    """A finished run resumed to a larger --max-steps and stopped keeps its first finish's summary.json."""
+    path = write_run(tmp_path / "run", records=RECORDS)
+    assert baselines.load_run(path).finished
+    (path / "summary.json").write_text(summary)
+    assert not baselines.load_run(path).finished
 
 
 def test_truncated_last_line_is_skipped_with_a_warning_and_run_is_in_progress(tmp_path):
