@@ -296,6 +296,10 @@ def grad_accum_steps(cfg: Config, world_size: int) -> int:
 
 def config_from_yaml_file(path: str | Path) -> Config:
     """The resolved config a run saved (``RUN_DIR/config.yaml``)."""
+    data = load_yaml(path)
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict) or "name" not in data["model"]:
+        raise ConfigError(f"{path} holds no model.name, as every run's saved config does: it is damaged; restore it from "
+                          "the \"config\" of a checkpoint's meta.json (without it a resume would take the recipe's defaults)")
     cfg = Config()
-    apply_dict(cfg, load_yaml(path), str(path))
+    apply_dict(cfg, data, str(path))
     return cfg

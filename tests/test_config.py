@@ -113,6 +113,14 @@ def test_yaml_round_trip(tmp_path):
     assert config_from_yaml_file(tmp_path / "config.yaml") == cfg
 
 
+@pytest.mark.parametrize("content", ["", "train:\n  max_steps: 3\n", "- 1\n"])
+def test_a_saved_config_without_its_model_is_refused_not_filled_with_defaults(tmp_path, content):
+    path = tmp_path / "config.yaml"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=f"{path} holds no model.name, as every run's saved config does: it is damaged"):
+        config_from_yaml_file(path)
+
+
 def test_grad_accum_from_total_batch():
     cfg = Config()
     assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8  # 2^19 / (64 * 1024 * world)
