@@ -120,8 +120,10 @@ def read_meta(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path / 'meta.json'} ({e}); resume from another checkpoint of the run") from e
     if missing:
         raise CheckpointError(f"{path / 'meta.json'} lacks {', '.join(missing)}: it is damaged; resume from another checkpoint")
-    if not isinstance(meta.get("config", {}), dict) or type(meta["step"]) is not int or meta["step"] < 1:
-        raise CheckpointError(f"{path / 'meta.json'} holds a bad step or config: it is damaged; resume from another checkpoint")
+    if (not isinstance(meta.get("config", {}), dict) or type(meta["step"]) is not int or meta["step"] < 1
+            or not isinstance(meta["model"], str) or not isinstance(meta["engine"], str)):
+        raise CheckpointError(f"{path / 'meta.json'} holds a bad step, model, engine or config: it is damaged; "
+                              "resume from another checkpoint")
     return meta
 
 
@@ -267,7 +269,10 @@ def load_model(run_dir: str | Path, step: int | None = None):
         raise CheckpointError(f"{run_dir} has no checkpoint for step {step}; it has {', '.join(steps) or 'none'}" if step is not None
                               else f"{run_dir} has no checkpoint; train it first")
     meta = read_meta(path)
-    model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
+    try:
+        model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
+    except ValueError as e:  # an unknown name
+        raise CheckpointError(f"{path / 'meta.json'}: {e}; it is damaged, or from a newer gpt2-scale") from None
     verify(path)
     with reading(path):
         state = read_full_weights(path)

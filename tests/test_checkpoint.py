@@ -166,7 +166,7 @@ def test_a_damaged_trainer_state_is_named_and_nothing_is_rewritten(runs, tmp_pat
 
 
 @pytest.mark.parametrize("file,edit", [("trainer.json", {"step": -3}), ("trainer.json", {"step": 0}), ("meta.json", {"config": "x"}),
-                                       ("meta.json", {"step": "2"})])
+                                       ("meta.json", {"step": "2"}), ("meta.json", {"model": 5})])
 def test_a_checkpoint_whose_step_or_config_is_damaged_is_refused_and_nothing_is_rewritten(runs, tmp_path, file, edit):
     """A step that trainer.json and meta.json do not agree on, or a config that is not one: the run would otherwise
     set aside its metrics and train over its own checkpoints."""
@@ -177,6 +177,9 @@ def test_a_checkpoint_whose_step_or_config_is_damaged_is_refused_and_nothing_is_
     line = one_error_line(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "3"], launcher="python"))
     assert "damaged" in line and str(newest(run_dir)) in line, line
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    if file == "meta.json":  # export, sample and eval read it through load_model
+        with pytest.raises(checkpoint.CheckpointError, match=f"{re.escape(str(path))} holds a bad .*: it is damaged"):
+            checkpoint.load_model(run_dir)
 
 
 # What a checkpoint of today's engines holds, rewritten in the layout main wrote before (engines/legacy.py): DDP's
