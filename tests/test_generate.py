@@ -220,6 +220,7 @@ def test_cli_ckpt_uses_checkpoint_module(capsys, tmp_path, monkeypatch):
         (["--ckpt", "/does/not/exist"], "no such directory"),
         (["--hf", __file__], "not a directory"),
         (["--model", "gpt2-tiny", "--device", "nonsense"], "unknown device"),
+        (["--model", "gpt2-tiny", "--device", "meta"], "device 'meta' is not one this package runs on; choose one of auto, cpu"),
     ],
 )
 def test_cli_bad_input_exits_2_without_traceback(capsys, argv, message):
