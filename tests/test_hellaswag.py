@@ -76,6 +76,8 @@ def test_load_examples_reads_the_official_schema(tmp_path):
         ('{"ctx": "a", "endings": ["b", "c", "d"], "label": 0}', "4 strings"),
         ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}', "label must be 0-3"),
         ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": ""}', "test split has no labels"),
+        ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 1.7}', "label must be 0-3, got 1.7"),  # not scored as 1
+        ('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": true}', "label must be 0-3, got True"),
         ('{"ctx": "", "endings": ["b", "c", "d", "e"], "label": 1}', "ctx must be"),
     ],
 )

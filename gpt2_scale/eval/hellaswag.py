@@ -96,9 +96,9 @@ def parse_example(line: str | bytes, where: str = "HellaSwag line") -> Example:
         raise HellaSwagError(f"{where}: ctx must be a non-empty string")
     if not isinstance(endings, list) or len(endings) != NUM_ENDINGS or not all(isinstance(e, str) for e in endings):
         raise HellaSwagError(f"{where}: endings must be a list of {NUM_ENDINGS} strings")
-    try:
-        label = int(label)  # the official files store it as an int, some copies as a string
-    except (TypeError, ValueError):
+    try:  # the official files store it as an int, some copies as a string; int() would take 1.7 and true too
+        label = int(label) if type(label) is int or isinstance(label, str) else -1
+    except ValueError:
         label = -1
     if not 0 <= label < NUM_ENDINGS:
         raise HellaSwagError(
