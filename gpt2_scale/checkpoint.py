@@ -262,7 +262,10 @@ def load_model(run_dir: str | Path, step: int | None = None):
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); pass the --run-dir of a training run")
+        parent = next((p for p in run_dir.parents if (p / "config.yaml").is_file()), None)
+        hint = ("it is a Hugging Face export: load it as one (sample --hf, eval_hellaswag --pretrained)" if (run_dir / "config.json").is_file()
+                else f"the run is {parent}" if parent else "pass the directory a training run wrote (its --run-dir)")
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); {hint}")
     path = checkpoints_root(run_dir) / f"step_{step:08d}" if step is not None else latest(run_dir)
     if path is None or not path.is_dir():
         steps = sorted(p.name for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())

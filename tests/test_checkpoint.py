@@ -146,6 +146,14 @@ def test_a_step_without_a_checkpoint_lists_the_steps_that_have_one(runs):
         checkpoint.load_model(runs["ddp"], step=7)
 
 
+def test_a_directory_that_is_not_a_run_says_what_it_is(runs, tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=f"checkpoints is not a run directory .*; the run is {re.escape(str(runs['ddp']))}$"):
+        checkpoint.load_model(runs["ddp"] / "checkpoints")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointError, match="it is a Hugging Face export: load it as one"):
+        checkpoint.load_model(tmp_path)
+
+
 def test_a_zeroed_checkpoint_file_is_one_line_with_dcps_cause_not_its_traceback(runs, tmp_path):
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     data = next(newest(run_dir).glob("*.distcp"))

@@ -243,6 +243,13 @@ def test_the_equivalence_tool_checks_a_run_moved_to_another_engine_and_world(tmp
     assert bad.returncode == 2 and "need --resume-at" in bad.stderr
 
 
+def test_the_equivalence_tool_says_resume_at_needs_two_steps():
+    from gpt2_scale.tools.check_equivalence import parse_args
+
+    with pytest.raises(ValueError, match="--resume-at needs --steps >= 2 .*, got --steps 1$"):  # not "between 1 and 0"
+        parse_args(["--steps", "1", "--resume-at", "1"])
+
+
 @pytest.mark.parametrize("flag,value", [("--rtol", "nan"), ("--atol", "-1"), ("--grad-rtol", "inf"), ("--lr", "nan"), ("--lr", "0"),
                                         ("--grad-clip", "nan")])
 def test_the_equivalence_tool_refuses_a_tolerance_or_setting_that_cannot_be_checked(flag, value, capsys):

@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
         seed=args.seed,
         deterministic=args.deterministic,
     )
+    if args.resume_at is not None and args.steps < 2:
+        raise ValueError(f"--resume-at needs --steps >= 2 (a step before the stop and one after), got --steps {args.steps}")
     if args.resume_at is not None and not 0 < args.resume_at < args.steps:
         raise ValueError(f"--resume-at must be between 1 and --steps - 1 ({args.steps - 1}), got {args.resume_at}")
     if (args.resume_as or args.resume_world) and args.resume_at is None:
