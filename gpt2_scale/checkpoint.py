@@ -254,12 +254,8 @@ def load(engine, path: Path) -> dict:
         return torch.load(state_file, weights_only=True)
 
 
-def load_model(run_dir: str | Path, step: int | None = None):
-    """The trained GPT of a run (full fp32 weights on CPU), from any engine's checkpoint, in one process."""
-    from gpt2_scale.engines import read_full_weights
-    from gpt2_scale.model import GPT
-    from gpt2_scale.zoo import ModelConfig
-
+def find(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint directory of run ``run_dir`` at ``step`` (default: the latest), or an error saying what is there."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         parent = next((p for p in run_dir.parents if (p / "config.yaml").is_file()), None)
@@ -271,6 +267,16 @@ def load_model(run_dir: str | Path, step: int | None = None):
         steps = sorted(p.name for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
         raise CheckpointError(f"{run_dir} has no checkpoint for step {step}; it has {', '.join(steps) or 'none'}" if step is not None
                               else f"{run_dir} has no checkpoint; train it first")
+    return path
+
+
+def load_model(run_dir: str | Path, step: int | None = None):
+    """The trained GPT of a run (full fp32 weights on CPU), from any engine's checkpoint, in one process."""
+    from gpt2_scale.engines import read_full_weights
+    from gpt2_scale.model import GPT
+    from gpt2_scale.zoo import ModelConfig
+
+    path = find(run_dir, step)
     meta = read_meta(path)
     try:
         model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))

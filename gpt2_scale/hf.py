@@ -302,13 +302,16 @@ def _check_keys_and_shapes(
 # ------------------------------------------------------------------------------------------- export
 
 
-def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = "overwrite=True") -> Path:
+def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = "overwrite=True", run: str | None = None) -> Path:
     """The directory an export may be written to (what ``export_hf`` checks first). A program calls it before
-    loading a model, to fail fast, and names its own way to overwrite in ``how`` (e.g. ``--overwrite``)."""
+    loading a model, to fail fast, and names its own way to overwrite in ``how`` (e.g. ``--overwrite``).
+
+    An earlier export is replaced without ``overwrite`` when it came from the same training ``run`` (a later step,
+    say) or from no run; one of another run only with it, as that run's checkpoint may be gone."""
     out = Path(out_dir).expanduser().resolve()  # "." names the directory it is, which can be renamed into place
     existing = next(p for p in (out, *out.parents) if p.exists())  # out, or the directory it would be made in
-    if run := next((p for p in (out, *out.parents) if _is_run(p)), None):  # not even with overwrite
-        raise HFCheckpointError(f"{out} is in the training run {run}; an export never goes into a run's directory (it "
+    if inside := next((p for p in (out, *out.parents) if _is_run(p)), None):  # not even with overwrite
+        raise HFCheckpointError(f"{out} is in the training run {inside}; an export never goes into a run's directory (it "
                                 "would replace the run's files): choose a directory outside it")
     if not existing.is_dir():
         raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
@@ -317,8 +320,12 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
             f"{out} is a non-empty directory that is not an export of this package (or holds other files too); "
             f"choose another directory or pass {how} to replace it"
         )
-    if out.is_dir() and (run := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
-        raise HFCheckpointError(f"{out} holds a training run ({run}); an export never replaces one: choose another directory")
+    if out.is_dir() and (held := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
+        raise HFCheckpointError(f"{out} holds a training run ({held}); an export never replaces one: choose another directory")
+    earlier = _export_source(out) if out.is_dir() and not overwrite else {}
+    if run is not None and earlier.get("run") not in (None, run):
+        raise HFCheckpointError(f"{out} holds the export of another run ({earlier['run']}, step {earlier.get('step')}); "
+                                f"choose another directory or pass {how} to replace it")
     return out
 
 
@@ -327,20 +334,22 @@ def _is_run(path: Path) -> bool:
     return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
-def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False, source: dict | None = None) -> Path:
     """Write ``model`` as a Hugging Face GPT-2 checkpoint (config.json + model.safetensors) to ``out_dir``.
 
     The files are written to a temporary directory beside ``out_dir`` and renamed into place, so a
     failure never leaves a half-written export. An existing export is replaced; any other non-empty
-    directory only with ``overwrite=True``. Returns the directory.
+    directory only with ``overwrite=True``. ``source`` ({"run": resolved run directory, "step": N}) is recorded in
+    config.json, and an export of another run is replaced only with ``overwrite=True``. Returns the directory.
     """
     from safetensors.torch import save_file
 
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     model = getattr(model, "module", model)  # DDP wrapper
-    out = check_export_target(out_dir, overwrite)
+    out = check_export_target(out_dir, overwrite, run=(source or {}).get("run"))
     tensors = _hf_tensors(model)
     config = _hf_config(model.config, model.transformer.wte.weight.dtype)
+    config[_EXPORT_MARKER].update(source or {})
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp.mkdir()
@@ -387,6 +396,14 @@ def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     if config.vocab_size > 50256:
         hf.update(bos_token_id=50256, eos_token_id=50256)
     return hf
+
+
+def _export_source(path: Path) -> dict:
+    """The run and step an export of this package records (empty for other directories and older exports)."""
+    if not _is_export(path):
+        return {}
+    marker = json.loads((path / CONFIG_FILE).read_bytes())[_EXPORT_MARKER]
+    return {k: marker[k] for k in ("run", "step") if k in marker} if isinstance(marker, dict) else {}
 
 
 def _is_export(path: Path) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,6 +215,18 @@ def test_export_never_loses_a_file_it_did_not_write_nor_a_run(tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001"]
 
 
+def test_an_export_records_its_run_and_replaces_only_one_of_the_same_run(tmp_path):
+    model, out = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100)), tmp_path / "export"
+    export_hf(model, out, source={"run": "/runs/a", "step": 10})
+    export_hf(model, out, source={"run": "/runs/a", "step": 20})  # the same run's later step: the usual update
+    marker = json.loads((out / "config.json").read_text())["gpt2_scale"]
+    assert (marker["run"], marker["step"]) == ("/runs/a", 20)
+    with pytest.raises(HFCheckpointError, match=r"holds the export of another run \(/runs/a, step 20\); .* pass overwrite=True"):
+        export_hf(model, out, source={"run": "/runs/b", "step": 5})  # /runs/a's checkpoint may be gone: not silently
+    export_hf(model, out, overwrite=True, source={"run": "/runs/b", "step": 5})
+    assert json.loads((out / "config.json").read_text())["gpt2_scale"]["run"] == "/runs/b"
+
+
 def test_export_to_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert export_hf(GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100)), ".") == tmp_path
@@ -248,6 +261,8 @@ def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path,
     loaded = []
     model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
     monkeypatch.setattr(checkpoint, "load_model", lambda run_dir, step=None: loaded.append(run_dir) or model)
+    monkeypatch.setattr(checkpoint, "find", lambda run_dir, step=None: Path(run_dir) / "checkpoints" / "step_00000007")
+    monkeypatch.setattr(checkpoint, "read_meta", lambda path: {"step": 7})
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")

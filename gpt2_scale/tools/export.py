@@ -4,11 +4,12 @@
 
 ZeRO shards are consolidated by DeepSpeed's own fp32 utility, FSDP's DCP checkpoint is read in one
 process; the result loads with ``transformers.GPT2LMHeadModel.from_pretrained(OUT)`` and with
-``python -m gpt2_scale.sample --hf OUT``.
+``python -m gpt2_scale.sample --hf OUT``. config.json records the run and step it came from (key ``gpt2_scale``).
 """
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     parser.add_argument(
         "--overwrite", action="store_true",
-        help="replace OUT even if it holds something else (an earlier export is always replaced)",
+        help="replace OUT even if it holds something else (an earlier export of the same run is always replaced)",
     )  # fmt: skip
     args = parser.parse_args(argv)
 
@@ -27,12 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_scale.hf import check_export_target, export_hf
 
     try:
-        check_export_target(args.hf, args.overwrite, how="--overwrite")  # before the minutes a large model takes
-        model = checkpoint.load_model(args.run_dir, args.step)
-        out = export_hf(model, args.hf, overwrite=args.overwrite)
+        path = checkpoint.find(args.run_dir, args.step)
+        source = {"run": str(Path(args.run_dir).resolve()), "step": checkpoint.read_meta(path)["step"]}  # kept in config.json
+        check_export_target(args.hf, args.overwrite, how="--overwrite", run=source["run"])  # before loading, which takes minutes
+        model = checkpoint.load_model(args.run_dir, source["step"])
+        out = export_hf(model, args.hf, overwrite=args.overwrite, source=source)
     except (UserError, checkpoint.CheckpointError, ValueError, OSError) as e:  # OSError: no such run, a full disk
         return report(e)
-    print(f"exported {model.config.name} ({model.num_params():,} parameters) from {args.run_dir} to {out}")
+    print(f"exported {model.config.name} ({model.num_params():,} parameters) from {path} to {out}")
     return 0
 
 
