@@ -89,8 +89,8 @@ def latest(run_dir: Path) -> Path | None:
     deletion) the newest complete step_* directory, as a save renames only complete ones into place."""
     root = checkpoints_root(run_dir)
     pointer = root / LATEST
-    steps = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
     if not pointer.exists():
+        steps = complete_steps(run_dir)
         return steps[-1] if steps else None
     try:
         name = pointer.read_text().strip()
@@ -99,9 +99,25 @@ def latest(run_dir: Path) -> Path | None:
         name, why = "", f"cannot be read ({type(e).__name__})"
     path = root / name
     if not name or path.parent != root or not (path / "meta.json").is_file():
+        steps = complete_steps(run_dir)
         have = f" ({', '.join(p.name for p in steps)} are)" if steps else ""
         raise CheckpointError(f"{pointer} {why}; write the name of a complete step_* directory into it{have}")
     return path
+
+
+def complete_steps(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories that a save finished (meta.json is written last), oldest first."""
+    return sorted(p for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a training run's directory: its config.yaml, and its metrics or checkpoints."""
+    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or checkpoints_root(path).is_dir())
+
+
+def enclosing_run(path: Path) -> Path | None:
+    """The run directory ``path`` is, or lies in (None when neither)."""
+    return next((p for p in (path, *path.parents) if is_run_dir(p)), None)
 
 
 def check_layout(path: Path) -> None:
@@ -258,13 +274,13 @@ def find(run_dir: str | Path, step: int | None = None) -> Path:
     """The checkpoint directory of run ``run_dir`` at ``step`` (default: the latest), or an error saying what is there."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        parent = next((p for p in run_dir.parents if (p / "config.yaml").is_file()), None)
+        parent = enclosing_run(run_dir)
         hint = ("it is a Hugging Face export: load it as one (sample --hf, eval_hellaswag --pretrained)" if (run_dir / "config.json").is_file()
                 else f"the run is {parent}" if parent else "pass the directory a training run wrote (its --run-dir)")
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml); {hint}")
     path = checkpoints_root(run_dir) / f"step_{step:08d}" if step is not None else latest(run_dir)
     if path is None or not path.is_dir():
-        steps = sorted(p.name for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
+        steps = [p.name for p in complete_steps(run_dir)]
         raise CheckpointError(f"{run_dir} has no checkpoint for step {step}; it has {', '.join(steps) or 'none'}" if step is not None
                               else f"{run_dir} has no checkpoint; train it first")
     return path

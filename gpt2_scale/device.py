@@ -93,7 +93,7 @@ def resolve_device(name: str = "auto", purpose: Purpose = "sample") -> torch.dev
         device = torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}") from e
-    if device.type not in ("cpu", "cuda", "mps"):  # torch names more (meta, xpu ...), which nothing here runs on
+    if device.type not in DEVICE_CHOICES:  # torch names more (meta, xpu ...), which nothing here runs on
         raise ValueError(f"device {name!r} is not one this package runs on; choose one of {', '.join(DEVICE_CHOICES)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu or auto")

@@ -73,7 +73,12 @@ def attempt_store(world: int) -> dist.Store | None:
     from torch.distributed.constants import default_pg_timeout
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
-    return dist.PrefixStore(f"gpt2_scale/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"gpt2_scale/{_attempt()}", store)
+
+
+def _attempt() -> str:
+    """This restart of the job (torchrun's count, the same on every rank of one node), as a store key part."""
+    return f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 class PeerError(UserError):
@@ -81,7 +86,7 @@ class PeerError(UserError):
 
 
 def _failure_key() -> str:  # per restart: across nodes the launcher's store keeps an earlier attempt's keys
-    return f"gpt2_scale/failed/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return f"gpt2_scale/failed/{_attempt()}"
 
 
 def announce_failure(error: BaseException) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from gpt2_scale.checkpoint import weights_mismatch
+from gpt2_scale.checkpoint import enclosing_run, weights_mismatch
 from gpt2_scale.errors import UserError
 from gpt2_scale.fileio import publish_dir
 from gpt2_scale.model import GPT
@@ -310,28 +310,23 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
     say) or from no run; one of another run only with it, as that run's checkpoint may be gone."""
     out = Path(out_dir).expanduser().resolve()  # "." names the directory it is, which can be renamed into place
     existing = next(p for p in (out, *out.parents) if p.exists())  # out, or the directory it would be made in
-    if inside := next((p for p in (out, *out.parents) if _is_run(p)), None):  # not even with overwrite
+    if inside := enclosing_run(out):  # not even with overwrite
         raise HFCheckpointError(f"{out} is in the training run {inside}; an export never goes into a run's directory (it "
                                 "would replace the run's files): choose a directory outside it")
     if not existing.is_dir():
         raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_export(out):
+    marker = _export_marker(out) if out.is_dir() else None
+    if out.is_dir() and any(out.iterdir()) and not overwrite and marker is None:
         raise HFCheckpointError(
             f"{out} is a non-empty directory that is not an export of this package (or holds other files too); "
             f"choose another directory or pass {how} to replace it"
         )
     if out.is_dir() and (held := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
         raise HFCheckpointError(f"{out} holds a training run ({held}); an export never replaces one: choose another directory")
-    earlier = _export_source(out) if out.is_dir() and not overwrite else {}
-    if run is not None and earlier.get("run") not in (None, run):
-        raise HFCheckpointError(f"{out} holds the export of another run ({earlier['run']}, step {earlier.get('step')}); "
+    if run is not None and not overwrite and (marker or {}).get("run") not in (None, run):
+        raise HFCheckpointError(f"{out} holds the export of another run ({marker['run']}, step {marker.get('step')}); "
                                 f"choose another directory or pass {how} to replace it")
     return out
-
-
-def _is_run(path: Path) -> bool:
-    """Whether ``path`` is a training run's directory (resume.RUN_FILES)."""
-    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "checkpoints").is_dir())
 
 
 def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False, source: dict | None = None) -> Path:
@@ -398,20 +393,15 @@ def _hf_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     return hf
 
 
-def _export_source(path: Path) -> dict:
-    """The run and step an export of this package records (empty for other directories and older exports)."""
-    if not _is_export(path):
-        return {}
-    marker = json.loads((path / CONFIG_FILE).read_bytes())[_EXPORT_MARKER]
-    return {k: marker[k] for k in ("run", "step") if k in marker} if isinstance(marker, dict) else {}
-
-
-def _is_export(path: Path) -> bool:
-    """An export of this package, and nothing else: replacing it loses no file that export_hf did not write."""
+def _export_marker(path: Path) -> dict | None:
+    """What an export of this package, and nothing else, records of itself (model, and the run and step it came from);
+    None for any other directory. Replacing an export loses no file that export_hf did not write."""
     if {p.name for p in path.iterdir()} - {CONFIG_FILE, SAFETENSORS_FILE}:
-        return False
+        return None
     try:
         config = json.loads((path / CONFIG_FILE).read_bytes())
     except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and _EXPORT_MARKER in config
+        return None
+    if not isinstance(config, dict) or _EXPORT_MARKER not in config:
+        return None
+    return config[_EXPORT_MARKER] if isinstance(config[_EXPORT_MARKER], dict) else {}

@@ -68,7 +68,7 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
     if resume := explicit or auto_resume_dir(cfg):
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
-            parent = next((p for p in run_dir.parents if (p / "config.yaml").is_file()), None)
+            parent = checkpoint.enclosing_run(run_dir)
             hint = f"; pass the run's directory, {parent} (its checkpoints/latest names the step it resumes from)" if parent else ""
             raise ConfigError(f"--resume {run_dir}: not a run directory (no config.yaml){hint}" if explicit else
                               f"--checkpoint.auto_resume: {run_dir} has a checkpoint but no config.yaml; put the run's config.yaml "
