@@ -20,7 +20,7 @@ def check_run_dir(cfg: Config) -> Path:
 
     With checkpoint.auto_resume, a directory whose run has no checkpoint and no summary yet is an earlier attempt
     of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
-    aside first (set_aside_lost_attempt)."""
+    aside first (set_aside_earlier_attempt)."""
     run_dir = Path(cfg.log.run_dir)
     check_writable(run_dir)
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
@@ -100,22 +100,30 @@ def check_same_run(saved: Config, wanted: Config, run_dir: Path) -> None:
     )
 
 
-def set_aside_lost_attempt(run_dir: Path, start_step: int, is_main: bool) -> str | None:
-    """Before a run writes into its directory: the records an earlier attempt logged for the steps this one trains
-    (again) are moved to metrics.attempt-N.jsonl (metrics.set_aside says why), and when it starts from step 0 over
-    an attempt that died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes
-    to config.attempt-N.yaml beside its records. The line saying so, or None when nothing moved."""
-    config = run_dir / "config.yaml"
+def set_aside_earlier_attempt(run_dir: Path, start_step: int, is_main: bool) -> str | None:
+    """Before a run writes into its directory, what an earlier attempt wrote that no longer stands for the run
+    is moved to a side file (nothing is deleted): the records it logged for the steps this one trains (again)
+    go to metrics.attempt-N.jsonl (metrics.set_aside says why); when it starts from step 0 over an attempt that
+    died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes to
+    config.attempt-N.yaml; and when it trains on past an earlier finish (a larger --max-steps), that finish's
+    summary.json goes to summary.attempt-N.json, so that one stopped before its new end is not read as finished.
+    The lines saying so, or None when nothing moved."""
+    config, summary = run_dir / "config.yaml", run_dir / "summary.json"
     if not is_main or not run_dir.is_dir():
         return None
     attempt = next_attempt(run_dir)
+    lines = []
     moved = set_aside(run_dir, start_step, attempt)
     records = f"{moved} metrics record(s) to {attempt_name('metrics.jsonl', attempt)}" if moved else ""
     if start_step == 0 and config.is_file():
         config.rename(run_dir / attempt_name(config.name, attempt))
+        lines.append(f"{run_dir}: an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to "
+                     f"{attempt_name(config.name, attempt)}" + (f" and {records}" if moved else ""))
+    elif moved:
+        lines.append(f"{run_dir}: an earlier attempt logged steps {start_step} and later but died before checkpointing them; moved its {records}")
+    if summary.is_file():
+        summary.rename(run_dir / attempt_name(summary.name, attempt))
+        lines.append(f"{run_dir}: training on past its earlier finish; its summary.json moved to {attempt_name(summary.name, attempt)}")
+    if lines:
         fsync_dir(run_dir)
-        return (f"{run_dir}: an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to "
-                f"{attempt_name(config.name, attempt)}" + (f" and {records}" if moved else ""))
-    if moved:
-        return f"{run_dir}: an earlier attempt logged steps {start_step} and later but died before checkpointing them; moved its {records}"
-    return None
+    return "\n".join(lines) or None

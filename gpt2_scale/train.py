@@ -32,7 +32,7 @@ from gpt2_scale.memory import device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
-from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, find_checkpoint, set_aside_lost_attempt
+from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, find_checkpoint, set_aside_earlier_attempt
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.zoo import ModelConfig
 
@@ -130,7 +130,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             restore(run)
         if run.start_step >= cfg.train.max_steps:
             return already_done(run)
-        aside = set_aside_lost_attempt(run.dir, run.start_step, env.is_main)
+        aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
         write_config(run)
         log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
         stop = StopFlag()

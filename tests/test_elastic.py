@@ -16,6 +16,7 @@ from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
 from gpt2_scale.metrics import next_attempt, set_aside, split_records
+from gpt2_scale.resume import set_aside_earlier_attempt
 
 
 def by_step(run_dir: Path, key: str = "train_loss") -> dict[int, float]:
@@ -51,6 +52,21 @@ def test_set_aside_moves_what_a_lost_attempt_logged_and_loses_nothing(tmp_path):
     assert next_attempt(tmp_path) == 2
     assert set_aside(tmp_path, 0, attempt=2) == 4 and (tmp_path / "metrics.jsonl").read_bytes() == b""
     assert set_aside(tmp_path / "absent", 3, attempt=1) == 0
+
+
+def test_training_on_past_a_finish_sets_its_summary_aside(tmp_path):
+    """A finished run resumed to a larger --max-steps: its summary.json no longer stands for the run (one stopped
+    before its new end would still read as finished), so it moves beside the records, not away."""
+    logged = b"".join(b'{"step": %d, "train_loss": 2.5}\n' % s for s in range(4))
+    (tmp_path / "metrics.jsonl").write_bytes(logged)
+    (tmp_path / "config.yaml").write_text("model: {name: gpt2-tiny}\n")
+    summary = '{"step": 3, "finished": true}'
+    (tmp_path / "summary.json").write_text(summary)
+    line = set_aside_earlier_attempt(tmp_path, 4, is_main=True)
+    assert line == f"{tmp_path}: training on past its earlier finish; its summary.json moved to summary.attempt-1.json"
+    assert (tmp_path / "summary.attempt-1.json").read_text() == summary and not (tmp_path / "summary.json").exists()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == logged and (tmp_path / "config.yaml").is_file()
+    assert set_aside_earlier_attempt(tmp_path, 4, is_main=True) is None  # nothing more to move
 
 
 # --- the same command again, one process ---
