@@ -316,3 +316,12 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def from_main(value: object) -> object:
+    """Rank 0's ``value`` on every rank (a picklable object): a decision only rank 0 can make, taken by all."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value

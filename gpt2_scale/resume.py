@@ -4,15 +4,23 @@ that died logged for steps the next one trains again."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2_scale import checkpoint
+from gpt2_scale import checkpoint, distributed
 from gpt2_scale.config import Config, ConfigError
 from gpt2_scale.fileio import fsync_dir
 from gpt2_scale.metrics import attempt_name, next_attempt, set_aside
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
+LOCK = ".lock"  # flock'ed by the run training in the directory; the kernel releases it when that process ends
+LOCK_WAIT_S = 60.0  # how long a run waits for one still in its directory: a preempted attempt saving its checkpoint
 
 
 def check_run_dir(cfg: Config) -> Path:
@@ -30,6 +38,69 @@ def check_run_dir(cfg: Config) -> Path:
         what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
     return run_dir
+
+
+@contextmanager
+def claim_run_dir(run_dir: Path, env: distributed.DistEnv, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """One run at a time in a directory, from before it reads the directory until it has left.
+
+    Two runs in one directory write over each other's checkpoints and logs. It happens when the same command is
+    launched twice (with ``checkpoint.auto_resume`` the second continues the first's checkpoint), on ``--resume``
+    of a run that is still training, and when a scheduler requeues a job while its preempted attempt is still
+    saving. Rank 0 holds an flock on ``run_dir/.lock`` (created, with the directory, if missing; both removed
+    again when nothing else was written); another run waits up to ``wait_s`` for it, then every rank stops with
+    one line. On a file system without locks (some Lustre mounts) the run goes on unlocked and says so."""
+    fd, created, error = None, False, None
+    if env.is_main:
+        created = not run_dir.exists()
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd, error = _lock(run_dir / LOCK, wait_s)
+        except OSError:  # an unwritable directory: setup's check_writable says so, with what to do
+            pass
+    if error := distributed.from_main(error):
+        raise ConfigError(f"{run_dir} is in use by another run ({error}); wait for it to end or stop it, or pass another --run-dir")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.ftruncate(fd, 0)  # the holder's line is only for while it holds the lock
+            if created and [p.name for p in run_dir.iterdir()] == [LOCK]:  # a run refused before writing: no trace
+                (run_dir / LOCK).unlink()
+                run_dir.rmdir()
+            os.close(fd)
+
+
+def _lock(path: Path, wait_s: float) -> tuple[int | None, str | None]:
+    """(fd holding an exclusive flock on ``path``, None), or (None, who holds it) after ``wait_s`` seconds.
+
+    A file removed or replaced while this waited (claim_run_dir removing a directory it created) is a stale
+    lock: the wait starts over on the file now at ``path``."""
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its process did not say which"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks here (ENOLCK, EOPNOTSUPP ...)
+                print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run from training in "
+                      f"{path.parent} at the same time", flush=True)
+                return None, None
+            if time.monotonic() > deadline:
+                return None, holder
+            if not told:
+                print(f"{path.parent} is in use by another run ({holder}); waiting up to {wait_s:.0f} s for it to end", flush=True)
+                told = True
+            time.sleep(0.5)
+            continue
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
+            return fd, None
+        os.close(fd)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -32,7 +32,7 @@ from gpt2_scale.memory import device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at
-from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, find_checkpoint, set_aside_earlier_attempt
+from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, claim_run_dir, find_checkpoint, set_aside_earlier_attempt
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.zoo import ModelConfig
 
@@ -123,31 +123,32 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env: distributed.DistEnv) -> dict:
-    """Set up, and only once everything is validated and loaded write into the run directory and train."""
-    run = setup(cfg, env)
-    try:
-        if run.resume_from is not None:
-            restore(run)
-        if run.start_step >= cfg.train.max_steps:
-            return already_done(run)
-        aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
-        write_config(run)
-        log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
-        stop = StopFlag()
+    """Claim the run directory, set up, and only once everything is validated and loaded write into it and train."""
+    with claim_run_dir(Path(cfg.log.run_dir), env):  # no other run in it from before setup reads it
+        run = setup(cfg, env)
         try:
-            log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
-                      f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
-            log.print(run.engine.memory_report(device_bytes(env.device)))
             if run.resume_from is not None:
-                log.print(f"resumed from {run.resume_from} at step {run.start_step}")
-            if aside:
-                log.print(aside)
-            return loop(run, log, stop)
+                restore(run)
+            if run.start_step >= cfg.train.max_steps:
+                return already_done(run)
+            aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
+            write_config(run)
+            log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
+            stop = StopFlag()
+            try:
+                log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
+                          f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
+                log.print(run.engine.memory_report(device_bytes(env.device)))
+                if run.resume_from is not None:
+                    log.print(f"resumed from {run.resume_from} at step {run.start_step}")
+                if aside:
+                    log.print(aside)
+                return loop(run, log, stop)
+            finally:
+                stop.close()
+                log.close()
         finally:
-            stop.close()
-            log.close()
-    finally:
-        run.engine.close()
+            run.engine.close()
 
 
 # --- setup: validate and load everything, write nothing -------------------------------------------------------

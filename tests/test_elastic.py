@@ -3,20 +3,27 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import psutil  # a dependency of deepspeed, so of the package
+import pytest
+import torch
 from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
+from gpt2_scale.config import ConfigError
+from gpt2_scale.distributed import DistEnv
 from gpt2_scale.metrics import next_attempt, set_aside, split_records
-from gpt2_scale.resume import set_aside_earlier_attempt
+from gpt2_scale.resume import LOCK, claim_run_dir, set_aside_earlier_attempt
 
 
 def by_step(run_dir: Path, key: str = "train_loss") -> dict[int, float]:
@@ -67,6 +74,46 @@ def test_training_on_past_a_finish_sets_its_summary_aside(tmp_path):
     assert (tmp_path / "summary.attempt-1.json").read_text() == summary and not (tmp_path / "summary.json").exists()
     assert (tmp_path / "metrics.jsonl").read_bytes() == logged and (tmp_path / "config.yaml").is_file()
     assert set_aside_earlier_attempt(tmp_path, 4, is_main=True) is None  # nothing more to move
+
+
+# --- one run at a time in a directory ---
+
+MAIN = DistEnv(0, 0, 1, torch.device("cpu"))
+
+
+def _hold(path: Path) -> int:
+    """Hold the lock as a run in another process would: its own open file, flock'ed, its line written."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"pid 4242 on node07, since 2026-11-27 01:02:03\n", 0)
+    return fd
+
+
+def test_a_second_run_in_a_directory_waits_for_the_first_then_is_refused(tmp_path, capsys):
+    holder = _hold(tmp_path / LOCK)
+    with pytest.raises(ConfigError, match=r"in use by another run \(pid 4242 on node07, since .*\); wait for it to end or stop it"):
+        with claim_run_dir(tmp_path, MAIN, wait_s=0.3):
+            pytest.fail("entered a directory another run holds")
+    assert "waiting up to 0 s" in capsys.readouterr().out
+    threading.Timer(0.5, os.close, [holder]).start()  # the first run ends while the second waits
+    with claim_run_dir(tmp_path, MAIN, wait_s=30):
+        assert (tmp_path / LOCK).read_text().startswith(f"pid {os.getpid()} on ")
+        with pytest.raises(ConfigError, match="in use"), claim_run_dir(tmp_path, MAIN, wait_s=0):
+            pass
+    assert (tmp_path / LOCK).read_text() == ""  # released: no holder named
+    with claim_run_dir(tmp_path, MAIN, wait_s=0):
+        pass
+
+
+def test_a_run_refused_in_a_directory_it_created_leaves_no_trace(tmp_path):
+    run_dir = tmp_path / "runs" / "new"
+    with pytest.raises(ConfigError, match="bad setting"), claim_run_dir(run_dir, MAIN):
+        assert (run_dir / LOCK).is_file()
+        raise ConfigError("bad setting")
+    assert not run_dir.exists() and (tmp_path / "runs").is_dir()
+    with claim_run_dir(run_dir, MAIN):
+        (run_dir / "config.yaml").write_text("x")
+    assert sorted(p.name for p in run_dir.iterdir()) == [LOCK, "config.yaml"]
 
 
 # --- the same command again, one process ---

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from gpt2_scale.config import Config, config_from_yaml_file
 from gpt2_scale.data.loader import TokenLoader
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.model import GPT
+from gpt2_scale.resume import LOCK
 from gpt2_scale.train import EXIT_PREEMPTED
 from gpt2_scale.zoo import ModelConfig
 
@@ -174,7 +176,16 @@ def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finish
     step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
     assert 1 <= step < 1000
     assert not (tmp_path / "summary.json").exists()  # written only when a run finishes
-    ok(run("recipes/tiny.py", ["--resume", str(tmp_path), "--max-steps", str(step + 1)], launcher="python"))
+    held = os.open(tmp_path / LOCK, os.O_RDWR)  # as if the stopped run were still saving: the resume waits for it
+    fcntl.flock(held, fcntl.LOCK_EX)
+    resume = ["--resume", str(tmp_path), "--max-steps", str(step + 1)]
+    proc = subprocess.Popen(command("recipes/tiny.py", resume, launcher="python"), env=env(), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    os.close(held)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert first.startswith(f"{tmp_path} is in use by another run (") and "waiting up to 60 s" in first, first + out
     assert json.loads((tmp_path / "summary.json").read_text())["finished"]
 
 
