@@ -30,3 +30,14 @@ def lr_at(step: int, cfg: OptimSection, max_steps: int) -> float:
         return min_lr
     progress = (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - min_lr)
+
+
+def schedule_warning(cfg: OptimSection, max_steps: int) -> str | None:
+    """A line for a schedule whose warmup does not end before its cosine: a recipe's warmup (715 steps for 124M)
+    with a short --max-steps warms up for the whole run and never decays, rarely what a short run means."""
+    decay_steps = cfg.decay_steps or max_steps
+    if cfg.warmup_steps < decay_steps:
+        return None
+    return (f"warning: optim.warmup_steps {cfg.warmup_steps} >= the schedule's length {decay_steps} (optim.decay_steps: the first "
+            "--max-steps unless set), so the learning rate only warms up and never decays; for a short run pass a smaller "
+            "--optim.warmup_steps")

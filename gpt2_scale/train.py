@@ -31,7 +31,7 @@ from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
-from gpt2_scale.optim import lr_at
+from gpt2_scale.optim import lr_at, schedule_warning
 from gpt2_scale.resume import auto_resume_dir, check_run_dir, check_same_run, claim_run_dir, find_checkpoint, set_aside_earlier_attempt
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.zoo import ModelConfig
@@ -139,6 +139,8 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
                 log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
                           f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
                 log.print(run.engine.memory_report(device_bytes(env.device)))
+                if warning := schedule_warning(cfg.optim, cfg.train.max_steps):
+                    log.print(warning)
                 if run.resume_from is not None:
                     log.print(f"resumed from {run.resume_from} at step {run.start_step}")
                 if aside:

@@ -10,7 +10,7 @@ from gpt2_scale.cli import parse_args
 from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yaml_file, grad_accum_steps, validate
 from gpt2_scale.engines.deepspeed import fill_auto
 from gpt2_scale.model import GPT
-from gpt2_scale.optim import lr_at, param_groups
+from gpt2_scale.optim import lr_at, param_groups, schedule_warning
 from gpt2_scale.resume import AUTO_RESUME_MAY_CHANGE, check_run_dir
 from gpt2_scale.train import resolve_config
 from gpt2_scale.zoo import ModelConfig
@@ -144,6 +144,15 @@ def test_lr_schedule_warmup_cosine_floor():
     assert lr_at(55, o, 100) == pytest.approx(6e-5 + 0.5 * (6e-4 - 6e-5))  # half way down the cosine
     assert lr_at(100, o, 100) == lr_at(500, o, 100) == pytest.approx(6e-5)
     assert all(lr_at(s, o, 100) >= lr_at(s + 1, o, 100) for s in range(10, 120))
+
+
+def test_a_schedule_that_never_leaves_its_warmup_is_named():
+    o = OptimSection(lr=6e-4, warmup_steps=715)  # the 124M recipe's
+    assert schedule_warning(o, 19_073) is None
+    assert schedule_warning(o, 50).startswith("warning: optim.warmup_steps 715 >= the schedule's length 50 ")
+    assert schedule_warning(OptimSection(warmup_steps=50), 50) is not None  # warmup ends where the cosine would: none left
+    assert schedule_warning(OptimSection(warmup_steps=10, decay_steps=100), 5) is None  # a longer schedule, run in parts
+    assert schedule_warning(OptimSection(warmup_steps=0), 1) is None
 
 
 def test_weight_decay_only_on_matrices():
