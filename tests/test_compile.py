@@ -57,7 +57,8 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     for name in COMPILED:
         results[name] = train(_config(name, True, compile_scope="model"))
         results[name, "block"] = train(_config(name, True, compile_scope="block"))
-    results["ddp", "block", "loss_chunk"] = train(_config("ddp", True, compile_scope="block", loss_chunk=8))
+    results["ddp", "block", "loss_chunk"] = train(_config("ddp", True, compile_scope="block", loss_chunk=8))  # after zero3
+    results["linear after zero3"] = torch.nn.functional.linear is torch._C._nn.linear
     try:
         train(_config("fsdp", True, compile_scope="model", activation_checkpointing=True))
     except ConfigError as e:
@@ -91,6 +92,13 @@ def test_block_compile_with_the_fused_loss_trains_as_eager(results):
     # the blocks and the fused loss's chunk body (the full-logits loss is never called with a chunk)
     assert got["graphs"] >= 2, f"{got['graphs']} graph(s) compiled"
     torch.testing.assert_close(got["losses"], eager["losses"], rtol=1e-5, atol=0)
+
+
+def test_zero3_leaves_torchs_linear_as_it_was(results):
+    """DeepSpeed's memory_efficient_linear (its default) swaps torch.nn.functional.linear for good, and under torch
+    2.11 every model compiled later in the process (the fused-loss run above, after zero3's) got zero weight
+    gradients; gpt2-scale turns it off."""
+    assert results["linear after zero3"]
 
 
 def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):

@@ -190,6 +190,16 @@ def test_a_deepspeed_config_that_enables_fp16_is_refused(tmp_path):
         read_ds_config(path)
 
 
+def test_deepspeed_memory_efficient_linear_is_refused(tmp_path):
+    """It replaces torch.nn.functional.linear process-wide, which compiled code (torch 2.11) gives no weight gradient."""
+    from gpt2_scale.engines.deepspeed import read_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 3, "memory_efficient_linear": true}}')
+    with pytest.raises(ConfigError, match=f"{path} sets zero_optimization.memory_efficient_linear.*remove it"):
+        read_ds_config(path)
+
+
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
 @pytest.mark.parametrize("offload", [False, True])
 def test_deepspeed_default_configs_are_package_data(engine, offload):
@@ -206,6 +216,7 @@ def test_deepspeed_default_configs_are_package_data(engine, offload):
     ds = build_ds_config(cfg, DistEnv(0, 0, 1, torch.device("cpu")), bf16=False)
     assert ds["zero_optimization"]["stage"] == int(engine[-1]) and ds["gradient_accumulation_steps"] == 2
     assert ("offload_optimizer" in ds["zero_optimization"]) == offload
+    assert ds["zero_optimization"]["memory_efficient_linear"] is False  # DeepSpeed's default is on: see build_ds_config
 
 
 def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):

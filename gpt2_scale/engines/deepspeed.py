@@ -88,6 +88,10 @@ def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
         raise ConfigError(f"DeepSpeed config {path} enables fp16, which gpt2-scale does not train in (it has no loss scaling): "
                           "remove its fp16 section; --engine.dtype picks bf16 or fp32")
+    if ds.get("zero_optimization", {}).get("memory_efficient_linear") is True:
+        raise ConfigError(f"DeepSpeed config {path} sets zero_optimization.memory_efficient_linear, which replaces "
+                          "torch.nn.functional.linear in the whole process, and compiled (torch 2.11) its layers get no weight "
+                          "gradient; remove it (gpt2-scale turns it off)")
     return ds
 
 
@@ -109,6 +113,10 @@ def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
         "optimizer.params.weight_decay": o.weight_decay,
         "optimizer.params.torch_adam": env.device.type != "cuda",  # FusedAdam on CUDA
         "zero_optimization.stage": int(cfg.engine.name.removeprefix("zero")),
+        # On (DeepSpeed's default), ZeRO-3 swaps torch.nn.functional.linear for its own autograd.Function, for the
+        # whole process and for good: torch 2.11's compile then gives every linear weight a zero gradient, in this
+        # run and in any model compiled later in the process (seen on CPU; likely the H200's zero3 divergence).
+        "zero_optimization.memory_efficient_linear": False,
     }
     return fill_auto(ds, values)
 
