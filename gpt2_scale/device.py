@@ -117,18 +117,20 @@ def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope |
 def check_compile(engine: EngineSection, device: torch.device) -> None:
     """Refuse a combination measured to train wrong.
 
-    ZeRO-3 with torch.compile on CUDA. Per-block compile (H200, torch 2.11, DeepSpeed 0.19.8, 2026-11-26): dynamo
-    traces DeepSpeed's parameter and pre-backward hooks inside each compiled block; the first loss is right and
-    every later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after 6 steps). The same
-    run on CPU matches DDP, so only a GPU shows it (docs/benchmarks.md). The whole-model compile (DeepSpeed's
-    ``engine.compile()``) traces the same hooks: on CPU it recompiles 46 times per rank in 8 steps, past dynamo's
-    limit; until a GPU shows it right, it is refused too."""
+    ZeRO-3 with torch.compile on CUDA. Per-block compile on an H200 (torch 2.11, DeepSpeed 0.19.8, 2026-11-26): the
+    first loss right, every later one wrong (gpt2-tiny, lr 3e-3: 9.80 against eager ZeRO-3's and DDP's 8.86 after
+    6 steps). The same pattern showed on CPU under torch 2.11 (not 2.13) on 2026-11-27, and there its cause was
+    DeepSpeed's memory_efficient_linear: torch.nn.functional.linear swapped for an autograd.Function whose weights
+    get zero gradients when compiled. It is off since (engines/deepspeed.build_ds_config), and compiled ZeRO-3 then
+    matches eager on CPU under both versions. Refused on CUDA until a GPU shows the same
+    (tests/test_cuda.py::test_zero3_compiled_trains_as_eager); the whole-model compile also recompiled past dynamo's
+    limit on CPU (46 times per rank in 8 steps: DeepSpeed's hooks); that test runs it as well."""
     if engine.name == "zero3" and device.type == "cuda" and compile_scope(engine, device) is not None:
         from gpt2_scale.config import ConfigError
 
         raise ConfigError(
-            f"engine zero3 with torch.compile (engine.compile_scope={engine.compile_scope}) on CUDA: DeepSpeed's ZeRO-3 "
-            "hooks get traced into the compiled code, and with compiled blocks it trained wrong on an H200; leave "
+            f"engine zero3 with torch.compile (engine.compile_scope={engine.compile_scope}) on CUDA: with compiled blocks "
+            "it trained wrong on an H200, and no GPU run has shown it right since the likely cause was removed; leave "
             "engine.compile unset or pass --engine.compile=false (ZeRO-3 then runs eager), or use --engine fsdp, which compiles"
         )
 
