@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from launch import env
 
 from gpt2_scale import tokenizer
 from gpt2_scale.data import DataError, TokenLoader, read_manifest
@@ -153,8 +153,7 @@ def test_resume_in_a_new_process(tmp_path):
         f"l = TokenLoader({str(root)!r}, 'train', 4, 32, seed=11); l.load_state_dict(json.loads(sys.argv[1]))\n"
         "print(json.dumps(torch.stack([l.next_batch()[0] for _ in range(3)]).tolist()))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    out = subprocess.run([sys.executable, "-c", script, json.dumps(state)], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, "-c", script, json.dumps(state)], capture_output=True, text=True, env=env())
     assert out.returncode == 0, out.stderr
     assert torch.equal(torch.tensor(json.loads(out.stdout)), expected)
 

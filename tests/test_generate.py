@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from launch import run_module
 
 from gpt2_scale import GPT, ModelConfig
 from gpt2_scale import sample as sample_cli
 from gpt2_scale.device import default_device, resolve_device
 from gpt2_scale.generate import generate
 
-ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 32
 VOCAB = 500
 
@@ -299,11 +295,7 @@ def test_cli_usage_errors_exit_2_in_one_line(argv, says, capsys):
 
 
 def _run_module(*argv):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, "-m", "gpt2_scale.sample", *argv],
-        check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )
+    return run_module("gpt2_scale.sample", list(argv))
 
 
 def test_cli_module_entry_point_gpt2_124m_on_cpu():

@@ -2,22 +2,20 @@
 tiny recipe unchanged, under torchrun and under the deepspeed launcher (--no_ssh, --node_rank)."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
+from launch import REPO, env
 
 from gpt2_scale.distributed import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE_ARGS = ["--model", "gpt2-tiny", "--max-steps", "2", "--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "128",
                "--log.sample_every=0", "--log.val_every=0", "--log.tensorboard=false", "--engine.device=cpu"]
 
 
 def _launch(commands: list[list[str]]) -> None:
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
