@@ -288,12 +288,16 @@ def find(run_dir: str | Path, step: int | None = None) -> Path:
 
 def load_model(run_dir: str | Path, step: int | None = None):
     """The trained GPT of a run (full fp32 weights on CPU), from any engine's checkpoint, in one process."""
+    path = find(run_dir, step)
+    return model_at(path, read_meta(path))
+
+
+def model_at(path: Path, meta: dict):
+    """The GPT of checkpoint ``path`` (found, with its ``meta`` read: ``find``, ``read_meta``), full fp32 weights on CPU."""
     from gpt2_scale.engines import read_full_weights
     from gpt2_scale.model import GPT
     from gpt2_scale.zoo import ModelConfig
 
-    path = find(run_dir, step)
-    meta = read_meta(path)
     try:
         model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
     except ValueError as e:  # an unknown name

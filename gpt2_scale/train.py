@@ -108,7 +108,8 @@ def train(cfg: Config) -> dict:
     env = distributed.init(cfg.engine.device)
     finished = False
     try:
-        summary = _train(cfg, env)  # closes its engine on every way out
+        with claim_run_dir(Path(cfg.log.run_dir), env):  # no other run in it from before setup reads it
+            summary = _train(cfg, env)  # closes its engine on every way out
         finished = True
         return summary
     except UserError as e:
@@ -123,34 +124,33 @@ def train(cfg: Config) -> dict:
 
 
 def _train(cfg: Config, env: distributed.DistEnv) -> dict:
-    """Claim the run directory, set up, and only once everything is validated and loaded write into it and train."""
-    with claim_run_dir(Path(cfg.log.run_dir), env):  # no other run in it from before setup reads it
-        run = setup(cfg, env)
+    """Set up, and only once everything is validated and loaded write into the run directory and train."""
+    run = setup(cfg, env)
+    try:
+        if run.resume_from is not None:
+            restore(run)
+        if run.start_step >= cfg.train.max_steps:
+            return already_done(run)
+        aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
+        write_config(run)
+        log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
+        stop = StopFlag()
         try:
+            log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
+                      f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
+            log.print(run.engine.memory_report(device_bytes(env.device)))
+            if warning := schedule_warning(cfg.optim, cfg.train.max_steps):
+                log.print(warning)
             if run.resume_from is not None:
-                restore(run)
-            if run.start_step >= cfg.train.max_steps:
-                return already_done(run)
-            aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
-            write_config(run)
-            log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
-            stop = StopFlag()
-            try:
-                log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
-                          f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
-                log.print(run.engine.memory_report(device_bytes(env.device)))
-                if warning := schedule_warning(cfg.optim, cfg.train.max_steps):
-                    log.print(warning)
-                if run.resume_from is not None:
-                    log.print(f"resumed from {run.resume_from} at step {run.start_step}")
-                if aside:
-                    log.print(aside)
-                return loop(run, log, stop)
-            finally:
-                stop.close()
-                log.close()
+                log.print(f"resumed from {run.resume_from} at step {run.start_step}")
+            if aside:
+                log.print(aside)
+            return loop(run, log, stop)
         finally:
-            run.engine.close()
+            stop.close()
+            log.close()
+    finally:
+        run.engine.close()
 
 
 # --- setup: validate and load everything, write nothing -------------------------------------------------------

@@ -260,7 +260,7 @@ def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path,
 
     loaded = []
     model = GPT(ModelConfig(1, 2, 32, block_size=16, vocab_size=100))
-    monkeypatch.setattr(checkpoint, "load_model", lambda run_dir, step=None: loaded.append(run_dir) or model)
+    monkeypatch.setattr(checkpoint, "model_at", lambda path, meta: loaded.append(path) or model)
     monkeypatch.setattr(checkpoint, "find", lambda run_dir, step=None: Path(run_dir) / "checkpoints" / "step_00000007")
     monkeypatch.setattr(checkpoint, "read_meta", lambda path: {"step": 7})
     out = tmp_path / "precious"

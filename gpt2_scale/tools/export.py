@@ -29,9 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         path = checkpoint.find(args.run_dir, args.step)
-        source = {"run": str(Path(args.run_dir).resolve()), "step": checkpoint.read_meta(path)["step"]}  # kept in config.json
+        meta = checkpoint.read_meta(path)
+        source = {"run": str(Path(args.run_dir).resolve()), "step": meta["step"]}  # kept in config.json
         check_export_target(args.hf, args.overwrite, how="--overwrite", run=source["run"])  # before loading, which takes minutes
-        model = checkpoint.load_model(args.run_dir, source["step"])
+        model = checkpoint.model_at(path, meta)
         out = export_hf(model, args.hf, overwrite=args.overwrite, source=source)
     except (UserError, checkpoint.CheckpointError, ValueError, OSError) as e:  # OSError: no such run, a full disk
         return report(e)
