@@ -7,6 +7,7 @@ Layout of ``RUN_DIR/checkpoints/``::
         meta.json           step, engine, model, world size, and the run's config at that step
         .metadata, *.distcp weights and Adam state in DCP, by parameter name (engines/layout.py)
         trainer.json        step, tokens and the data position in the global order (JSON: loading runs no code)
+        SHA256SUMS          the SHA-256 of every file above, in ``sha256sum``'s format
     latest                  name of the newest complete checkpoint, replaced last
 
 Nothing else is carried: no RNG state, since every random draw is a function of the seeds and the step
@@ -16,7 +17,10 @@ Checkpoints written before this layout (engines/legacy.py) resume under the engi
 A checkpoint is written under a temporary name, synced to disk and renamed only when every rank has
 finished, and ``latest`` moves after that (fileio), so a process killed or a machine losing power at
 any moment leaves the previous one loadable. Loading reads only plain data (safeload): every file is
-checked before any engine sees it, so a damaged or planted file is one clear error on every rank.
+checked before any engine sees it, so a damaged or planted file is one clear error on every rank. Every byte is
+checked too, against the SHA-256 recorded when it was written: DCP keeps no checksum, and a flipped bit or a
+zeroed block in a tensor would otherwise load as a silently different model. The ranks split that reading, at
+a save and at a load, as they split the writing.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import contextlib
 import io
 import json
 import pickle
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,12 +39,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from gpt2_scale import safeload
-from gpt2_scale.distributed import DistEnv, barrier
+from gpt2_scale.distributed import DistEnv, all_ranks, barrier, from_main, share
 from gpt2_scale.engines import layout, legacy
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import publish_dir, write_atomic
+from gpt2_scale.fileio import publish_dir, sha256, write_atomic
 
 LATEST = "latest"
+SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in a checkpoint's directory checks a copy of it by hand
 # What the saved state depends on: a resume must keep these, or the weights, the optimizer shards or
 # the data position would not mean what they meant when saved.
 RESUME_KEYS = ("model.name", "model.pad_vocab", "train.seq_len", "train.total_batch_tokens", "data.seed")
@@ -70,12 +76,15 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
     if env.is_main:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier killed save
         tmp.mkdir(parents=True)
+        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
     barrier()
     engine.save(tmp)
     barrier()
+    sums = _sha256_all(tmp)
     if env.is_main:
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
         (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
+        sums["meta.json"] = sha256(tmp / "meta.json")
+        (tmp / SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
         publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
         write_atomic(root / LATEST, name)
         for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
@@ -106,7 +115,7 @@ def latest(run_dir: Path) -> Path | None:
 
 
 def complete_steps(run_dir: Path) -> list[Path]:
-    """The run's checkpoint directories that a save finished (meta.json is written last), oldest first."""
+    """The run's checkpoint directories that a save finished (renamed into place complete, meta.json in every layout), oldest first."""
     return sorted(p for p in checkpoints_root(run_dir).glob("step_*") if (p / "meta.json").is_file())
 
 
@@ -211,10 +220,65 @@ def _refuse(file: Path, what: str) -> CheckpointError:
                            "it could run code); it was altered or written by something else: resume from another checkpoint")
 
 
-def verify(path: Path) -> None:
-    """Read every file of checkpoint ``path`` the safe way before an engine does: a truncated, damaged or
-    planted file is reported by name, the same on every rank, before any rank enters a collective."""
+def _sha256_all(path: Path) -> dict[str, str]:
+    """The SHA-256 of every file under ``path`` by its relative name; every rank calls and hashes a share.
+
+    Rank 0 lists the files (on a network file system another node's listing may lag what it wrote)."""
+    names = from_main(sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()))
+    return {name: digest for part in all_ranks({n: sha256(path / n) for n in share(names)}) for name, digest in part.items()}
+
+
+_SUM_LINE = re.compile(r"([0-9a-f]{64}) [ *](.+)")
+
+
+def read_sums(path: Path) -> dict[str, str] | None:
+    """Checkpoint ``path``'s recorded SHA-256 of each file, by relative name; None for one written before them."""
+    file = path / SUMS
+    if not file.exists():
+        return None
+    sums = {}
+    try:
+        for number, line in enumerate(file.read_text().splitlines(), 1):
+            match = _SUM_LINE.fullmatch(line)
+            name = match and match[2]
+            if not match or Path(name).is_absolute() or ".." in Path(name).parts:
+                raise ValueError(f"line {number} is not a SHA-256 and a name inside the checkpoint")
+            sums[name] = match[1]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {file} ({e}): it is damaged; resume from an earlier checkpoint "
+                              "(point checkpoints/latest at it)") from e
+    return sums
+
+
+def check_sums(path: Path, split: bool = False) -> None:
+    """Every file of checkpoint ``path`` has the SHA-256 it was written with. With ``split`` every rank of the
+    process group calls, reads a share of the files, and raises the same error as the others."""
+    sums = read_sums(path)
+    if sums is None:
+        return
+
+    def problem(name: str) -> str | None:
+        if not (path / name).is_file():
+            return f"{path / name} is missing, though {SUMS} lists it"
+        return f"{path / name} does not match its SHA-256 in {SUMS}" if sha256(path / name) != sums[name] else None
+
+    bad = [p for name in (share(sorted(sums)) if split else sorted(sums)) if (p := problem(name))]
+    if split:
+        bad = [p for part in all_ranks(bad) for p in part]
+    if bad:
+        more = f" (and {len(bad) - 1} more file{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+        raise CheckpointError(f"{bad[0]}{more}: the checkpoint was damaged or altered after it was written; "
+                              "resume from an earlier checkpoint (point checkpoints/latest at it)")
+
+
+def verify(path: Path, split: bool = False) -> None:
+    """Check every file of checkpoint ``path`` before an engine reads it: its bytes against their SHA-256
+    (``check_sums``, which ``split`` shares out among the ranks), then each file read the safe way, so that a
+    checkpoint from before SHA256SUMS, or a planted file whose SHA-256 was planted too, is refused as well. A
+    damaged, truncated or planted file is reported by name, the same on every rank, before any rank enters the
+    engine's collectives."""
     check_layout(path)
+    check_sums(path, split)
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         with _named_failures(file):
             if file.suffix == ".json":
@@ -252,8 +316,8 @@ def _verify_dcp(path: Path) -> None:
 
 
 def load(engine, path: Path) -> dict:
-    """Restore the engine's state from a checkpoint directory; returns the trainer state."""
-    verify(path)
+    """Restore the engine's state from a checkpoint directory (every rank calls); returns the trainer state."""
+    verify(path, split=True)
     state_file = path / TRAINER_FILE
     if not state_file.is_file():  # written before trainer.json: rank 0's (all held the same step and data position)
         state_file = legacy_trainer_file(path, 0)

@@ -318,6 +318,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def share(items: list) -> list:
+    """This rank's part of ``items`` (round robin), for work the ranks split: each item goes to exactly one rank."""
+    if dist.is_initialized():
+        return items[dist.get_rank()::dist.get_world_size()]
+    return items
+
+
+def all_ranks(value: object) -> list:
+    """Every rank's ``value`` (a picklable object), in rank order, on every rank."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, value)
+        return values
+    return [value]
+
+
 def from_main(value: object) -> object:
     """Rank 0's ``value`` on every rank (a picklable object): a decision only rank 0 can make, taken by all."""
     if dist.is_initialized() and dist.get_world_size() > 1:

@@ -1,4 +1,5 @@
-"""Durable, atomic writes: the one way the package replaces a file or publishes a directory; and where it caches.
+"""Durable, atomic writes: the one way the package replaces a file or publishes a directory; where it caches; and
+the checksum it keeps of a file.
 
 A crash or a power loss at any moment leaves the old content or the new, never a mix. Data goes to a
 temporary name in the target's directory, is fsync'ed, is renamed over the target, and then the
@@ -7,6 +8,7 @@ directory itself is fsync'ed, because a rename lives in the directory and is los
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -16,6 +18,15 @@ def cache_dir() -> Path:
     """Where prepared and downloaded files are kept between runs (the default corpus, HellaSwag):
     ``$GPT2_SCALE_CACHE``, else ``~/.cache/gpt2_scale``."""
     return Path(os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale")
+
+
+def sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    """The hex SHA-256 of a file's bytes, as ``sha256sum`` prints it, read a chunk at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

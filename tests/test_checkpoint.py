@@ -1,5 +1,6 @@
 """Checkpoint files are trusted only as data: planted pickles, truncated and damaged files are refused by
-name, by every program that loads a checkpoint, and writes are durable (fsync before every rename)."""
+name, by every program that loads a checkpoint, every byte is checked against the SHA-256 it was written with,
+and writes are durable (fsync before every rename)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from launch import TINY, env, run, run_module
+from launch import TINY, env, run, run_module, spawned_world
 
 from gpt2_scale import checkpoint, fileio
 from gpt2_scale.data import default_source, prepare_shards
-from gpt2_scale.distributed import DistEnv
+from gpt2_scale.distributed import DistEnv, all_ranks
 from gpt2_scale.engines import layout
 
 ENGINES = ["ddp", "zero1", "zero3"]  # one layout for all; the torch-native writer, ZeRO's, and a legacy one each
@@ -62,6 +64,11 @@ def newest(run_dir: Path) -> Path:
     return checkpoint.latest(run_dir)
 
 
+def forget_sums(path: Path) -> None:
+    """Make checkpoint ``path`` one written before SHA256SUMS, for a test of a check its SHA-256s would pre-empt."""
+    (path / checkpoint.SUMS).unlink()
+
+
 def pickled_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.suffix == ".pt" or p.name == ".metadata" or p.suffix == ".distcp")
 
@@ -80,6 +87,7 @@ def test_a_planted_pickle_in_any_checkpoint_file_is_refused(runs, tmp_path, engi
     assert files, "the engine wrote no pickled files"
     for i, file in enumerate(files):
         run_dir = copy_run(runs[engine], tmp_path / f"run{i}")
+        forget_sums(newest(run_dir))  # or planted to match, as a checkpoint from before them: else they name the file first
         target = newest(run_dir) / file.relative_to(newest(runs[engine]))
         marker = tmp_path / f"{MARKER}-{i}"
         if target.suffix == ".pt":
@@ -158,6 +166,7 @@ def test_a_zeroed_checkpoint_file_is_one_line_with_dcps_cause_not_its_traceback(
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     data = next(newest(run_dir).glob("*.distcp"))
     data.write_bytes(bytes(data.stat().st_size))  # same size: past the truncation check, into DCP's reader
+    forget_sums(newest(run_dir))  # else its SHA-256 names it first (test_every_byte_...)
     with pytest.raises(checkpoint.CheckpointError, match=f"cannot load {re.escape(str(newest(run_dir)))}: UnpicklingError") as e:
         checkpoint.load_model(run_dir)
     assert "Traceback" not in str(e.value) and "\n" not in str(e.value), e.value
@@ -181,6 +190,7 @@ def test_a_checkpoint_whose_step_or_config_is_damaged_is_refused_and_nothing_is_
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     path = newest(run_dir) / file
     path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    forget_sums(newest(run_dir))  # as a buggy writer of a valid checkpoint would leave it
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     line = one_error_line(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "3"], launcher="python"))
     assert "damaged" in line and str(newest(run_dir)) in line, line
@@ -188,6 +198,77 @@ def test_a_checkpoint_whose_step_or_config_is_damaged_is_refused_and_nothing_is_
     if file == "meta.json":  # export, sample and eval read it through load_model
         with pytest.raises(checkpoint.CheckpointError, match=f"{re.escape(str(path))} holds a bad .*: it is damaged"):
             checkpoint.load_model(run_dir)
+
+
+def flip_a_bit(file: Path) -> bytes:
+    """Change one bit of ``file`` as a disk or a copy might (in a JSON file, in its last digit, so it stays
+    valid JSON: a bad value, not a parse error); returns the original bytes."""
+    data = bytearray(original := file.read_bytes())
+    at = max(i for i, c in enumerate(data) if chr(c).isdigit()) if file.suffix == ".json" else len(data) // 2
+    data[at] ^= 0x01
+    file.write_bytes(data)
+    return original
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_byte_of_a_checkpoint_is_checked_against_its_sha256(runs, tmp_path, engine):
+    """A flipped bit in any file is named: in a tensor's bytes it would otherwise load as another model."""
+    run_dir = copy_run(runs[engine], tmp_path / "run")
+    path = newest(run_dir)
+    sums = checkpoint.read_sums(path)
+    assert set(sums) == {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()} - {checkpoint.SUMS}
+    if shutil.which("sha256sum"):  # the format a user checks a copy with by hand
+        subprocess.run(["sha256sum", "--check", "--quiet", checkpoint.SUMS], cwd=path, check=True)
+    for name in sums:
+        original = flip_a_bit(path / name)
+        with pytest.raises(checkpoint.CheckpointError, match=f"^{re.escape(str(path / name))} does not match its SHA-256 in SHA256SUMS"):
+            checkpoint.load_model(run_dir)
+        (path / name).write_bytes(original)
+    checkpoint.load_model(run_dir)
+
+
+@pytest.mark.parametrize("edit,error", [
+    (lambda text: text.replace("  ", " x", 1), "cannot read .*SHA256SUMS \\(line 1 is not a SHA-256 and a name inside"),
+    (lambda text: text + 64 * "0" + "  ../../config.yaml\n", "cannot read .*SHA256SUMS \\(line 5 is not a SHA-256 and a name inside"),
+    (lambda text: text + 64 * "0" + "  model_optim.pt\n", "model_optim.pt is missing, though SHA256SUMS lists it: .*damaged"),
+    (lambda text: "\n".join(line[::-1] for line in text.splitlines()), "cannot read"),
+    (lambda text: None, None),  # none: a checkpoint from before them loads as it did
+], ids=["garbled", "outside", "lost-file", "reversed", "none"])
+def test_a_damaged_list_of_sha256s_is_refused_and_a_lost_one_is_a_checkpoint_from_before_them(runs, tmp_path, edit, error):
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    sums = newest(run_dir) / checkpoint.SUMS
+    if (text := edit(sums.read_text())) is None:
+        sums.unlink()
+        model = checkpoint.load_model(run_dir)
+        assert all(torch.equal(w, model.state_dict()[k]) for k, w in checkpoint.load_model(runs["ddp"]).state_dict().items())
+        return
+    sums.write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match=error):
+        checkpoint.load_model(run_dir)
+
+
+def _verify_on_two_ranks(rank: int, port: int, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        checkpoint.verify(Path(tmp) / "ckpt", split=True)
+        error = None
+    except checkpoint.CheckpointError as e:
+        error = str(e)
+    errors = all_ranks(error)
+    if rank == 0:
+        torch.save(errors, Path(tmp) / "results.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_split_the_sha256s_and_all_stop_on_a_file_only_one_read(runs, tmp_path):
+    """Each rank reads a share of the files; a damaged one in rank 1's share stops rank 0 too, with the same
+    line, before either enters the engine's load."""
+    path = shutil.copytree(newest(runs["ddp"]), tmp_path / "ckpt")
+    names = sorted(checkpoint.read_sums(path))
+    assert "__0_0.distcp" in names[1::2] and "__0_0.distcp" not in names[0::2]
+    flip_a_bit(path / "__0_0.distcp")
+    errors = spawned_world(_verify_on_two_ranks, 2, tmp_path)
+    assert errors[0] == errors[1] and errors[0].startswith(f"{path / '__0_0.distcp'} does not match its SHA-256"), errors
 
 
 # What a checkpoint of today's engines holds, rewritten in the layout main wrote before (engines/legacy.py): DDP's
@@ -205,7 +286,7 @@ path, cfg, env = checkpoint.latest(run_dir), config_from_yaml_file(run_dir / "co
 engine = engines.build(cfg, env)
 engine.setup(build_model(cfg))
 state = checkpoint.load(engine, path)
-for f in [*path.glob("*.distcp"), path / ".metadata", path / "trainer.json"]:
+for f in [*path.glob("*.distcp"), path / ".metadata", path / "trainer.json", path / checkpoint.SUMS]:
     f.unlink()
 if cfg.engine.name == "ddp":
     torch.save({"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()}, path / "model_optim.pt")

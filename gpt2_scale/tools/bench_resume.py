@@ -1,10 +1,12 @@
-"""Memory a checkpoint costs beyond the engine's own: the peak while one engine saves and another loads it.
+"""Memory and time a checkpoint costs beyond the engine's own: the peak while one engine saves and another loads it.
 
     python tools/bench_resume.py --model gpt2-124m --save-as zero3 --load-as ddp    # one process, CPU or one GPU
 
 The save runs after one optimizer step (Adam's state exists), the load into a freshly built engine. Reported: the
 process's resident memory (on CPU; CUDA's allocated bytes on a GPU) before each, and its peak during each,
 sampled every 5 ms; the difference is what the checkpoint itself needs (engines/layout.py and ZeROEngine say why).
+Also each phase's seconds, and how many of them one pass of SHA-256 over the checkpoint's files takes: a save
+hashes what it wrote, a load what it reads (checkpoint.py), each rank a share.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt2_scale import checkpoint, distributed, engines
     from gpt2_scale.config import Config
+    from gpt2_scale.fileio import sha256
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
 
@@ -85,19 +89,27 @@ def main(argv: list[str] | None = None) -> int:
             engine.setup(build_model(cfg).to(env.device))
             if phase == "save":
                 optimizer_step(engine, [(tokens, tokens)], 1e-4, env.device)
-                before, peak = peak_during(lambda e=engine: checkpoint.save(e, Path(tmp), 1, meta, {"step": 1}, env, keep=1), env.device)
+                work = partial(checkpoint.save, engine, Path(tmp), 1, meta, {"step": 1}, env, keep=1)
             else:
-                before, peak = peak_during(lambda e=engine: checkpoint.load(e, checkpoint.latest(Path(tmp))), env.device)
-            rows.append((phase, name, before, peak))
+                work = partial(checkpoint.load, engine, checkpoint.latest(Path(tmp)))
+            start = time.perf_counter()
+            before, peak = peak_during(work, env.device)
+            rows.append((phase, name, before, peak, time.perf_counter() - start))
             engine.close()
             del engine
+        files = [p for p in checkpoint.latest(Path(tmp)).iterdir() if p.is_file()]
+        start = time.perf_counter()
+        for file in files:
+            sha256(file)
+        hashed, size = time.perf_counter() - start, sum(p.stat().st_size for p in files)
     distributed.shutdown()
     if env.is_main:
         what = "CUDA allocated" if env.device.type == "cuda" else "resident"
         print(f"{args.model}, {env.world_size} rank(s) on {env.device.type}; {what} GiB")
-        print(f"{'phase':6} {'engine':6} {'before':>8} {'peak':>8} {'extra':>8}")
-        for phase, name, before, peak in rows:
-            print(f"{phase:6} {name:6} {before / GiB:8.2f} {peak / GiB:8.2f} {(peak - before) / GiB:8.2f}")
+        print(f"{'phase':6} {'engine':6} {'before':>8} {'peak':>8} {'extra':>8} {'seconds':>8}")
+        for phase, name, before, peak, seconds in rows:
+            print(f"{phase:6} {name:6} {before / GiB:8.2f} {peak / GiB:8.2f} {(peak - before) / GiB:8.2f} {seconds:8.2f}")
+        print(f"SHA-256 of the checkpoint's {size / GiB:.2f} GiB in one process: {hashed:.2f} s")
     return 0
 
 
