@@ -257,10 +257,14 @@ def check_sums(path: Path, split: bool = False) -> None:
     if sums is None:
         return
 
-    def problem(name: str) -> str | None:
+    def problem(name: str) -> str | None:  # never raises: a rank that did would leave the others in all_ranks
         if not (path / name).is_file():
             return f"{path / name} is missing, though {SUMS} lists it"
-        return f"{path / name} does not match its SHA-256 in {SUMS}" if sha256(path / name) != sums[name] else None
+        try:
+            digest = sha256(path / name)
+        except OSError as e:
+            return f"{path / name} cannot be read ({e.strerror or type(e).__name__})"
+        return f"{path / name} does not match its SHA-256 in {SUMS}" if digest != sums[name] else None
 
     bad = [p for name in (share(sorted(sums)) if split else sorted(sums)) if (p := problem(name))]
     if split:

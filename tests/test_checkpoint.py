@@ -247,6 +247,21 @@ def test_a_damaged_list_of_sha256s_is_refused_and_a_lost_one_is_a_checkpoint_fro
         checkpoint.load_model(run_dir)
 
 
+def test_a_file_that_cannot_be_read_is_named_not_raised(runs, monkeypatch):
+    """An OSError while hashing is a problem like a mismatch: raised on one rank alone, it would leave the others
+    waiting in the gather for the rest of the collective timeout."""
+    path = newest(runs["ddp"])
+
+    def sha256(file):
+        if file.name == "trainer.json":
+            raise PermissionError(13, "Permission denied")
+        return fileio.sha256(file)
+
+    monkeypatch.setattr(checkpoint, "sha256", sha256)
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{re.escape(str(path / 'trainer.json'))} cannot be read \\(Permission denied\\)"):
+        checkpoint.check_sums(path, split=True)
+
+
 def _verify_on_two_ranks(rank: int, port: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
