@@ -77,13 +77,12 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier killed save
         tmp.mkdir(parents=True)
         (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
+        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
     barrier()
     engine.save(tmp)
     barrier()
     sums = _sha256_all(tmp)
     if env.is_main:
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
-        sums["meta.json"] = sha256(tmp / "meta.json")
         (tmp / SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
         publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
         write_atomic(root / LATEST, name)
