@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import os
@@ -95,12 +96,18 @@ def announce_failure(error: BaseException) -> None:
     A rank that stops on bad input only it sees (a corrupt window of the data) leaves its peers inside a collective;
     on gloo that collective fails at once with "Connection closed by peer", a traceback that hides the cause. The
     peers read this in ``peer_failure`` and report the cause instead. Best effort: without a reachable store
-    (rank 0 hosts it outside torchrun, and may be gone) nothing is announced."""
+    nothing is announced. The rank that hosts the store (rank 0, unless torchrun's agent hosts it) then stays in
+    ``shutdown`` until its peers have read it, since the store leaves with its process."""
+    global _announced
     if dist.is_initialized() and dist.get_world_size() > 1:
         try:
-            _store().set(_failure_key(), f"rank {dist.get_rank()} stopped on: {error}")
+            store = _store()
+            store.set(_failure_key(), f"rank {dist.get_rank()} stopped on: {error}")
+            store.set(_knows_key(dist.get_rank()), "")  # it stops on its own error: nothing for it to read
         except Exception:  # noqa: BLE001 - best effort; the rank's own error line still says it
-            pass
+            return
+        if _hosts_store():
+            _announced = (store, [_knows_key(r) for r in range(dist.get_world_size()) if r != dist.get_rank()])
 
 
 def peer_failure() -> PeerError | None:
@@ -111,9 +118,41 @@ def peer_failure() -> PeerError | None:
         store = _store()
         if not store.check([_failure_key()]):
             return None
-        return PeerError(f"rank {dist.get_rank()} stopped because {store.get(_failure_key()).decode()}")
+        message = store.get(_failure_key()).decode()
     except Exception:  # noqa: BLE001 - the store went with its host: nothing to tell
         return None
+    with contextlib.suppress(Exception):
+        store.set(_knows_key(dist.get_rank()), "")  # read: the rank that hosts the store may leave
+    return PeerError(f"rank {dist.get_rank()} stopped because {message}")
+
+
+# The store and the keys of the other ranks, on the rank that hosts the store after it announced a failure.
+_announced: tuple[dist.Store, list[str]] | None = None
+
+
+def _knows_key(rank: int) -> str:
+    return f"{_failure_key()}/known_to/{rank}"
+
+
+def _hosts_store() -> bool:
+    """Whether the process group's store lives in this process (and goes when it exits): rank 0's, unless torchrun's
+    agent hosts it. Only gloo: an NCCL peer learns nothing from a closed connection, and the launcher ends it."""
+    return dist.get_rank() == 0 and dist.get_backend() == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+
+
+def _stay_until_peers_know(timeout: float) -> None:
+    """After announcing a failure, keep the store this process hosts until every other rank has read it (or stopped
+    on its own), up to ``timeout`` seconds. They learn of the failure when this rank's connections close, in
+    ``shutdown``, so this comes after; without it they may find the store gone, and show the collective's traceback."""
+    global _announced
+    if _announced is None:
+        return
+    store, keys = _announced
+    _announced = None
+    try:
+        store.wait(keys, datetime.timedelta(seconds=timeout))
+    except Exception:  # noqa: BLE001 - a peer that died or never got there: leave anyway
+        pass
 
 
 def _store() -> dist.Store:
@@ -134,7 +173,8 @@ def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:
        (``group=group.WORLD``), DTensor's mesh caches; then collects garbage, so groups only held in reference
        cycles are freed now, and each ProcessGroupGloo's destructor joins its worker threads here;
     4. waits until the gloo worker threads of groups that something still holds are idle (on the error path
-       the exception's traceback does: the frames of the failed collective hold their group).
+       the exception's traceback does: the frames of the failed collective hold their group);
+    5. on the rank that hosts the store, after it announced a failure, stays until its peers have read it.
 
     Why: a gloo worker thread drops its last collective's work, and with it the tensors' Python objects,
     *after* the caller's ``wait()`` returned. A group still alive when Python finalizes leaves that thread
@@ -158,6 +198,7 @@ def shutdown(sync: bool | None = None, timeout: float = 60.0) -> None:
     _clear_torch_caches()
     gc.collect()
     wait_for_idle_backend_threads(timeout)
+    _stay_until_peers_know(timeout)
 
 
 def _barrier(timeout: float) -> None:

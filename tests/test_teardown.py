@@ -103,3 +103,37 @@ def test_shutdown_without_a_group_is_a_no_op():
     distributed.shutdown()
     distributed.shutdown(sync=True)
     assert distributed.wait_for_idle_backend_threads(timeout=1.0)
+
+
+def _stops_on_bad_input(rank: int, port: int, tmp: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from gpt2_scale import distributed
+    from gpt2_scale.errors import UserError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)  # rank 0 hosts the store
+    if rank == 0:
+        distributed.announce_failure(UserError("shard x holds token id 60000"))
+        distributed.shutdown(sync=False)
+        return  # the process exits, and the store with it
+    time.sleep(2)  # still busy when rank 0 leaves: it learns of it only at its next collective
+    try:
+        dist.all_reduce(torch.ones(1))
+        seen = "the collective went through"
+    except RuntimeError:  # gloo: "Connection closed by peer"
+        seen = str(distributed.peer_failure())
+    Path(tmp, "rank1.txt").write_text(seen)
+    distributed.shutdown(sync=False)
+
+
+def test_the_rank_that_hosts_the_store_stays_until_its_peers_know_why_it_stopped(tmp_path):
+    """Outside torchrun (the deepspeed launcher) rank 0 hosts the store; when it stops on bad input, a peer learns
+    of it only once rank 0 has closed its connections, and reads why from that store: so rank 0 must not be gone."""
+    import torch.multiprocessing as mp
+
+    from gpt2_scale.distributed import free_port
+
+    mp.start_processes(_stops_on_bad_input, args=(free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank1.txt").read_text() == "rank 1 stopped because rank 0 stopped on: shard x holds token id 60000"
