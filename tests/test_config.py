@@ -200,6 +200,43 @@ def test_deepspeed_memory_efficient_linear_is_refused(tmp_path):
         read_ds_config(path)
 
 
+@pytest.mark.parametrize("value", ['"auto"', "null", '"lots"', "-1", "true"])
+def test_a_deepspeed_bucket_size_that_is_not_a_number_is_refused(tmp_path, value):
+    """The memory estimate reads these two sizes without DeepSpeed's validation, so the JSON reader checks them."""
+    from gpt2_scale.engines.deepspeed import read_ds_config
+
+    path = tmp_path / "ds.json"
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
+        path.write_text(f'{{"zero_optimization": {{"stage": 3, "{key}": {value}}}}}')
+        with pytest.raises(ConfigError, match=f"{path} sets zero_optimization.{key} to .*a number of elements"):
+            read_ds_config(path)
+    path.write_text('{"zero_optimization": {"reduce_bucket_size": 5e8, "stage3_prefetch_bucket_size": 50000000}}')
+    assert read_ds_config(path)["zero_optimization"]["reduce_bucket_size"] == 5e8
+
+
+def test_a_field_deepspeed_refuses_is_one_error_line_naming_the_json(tmp_path, monkeypatch):
+    """DeepSpeed validates its JSON with pydantic inside deepspeed.initialize; its error becomes a ConfigError."""
+    import deepspeed
+    import torch
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from gpt2_scale import engines
+    from gpt2_scale.distributed import DistEnv
+
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 1, "stage3_max_live_parameters": "lots"}}')
+    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--engine", "zero1", f"--engine.ds_config={path}", "--engine.compile=false",
+                                "--micro-batch", "1", "--seq-len", "16", "--total-batch-tokens", "16"])
+
+    def initialize(config, **_):  # what DeepSpeed's own initialize does first with the JSON's zero section
+        DeepSpeedZeroConfig(**config["zero_optimization"])
+
+    monkeypatch.setattr(deepspeed, "initialize", initialize)
+    engine = engines.build(cfg, DistEnv(0, 0, 1, torch.device("cpu")))
+    with pytest.raises(ConfigError, match=f"DeepSpeed refused its config \\({re.escape(str(path))}\\).*stage3_max_live_parameters: Input should be"):
+        engine.setup(GPT(ModelConfig.from_name("gpt2-tiny")))
+
+
 @pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3"])
 @pytest.mark.parametrize("offload", [False, True])
 def test_deepspeed_default_configs_are_package_data(engine, offload):

@@ -75,6 +75,9 @@ def _differs(a, b) -> bool:
     return a != b
 
 
+SIZES_WE_READ = ("reduce_bucket_size", "stage3_prefetch_bucket_size")
+
+
 def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -> dict:
     """A DeepSpeed JSON as a dict, or a ConfigError that names the file and ``flag``, the way to pass another."""
     if not path.is_file():
@@ -88,6 +91,11 @@ def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") is True:
         raise ConfigError(f"DeepSpeed config {path} enables fp16, which gpt2-scale does not train in (it has no loss scaling): "
                           "remove its fp16 section; --engine.dtype picks bf16 or fp32")
+    for key in SIZES_WE_READ:  # the memory estimate reads them without DeepSpeed's own validation
+        value = ds.get("zero_optimization", {}).get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ConfigError(f"DeepSpeed config {path} sets zero_optimization.{key} to {value!r}; it takes a number of "
+                              "elements (e.g. 5e8), or leave it out for DeepSpeed's default")
     if ds.get("zero_optimization", {}).get("memory_efficient_linear") is True:
         raise ConfigError(f"DeepSpeed config {path} sets zero_optimization.memory_efficient_linear, which replaces "
                           "torch.nn.functional.linear in the whole process, and compiled (torch 2.11) its layers get no weight "
@@ -163,13 +171,19 @@ def arch_list_deepspeed_reads():
 class ZeROEngine(Engine):
     def setup(self, model: GPT) -> None:
         import deepspeed
+        import pydantic  # DeepSpeed's config classes
 
         prepare_model(model, self.cfg.engine, self.runtime, compile_model=False)
         ds_config = self.ds_config = build_ds_config(self.cfg, self.env, self.bf16)
         groups = param_groups(model, self.cfg.optim.weight_decay)
         self._own_attrs = _attributes(model)  # what DeepSpeed adds from here on, close() takes off again
-        with arch_list_deepspeed_reads():  # FusedAdam (CUDA) is JIT-built here on first use
-            self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        try:
+            with arch_list_deepspeed_reads():  # FusedAdam (CUDA) is JIT-built here on first use
+                self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        except pydantic.ValidationError as e:  # every rank reads the same JSON, and stops here alike
+            fields = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ConfigError(f"DeepSpeed refused its config ({self.cfg.engine.ds_config or 'the shipped JSON'}), in "
+                              f"{e.title}: {fields}; fix the JSON") from None
         self.module = self.model.module
         if self.runtime.compile == "model":
             # DeepSpeed's supported way: it compiles engine.module in place (names unchanged) once its ZeRO-3
