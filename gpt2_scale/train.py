@@ -165,7 +165,7 @@ class Run:
     dir: Path  # the run directory: config.yaml, metrics.jsonl, summary.json, checkpoints/
     engine: Engine  # the model inside its engine, and the optimizer
     train_loader: TokenLoader
-    val_loader: TokenLoader
+    val_loader: TokenLoader | None  # None when log.val_every is 0
     hellaswag: list[Example] | None  # the HellaSwag examples, when log.hellaswag_every is on
     accum: int  # micro-steps per optimizer step
     n_params: int  # of the whole model, counted before an engine sharded it
@@ -208,10 +208,10 @@ def build_model(cfg: Config) -> GPT:
     return GPT(model_cfg)
 
 
-def open_data(cfg: Config, env: distributed.DistEnv) -> tuple[TokenLoader, TokenLoader]:
-    """This rank's train and validation loaders; the default corpus is prepared on first use."""
+def open_data(cfg: Config, env: distributed.DistEnv) -> tuple[TokenLoader, TokenLoader | None]:
+    """This rank's train and validation loaders (None without validation); the default corpus is prepared on first use."""
     from gpt2_scale.data import TokenLoader, ensure_default_corpus
-    from gpt2_scale.data.loader import MANIFEST
+    from gpt2_scale.data.loader import MANIFEST, DataError
 
     data_dir = ensure_default_corpus() if cfg.data.dir == "default" else Path(cfg.data.dir)
     if cfg.data.prepare_hint and not (data_dir / MANIFEST).is_file():
@@ -219,7 +219,12 @@ def open_data(cfg: Config, env: distributed.DistEnv) -> tuple[TokenLoader, Token
     B, T = cfg.train.micro_batch, cfg.train.seq_len
     per_step = cfg.train.total_batch_tokens // T  # a step's windows, the same set at any world size and micro-batch
     train_loader = TokenLoader(data_dir, "train", B, T, env.rank, env.world_size, seed=cfg.data.seed, windows_per_step=per_step)
-    val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    if not cfg.log.val_every:
+        return train_loader, None  # the val split is not read, and may be empty
+    try:
+        val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+    except DataError as e:
+        raise DataError(f"{e} (or turn validation off: --log.val_every=0)") from None
     return train_loader, val_loader
 
 
@@ -250,8 +255,11 @@ def already_done(run: Run) -> dict:
     if run.env.is_main:
         print(f"{run.dir} is already at step {run.start_step} (--max-steps {run.cfg.train.max_steps}): nothing to train; "
               "pass a larger --max-steps to go on, or another --run-dir to start a new run", flush=True)
-    summary = run.dir / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else {"step": run.start_step - 1, "finished": True}
+    try:
+        summary = json.loads((run.dir / "summary.json").read_text())
+    except (OSError, ValueError):  # none (it stopped at --max-steps by a signal), or a damaged one: left as it is
+        summary = None
+    return summary if isinstance(summary, dict) and "finished" in summary else {"step": run.start_step - 1, "finished": True}
 
 
 # --- the loop ------------------------------------------------------------------------------------------------

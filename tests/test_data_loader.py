@@ -235,6 +235,8 @@ def test_corrupt_manifest_is_one_clear_error(tmp_path, content, message):
         (lambda m: m.update(tokenizer="gpt2"), "no tokenizer object"),
         (lambda m: m.pop("tokens"), "no token counts"),
         (lambda m: m.pop("documents"), "no document count"),
+        (lambda m: m.pop("complete"), "no complete flag"),
+        (lambda m: m.update(complete="false"), "no complete flag"),
     ],
 )
 def test_manifest_of_the_wrong_shape_is_one_clear_error(tmp_path, change, message):

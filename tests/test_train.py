@@ -128,6 +128,41 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
     assert (run_dir / "checkpoints" / "step_00000001" / "meta.json").is_file()  # nothing lost
 
 
+@pytest.mark.parametrize("summary", [None, '{"step": 1,', "[]", '{"step": 1}'])
+def test_a_finished_run_with_a_damaged_summary_resumes_to_nothing_to_train(tmp_path, capsys, summary):
+    """Resuming at --max-steps reads summary.json only to return it: a missing or damaged one is left as it is."""
+    from types import SimpleNamespace
+
+    from gpt2_scale.train import already_done
+
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(summary)
+    run = SimpleNamespace(dir=tmp_path, start_step=2, env=DistEnv(0, 0, 1, torch.device("cpu")), cfg=Config())
+    run.cfg.train.max_steps = 2
+    assert already_done(run) == {"step": 1, "finished": True}
+    assert "nothing to train" in capsys.readouterr().out
+    assert summary is None or (tmp_path / "summary.json").read_text() == summary
+
+
+def test_the_val_split_is_read_only_by_a_run_that_validates(tmp_path):
+    """Data with no val split trains with --log.val_every=0; validating on it is refused, naming that way out."""
+    from test_data_loader import make_shards
+
+    from gpt2_scale.cli import parse_args
+    from gpt2_scale.data.loader import DataError
+    from gpt2_scale.train import open_data
+
+    data = make_shards(tmp_path, train=[4096], val=[])
+    cpu = DistEnv(0, 0, 1, torch.device("cpu"))
+    cfg = parse_args(Config(), ["--data", str(data), "--micro-batch", "2", "--seq-len", "32", "--total-batch-tokens", "64"])
+    cfg.log.val_every = 0
+    train_loader, val_loader = open_data(cfg, cpu)
+    assert val_loader is None and train_loader.next_batch()[0].shape == (2, 32)
+    cfg.log.val_every = 10
+    with pytest.raises(DataError, match="the val split .* has 0 tokens.*--log.val_every=0"):
+        open_data(cfg, cpu)
+
+
 def test_a_run_directory_without_a_checkpoint_is_not_overwritten(corpus, tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -67,7 +67,9 @@ def _shape_problem(manifest: object) -> str | None:
         for i, shard in enumerate(shards[split]):
             if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
                 return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
-    if manifest.get("complete"):
+    if not isinstance(manifest.get("complete"), bool):
+        return "it has no complete flag (true or false)"
+    if manifest["complete"]:
         totals = manifest.get("tokens")
         if not (isinstance(totals, dict) and all(is_count(totals.get(s)) for s in SPLITS)):
             return "it has no token counts (tokens.train and tokens.val)"
