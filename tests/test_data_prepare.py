@@ -458,7 +458,8 @@ def test_hellaswag_is_fetched_into_the_cache_the_recipes_read(tmp_path, monkeypa
     source = write_examples(tmp_path / "mirror" / "hellaswag_val.jsonl")
     monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path / "cache"))
     assert prepare_data.main(["hellaswag", "--url", source.as_uri()]) == 0
-    assert "5 validation examples" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "5 validation examples" in out and "holds 5 examples, HellaSwag's validation split 10,042" in err
     assert len(hellaswag.load_examples(None)) == 5  # what train.py reads without --log.hellaswag_data
 
     (tmp_path / "fw").mkdir()
@@ -474,3 +475,19 @@ def test_hellaswag_is_fetched_into_the_cache_the_recipes_read(tmp_path, monkeypa
     assert prepare_data.main([*args[:3], "--out", str(tmp_path / "out2"), *args[5:]]) == 0
     assert "warning: HellaSwag was not fetched" in capsys.readouterr().err
     TokenLoader(tmp_path / "out2", "train", 2, 64).next_batch()
+
+
+def test_hellaswag_is_fetched_from_a_file_path_and_a_bad_url_leaves_nothing(tmp_path, capsys):
+    """A copy brought from a machine with network is passed by its path; a URL urllib cannot open is one error line,
+    with nothing left in the cache directory (torch's downloader makes its file before it opens the URL)."""
+    from test_hellaswag import write_examples
+
+    source = write_examples(tmp_path / "hellaswag_val.jsonl")
+    assert prepare_data.main(["hellaswag", "--url", str(source), "--out", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "cache" / "hellaswag_val.jsonl").read_bytes() == source.read_bytes()
+    capsys.readouterr()
+    for url in ("gopher://example.org/hellaswag_val.jsonl", str(tmp_path / "absent.jsonl")):
+        assert prepare_data.main(["hellaswag", "--url", url, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert not any((tmp_path / "bad").glob("*"))  # hidden files too

@@ -105,7 +105,7 @@ def test_missing_or_empty_files_are_clear(tmp_path):
 
 def test_download_without_network_names_data_flag(tmp_path):
     port = _free_port()  # nothing listens there: the connection is refused at once
-    with pytest.raises(HellaSwagError, match="--data PATH"):
+    with pytest.raises(HellaSwagError, match="prepare_data.py hellaswag --url PATH"):
         hellaswag.download(tmp_path, url=f"http://127.0.0.1:{port}/hellaswag_val.jsonl")
     assert not (tmp_path / "hellaswag_val.jsonl").exists()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +53,12 @@ def cache_dir() -> Path:
 
 
 def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> Path:
-    """The validation file, downloaded with a progress bar on first use and read from the cache after."""
+    """The validation file, downloaded with a progress bar on first use and read from the cache after; ``url`` may
+    also be a file's path (a copy brought from a machine with network)."""
     path = Path(directory or cache_dir()) / "hellaswag_val.jsonl"
     if path.is_file():
         return path
+    url = _as_url(url)  # before anything is created: urllib refuses an unknown scheme only once torch made its file
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
@@ -64,14 +67,25 @@ def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> 
         os.replace(partial, path)
     except OSError as e:  # urllib's URLError and HTTPError are OSErrors
         raise HellaSwagError(
-            f"could not download HellaSwag from {url} ({e}). Without network, copy hellaswag_val.jsonl "
-            f"from a machine that has it and pass its path with --data PATH (or load_examples(PATH))."
+            f"could not download HellaSwag from {url} ({e}). Without network, copy hellaswag_val.jsonl from a machine "
+            "that has it, and cache it with `python tools/prepare_data.py hellaswag --url PATH` or pass PATH to what "
+            "reads it (eval_hellaswag.py --data PATH, a recipe's --log.hellaswag_data=PATH, load_examples(PATH))"
         ) from None
     except HellaSwagError as e:
         raise HellaSwagError(f"{url} is not HellaSwag's validation file ({e}); nothing was cached: check the URL") from None
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _as_url(source: str) -> str:
+    """``source`` as a URL urllib opens: a URL as it is, a file's path as a file:// URL."""
+    scheme = urllib.parse.urlsplit(source).scheme
+    if scheme in ("http", "https", "ftp", "file"):
+        return source
+    if scheme:
+        raise HellaSwagError(f"{source} is not an http(s):// or file:// URL, nor a file's path; pass one of those")
+    return Path(source).expanduser().resolve().as_uri()
 
 
 def parse_example(line: str | bytes, where: str = "HellaSwag line") -> Example:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hellaswag", action="store_true", help="do not also fetch HellaSwag into the cache")
     p = sub.add_parser("hellaswag", help="HellaSwag's validation set into the cache the recipes read")
     p.add_argument("--out", help=f"directory (default: {hellaswag.cache_dir()}, from $GPT2_SCALE_CACHE)")
-    p.add_argument("--url", default=hellaswag.VAL_URL, help="where to fetch it from: a mirror, or a file:// URL")
+    p.add_argument("--url", default=hellaswag.VAL_URL, help="where to fetch it from: a mirror, a file:// URL or a file's path")
     args = parser.parse_args(argv)
 
     command = "python tools/prepare_data.py " + shlex.join(argv)
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
 def fetch_hellaswag(out: str | None, url: str) -> str:
     """Download (or find) HellaSwag's validation file and check that every line parses."""
     path = hellaswag.download(out, url=url)
-    return f"HellaSwag: {len(hellaswag.load_examples(path)):,} validation examples in {path}"
+    n = len(hellaswag.load_examples(path))
+    if n != hellaswag.NUM_VAL_EXAMPLES:  # a part of it, or another split: every evaluation would score only these
+        print(f"warning: {path} holds {n:,} examples, HellaSwag's validation split {hellaswag.NUM_VAL_EXAMPLES:,}: accuracies "
+              "on it do not compare with the published ones; delete it and fetch the whole file", file=sys.stderr)
+    return f"HellaSwag: {n:,} validation examples in {path}"
 
 
 if __name__ == "__main__":
