@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -315,6 +316,14 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
                                 "would replace the run's files): choose a directory outside it")
     if not existing.is_dir():
         raise HFCheckpointError(f"{existing} exists and is not a directory; choose a directory for the export")
+    if outer := next((p for p in out.parents if (p / CONFIG_FILE).is_file() and _export_marker(p) is not None), None):
+        raise HFCheckpointError(f"{out} is inside the export {outer}, which would then no longer be one (and replacing it "
+                                "would delete this one): choose a directory outside it")
+    parent = next((p for p in out.parents if p.exists()), out)  # where the export is written first (out.parent, once made)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError as e:  # found now, not after minutes of loading the model
+        raise HFCheckpointError(f"cannot write the export in {parent} ({e.strerror}); choose a directory you can write") from None
     marker = _export_marker(out) if out.is_dir() else None
     if out.is_dir() and any(out.iterdir()) and not overwrite and marker is None:
         raise HFCheckpointError(
@@ -351,6 +360,7 @@ def export_hf(model: GPT, out_dir: str | os.PathLike, overwrite: bool = False, s
     try:
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        os.chmod(tmp / SAFETENSORS_FILE, (tmp / CONFIG_FILE).stat().st_mode)  # safetensors makes it 0600, whatever the umask
         publish_dir(tmp, out, replace=True)  # an earlier export is swapped out only once this one is complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

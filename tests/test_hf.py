@@ -173,6 +173,11 @@ def test_export_replaces_previous_export_and_leaves_no_temp_dirs(tmp_path, idx):
     x = idx[:, :16] % 100
     assert torch.equal(_our_logits(load_hf(out), x), _our_logits(b, x))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    # Readable as config.json is (the umask's), not 0600 as safetensors makes it: others on the machine load it too.
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.json").stat().st_mode
+    with pytest.raises(HFCheckpointError, match=f"is inside the export {re.escape(str(out))}.*outside it"):
+        export_hf(b, out / "inner", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_export_refuses_foreign_non_empty_dir(tmp_path):
@@ -277,6 +282,14 @@ def test_export_tool_names_its_overwrite_flag_before_loading_the_model(tmp_path,
     assert tool.main([str(tmp_path / "run"), "--hf", str(tmp_path / "file" / "export")]) == 2
     err = capsys.readouterr().err
     assert err == f"error: {tmp_path / 'file'} exists and is not a directory; choose a directory for the export\n"
+    def unwritable(**_):  # a directory this user may not write in (root may write anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr("tempfile.mkdtemp", unwritable)
+        assert tool.main([str(tmp_path / "run"), "--hf", str(tmp_path / "new" / "export")]) == 2
+    assert capsys.readouterr().err == f"error: cannot write the export in {tmp_path} (Permission denied); choose a directory you can write\n"
+    assert loaded == []
     assert tool.main([str(tmp_path / "run"), "--hf", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
