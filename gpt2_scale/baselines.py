@@ -312,7 +312,7 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
     import matplotlib.ticker
     from matplotlib.backend_bases import FigureCanvasBase
 
-    formats = FigureCanvasBase.get_supported_filetypes()
+    formats = FigureCanvasBase.get_supported_filetypes().keys() - {"pgf"}  # pgf needs a LaTeX installation
     suffix = Path(out_path).suffix.lstrip(".").lower()
     if suffix not in formats or Path(out_path).is_dir():  # before drawing; without a suffix matplotlib would add one
         raise RunError(f"cannot plot to {out_path}: give a name ending in .{', .'.join(sorted(formats))}")

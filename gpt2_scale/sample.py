@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -148,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             generator=generator,
             use_cache=not args.no_cache,
         )
-    for i, row in enumerate(out.tolist()):
-        if i:
-            print(SEPARATOR)
-        text = tokenizer.decode(row if args.prompt else row[1:])  # drop the <|endoftext|> we started from
-        print(text, flush=True)
+    try:
+        for i, row in enumerate(out.tolist()):
+            if i:
+                print(SEPARATOR)
+            text = tokenizer.decode(row if args.prompt else row[1:])  # drop the <|endoftext|> we started from
+            print(text, flush=True)
+    except BrokenPipeError:  # the reader has what it wanted (`| head`): stop quietly, as other programs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error when Python flushes at exit
     return 0
 
 

@@ -234,7 +234,8 @@ def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
     assert "has not logged a step" not in proc.stderr
 
 
-@pytest.mark.parametrize("name", ["curves.xyz", "curves", "run"])  # without a suffix matplotlib wrote curves.png
+# Without a suffix matplotlib wrote curves.png; .pgf needs LaTeX, which a machine may not have.
+@pytest.mark.parametrize("name", ["curves.xyz", "curves", "run", "curves.pgf"])
 def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys, name):
     run = write_run(tmp_path / "run", records=RECORDS)
     assert compare_baselines.main([str(run), "--plot", str(tmp_path / name)]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import pytest
 import torch
@@ -96,6 +97,8 @@ def test_greedy_ignores_generator_and_temperature_scales(model):
     # a very low temperature concentrates sampling on the argmax
     cold = generate(model, idx, 10, temperature=1e-4, generator=torch.Generator().manual_seed(3))
     assert torch.equal(cold, a)
+    frozen = generate(model, idx, 10, temperature=1e-45, generator=torch.Generator().manual_seed(3))  # logits/T overflow
+    assert torch.equal(frozen, a)
 
 
 def test_restores_train_mode_and_handles_1d_and_zero_tokens(model):
@@ -309,3 +312,19 @@ def test_cli_module_entry_point_gpt2_124m_on_cpu():
 def test_cli_module_bad_name_exits_2():
     r = _run_module("--model", "gpt2-huge")
     assert r.returncode == 2 and "unknown model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_stops_quietly_when_its_reader_leaves():
+    """`python -m gpt2_scale.sample ... | head -1`: the pipe closes early, which is no error of ours."""
+    import subprocess
+
+    from launch import env
+
+    argv = [sys.executable, "-m", "gpt2_scale.sample", "--model", "gpt2-tiny", "--num-samples", "100", "--max-new-tokens", "2",
+            "--prompt", "word " * 150]  # 100 samples of the prompt: 80 kB, more than a pipe holds
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    assert proc.wait(timeout=300) == 0
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "Exception ignored" not in err, err

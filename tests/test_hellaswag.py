@@ -277,12 +277,15 @@ def test_command_line_errors_exit_2_without_traceback(tmp_path, capsys):
     data = str(write_examples(tmp_path / "v.jsonl"))
     for argv, message in [
         (["--data", str(tmp_path / "nope.jsonl")], f"error: HellaSwag file {tmp_path / 'nope.jsonl'} does not exist"),
-        (["--data", data, "--limit", "0"], "error: limit must be >= 1"),
         (["--data", data, "--device", "nonsense"], "error: unknown device 'nonsense'"),
     ]:
         assert tool.main(["--ckpt", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1, err
+    for flag in ("--limit", "--batch-examples"):  # refused before the model loads
+        with pytest.raises(SystemExit) as exit_:
+            tool.main(["--ckpt", str(tmp_path), "--data", data, flag, "0"])
+        assert exit_.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_command_line_reports_a_broken_checkpoint_in_one_line(tmp_path, capsys):

@@ -17,6 +17,7 @@ from gpt2_scale.device import default_device, resolve_device
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.eval import hellaswag
 from gpt2_scale.model import GPT
+from gpt2_scale.tools.args import positive
 
 
 def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
@@ -32,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--ckpt", metavar="RUN_DIR", help="a run directory written by the trainer")
     source.add_argument("--pretrained", metavar="HF_DIR_OR_NAME", help="a Hugging Face GPT-2 directory or hub name")
     parser.add_argument("--data", metavar="PATH", help="hellaswag_val.jsonl (default: download it into the cache)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N examples")
+    parser.add_argument("--limit", type=positive, help="evaluate only the first N examples")
     parser.add_argument("--device", default=default_device(), help="default: cuda, then mps, then cpu")
-    parser.add_argument("--batch-examples", type=int, default=4, help="examples (4 candidates each) per forward pass")
+    parser.add_argument("--batch-examples", type=positive, default=4, help="examples (4 candidates each) per forward pass")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args(argv)
     try:
