@@ -33,11 +33,17 @@ def lr_at(step: int, cfg: OptimSection, max_steps: int) -> float:
 
 
 def schedule_warning(cfg: OptimSection, max_steps: int) -> str | None:
-    """A line for a schedule whose warmup does not end before its cosine: a recipe's warmup (715 steps for 124M)
-    with a short --max-steps warms up for the whole run and never decays, rarely what a short run means."""
+    """A line for a schedule that does not fit the run: a recipe's warmup (715 steps for 124M) with a short
+    --max-steps warms up for the whole run and never decays, rarely what a short run means; a cosine that ends
+    before the run does (a run resumed with a larger --max-steps, a config.yaml reused with --config) trains its
+    last steps at the final learning rate, which is better said than found in the curves."""
     decay_steps = cfg.decay_steps or max_steps
-    if cfg.warmup_steps < decay_steps:
-        return None
-    return (f"warning: optim.warmup_steps {cfg.warmup_steps} >= the schedule's length {decay_steps} (optim.decay_steps: the first "
-            "--max-steps unless set), so the learning rate only warms up and never decays; for a short run pass a smaller "
-            "--optim.warmup_steps")
+    if cfg.warmup_steps >= decay_steps:
+        return (f"warning: optim.warmup_steps {cfg.warmup_steps} >= the schedule's length {decay_steps} (optim.decay_steps: the "
+                "first --max-steps unless set), so the learning rate only warms up and never decays; for a short run pass a "
+                "smaller --optim.warmup_steps")
+    if decay_steps < max_steps:
+        return (f"note: the cosine ends at step {decay_steps} (optim.decay_steps), before --max-steps {max_steps}: the last "
+                f"{max_steps - decay_steps} steps train at the final learning rate {cfg.lr * cfg.min_lr_ratio:g}; pass "
+                f"--optim.decay_steps={max_steps} to spread it over the whole run")
+    return None

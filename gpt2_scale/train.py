@@ -8,6 +8,7 @@ then what the loop calls between steps: evaluation, logging and checkpointing. T
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -244,10 +245,13 @@ def load_hellaswag(cfg: Config) -> list[Example] | None:
 
 
 def write_config(run: Run) -> None:
-    """The run's settings, written once everything they name has been validated and loaded."""
+    """The run's settings, written once everything they name has been validated and loaded. Not checkpoint.resume,
+    which says how this attempt started rather than what the run is: the file also serves as a template
+    (``--config RUN/config.yaml --run-dir NEW``), which would otherwise continue RUN."""
     if run.env.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run.dir / "config.yaml", run.cfg.to_yaml())
+        settings = dataclasses.replace(run.cfg, checkpoint=dataclasses.replace(run.cfg.checkpoint, resume=None))
+        write_atomic(run.dir / "config.yaml", settings.to_yaml())
 
 
 def already_done(run: Run) -> dict:

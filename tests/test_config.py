@@ -153,6 +153,9 @@ def test_a_schedule_that_never_leaves_its_warmup_is_named():
     assert schedule_warning(OptimSection(warmup_steps=50), 50) is not None  # warmup ends where the cosine would: none left
     assert schedule_warning(OptimSection(warmup_steps=10, decay_steps=100), 5) is None  # a longer schedule, run in parts
     assert schedule_warning(OptimSection(warmup_steps=0), 1) is None
+    shorter = schedule_warning(OptimSection(lr=6e-4, warmup_steps=10, decay_steps=20), 120)  # a template's, or an extension
+    assert shorter.startswith("note: the cosine ends at step 20") and "last 100 steps train at the final learning rate 6e-05" in shorter
+    assert shorter.endswith("pass --optim.decay_steps=120 to spread it over the whole run")
 
 
 def test_weight_decay_only_on_matrices():

@@ -144,6 +144,21 @@ def test_a_finished_run_with_a_damaged_summary_resumes_to_nothing_to_train(tmp_p
     assert summary is None or (tmp_path / "summary.json").read_text() == summary
 
 
+def test_a_resumed_runs_config_starts_a_new_run_when_reused_as_a_template(tmp_path):
+    """config.yaml holds what the run is, not how an attempt started: `--config RUN/config.yaml --run-dir NEW` is a
+    new run with RUN's settings, not a resume of RUN (which --run-dir would contradict)."""
+    from types import SimpleNamespace
+
+    from gpt2_scale.train import resolve_config, write_config
+
+    cfg = Config()
+    cfg.log.run_dir = cfg.checkpoint.resume = str(tmp_path / "run")  # what a resumed attempt runs with
+    cfg.optim.lr = 3e-4
+    write_config(SimpleNamespace(cfg=cfg, dir=tmp_path / "run", env=DistEnv(0, 0, 1, torch.device("cpu"))))
+    new = resolve_config(Config(), ["--config", str(tmp_path / "run" / "config.yaml"), "--run-dir", str(tmp_path / "new")])
+    assert new.checkpoint.resume is None and new.log.run_dir == str(tmp_path / "new") and new.optim.lr == 3e-4
+
+
 def test_the_val_split_is_read_only_by_a_run_that_validates(tmp_path):
     """Data with no val split trains with --log.val_every=0; validating on it is refused, naming that way out."""
     from test_data_loader import make_shards
