@@ -196,7 +196,10 @@ def set_value(cfg: Config, dotted: str, value) -> None:
 def apply_dict(cfg: Config, data: dict, source: str = "config") -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    sections = [f.name for f in dataclasses.fields(cfg)]
     for section_name, values in data.items():
+        if section_name not in sections:  # also when empty: a misspelt section's keys were meant for another
+            raise ConfigError(f"{source}: unknown config section {section_name!r}; sections are: {', '.join(sections)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section_name!r} must be a mapping")
         for key, value in values.items():
@@ -223,7 +226,7 @@ def validate(cfg: Config) -> None:
     from gpt2_scale.zoo import ModelConfig
 
     try:
-        ModelConfig.from_name(cfg.model.name)
+        model = ModelConfig.from_name(cfg.model.name)
     except ValueError as e:  # unknown names list the valid ones
         raise ConfigError(f"model.name: {e}") from None
     for section in dataclasses.fields(cfg):  # types and choices of a config built in code, as for YAML and argv
@@ -245,9 +248,15 @@ def validate(cfg: Config) -> None:
         positive |= {"log.num_samples": log.num_samples, "log.sample_tokens": log.sample_tokens}
         if not log.sample_prompt:
             raise ConfigError("log.sample_prompt is empty; give a prompt, or turn sampling off with --log.sample_every=0")
+    if log.hellaswag_limit is not None:
+        positive["log.hellaswag_limit"] = log.hellaswag_limit
+    if log.peak_tflops is not None:
+        positive["log.peak_tflops"] = log.peak_tflops
     for key, value in positive.items():
         if not value > 0 or value == math.inf:  # NaN fails every comparison
             raise ConfigError(f"{key} must be > 0 and finite, got {value}")
+    if cfg.train.seq_len > model.block_size:  # before the batch arithmetic, whose advice would keep this seq_len
+        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model.name}'s context length {model.block_size}")
     non_negative = {key: _get(cfg, key) for key in ("engine.loss_chunk", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                                                     "train.seed", "data.seed", "log.val_every", "log.sample_every",
                                                     "log.hellaswag_every", "checkpoint.every")}

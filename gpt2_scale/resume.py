@@ -31,6 +31,8 @@ def check_run_dir(cfg: Config) -> Path:
     aside first (set_aside_earlier_attempt)."""
     run_dir = Path(cfg.log.run_dir)
     check_writable(run_dir)
+    if outer := checkpoint.enclosing_run(run_dir.resolve().parent):  # its checkpoints (a copied path), its logs ...
+        raise ConfigError(f"{run_dir} is inside the run {outer}, whose files it would mix with; choose a directory outside it")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not cfg.checkpoint.resume:
         if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:

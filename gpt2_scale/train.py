@@ -196,9 +196,7 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
 
 def build_model(cfg: Config) -> GPT:
     """The run's GPT on the CPU: new (from the seed set before), or from ``model.init_from``, checked to be that size."""
-    model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab)
-    if cfg.train.seq_len > model_cfg.block_size:
-        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model_cfg.name}'s context length {model_cfg.block_size}")
+    model_cfg = ModelConfig.from_name(cfg.model.name, pad_vocab=cfg.model.pad_vocab)  # seq_len fits it: config.validate
     if cfg.model.init_from:
         from gpt2_scale.hf import load_hf
 

@@ -18,7 +18,8 @@ from gpt2_scale.zoo import ModelConfig
 
 def test_shortcuts_overrides_and_yaml_precedence(tmp_path):
     (tmp_path / "c.yaml").write_text("optim:\n  lr: 1.0e-3\ntrain:\n  max_steps: 7\n")
-    cfg = parse_args(Config(), ["--config", str(tmp_path / "c.yaml"), "--model", "gpt2-tiny", "--optim.lr=3e-4", "--engine", "zero3"])
+    cfg = parse_args(Config(), ["--config", str(tmp_path / "c.yaml"), "--model", "gpt2-tiny", "--seq-len", "256", "--optim.lr=3e-4",
+                                "--engine", "zero3"])
     assert (cfg.model.name, cfg.optim.lr, cfg.train.max_steps, cfg.engine.name) == ("gpt2-tiny", 3e-4, 7, "zero3")
     assert Config().optim.lr == 6e-4  # defaults untouched
 
@@ -72,6 +73,10 @@ def test_bad_flags_exit_2_naming_the_fix(argv, match, capsys):
         (["--resume="], "checkpoint.resume is an empty string.*leave --resume out"),
         (["--config", "/does/not/exist.yaml"], "does not exist"),
         (["--config"], "--config needs a value"),
+        (["--log.peak_tflops=nan"], "log.peak_tflops must be > 0 and finite, got nan"),  # would log "mfu": NaN
+        (["--log.peak_tflops=-1"], "log.peak_tflops must be > 0"),
+        (["--log.hellaswag_every=0", "--log.hellaswag_limit=-5"], "log.hellaswag_limit must be > 0"),
+        (["--model", "gpt2-tiny", "--seq-len", "512"], "train.seq_len 512 exceeds gpt2-tiny's context length 256"),
     ],
 )
 def test_bad_configs_name_the_fix(argv, match):
@@ -83,6 +88,9 @@ def test_yaml_values_are_checked_against_the_same_types_naming_the_file(tmp_path
     path = tmp_path / "c.yaml"
     path.write_text("engine:\n  name: zero4\n")
     with pytest.raises(ConfigError, match=f"^{path}: engine.name must be one of ddp, fsdp, zero1, zero2, zero3, got 'zero4'"):
+        parse_args(Config(), ["--config", str(path)])
+    path.write_text("trian: {}\n")  # a misspelt section, left empty or not
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config section 'trian'; sections are: model, data, train"):
         parse_args(Config(), ["--config", str(path)])
     path.write_text("train:\n  micro_bach: 4\n")
     with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'train.micro_bach'; valid keys: train.micro_batch"):
@@ -107,7 +115,7 @@ def test_help_lists_every_field_with_its_default_and_meaning(capsys):
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--engine.compile=false", "--checkpoint.resume=null",
+    cfg = parse_args(Config(), ["--model", "gpt2-tiny", "--seq-len", "256", "--engine.compile=false", "--checkpoint.resume=null",
                                 "--engine.compile_scope=model", "--engine.compile_mode=reduce-overhead"])
     (tmp_path / "config.yaml").write_text(cfg.to_yaml())
     assert config_from_yaml_file(tmp_path / "config.yaml") == cfg
@@ -391,6 +399,9 @@ def test_without_auto_resume_a_run_directory_is_refused_as_before(tmp_path):
     cfg.checkpoint.auto_resume = True  # a Config built in code skips resolve_config: never started over a checkpoint
     with pytest.raises(ConfigError, match="already holds a run"):
         check_run_dir(cfg)
+    for inside in (run_dir / "checkpoints" / "step_00000002", run_dir / "sweep" / "lr3"):  # a copied checkpoint path, a nest
+        with pytest.raises(ConfigError, match=f"{inside} is inside the run {run_dir}, .*choose a directory outside it"):
+            check_run_dir(resolve_config(RECIPE, ["--run-dir", str(inside)]))
 
 
 @pytest.mark.parametrize("content,why", [("step_00000099", "names 'step_00000099', which is not a complete checkpoint"), ("", "is empty"),
