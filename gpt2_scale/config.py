@@ -310,5 +310,9 @@ def config_from_yaml_file(path: str | Path) -> Config:
         raise ConfigError(f"{path} holds no model.name, as every run's saved config does: it is damaged; restore it from "
                           "the \"config\" of a checkpoint's meta.json (without it a resume would take the recipe's defaults)")
     cfg = Config()
-    apply_dict(cfg, data, str(path))
+    try:
+        apply_dict(cfg, data, str(path))
+    except ConfigError as e:  # flags cannot mend a saved file: say which one to edit
+        raise ConfigError(f"{e} (a run saved by another version of gpt2-scale? edit that key in {path}; each checkpoint's "
+                          "meta.json holds the config it was saved with)") from None
     return cfg

@@ -129,6 +129,14 @@ def test_a_saved_config_without_its_model_is_refused_not_filled_with_defaults(tm
         config_from_yaml_file(path)
 
 
+def test_a_saved_config_with_a_key_this_version_lacks_says_which_file_to_edit(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("model:\n  name: gpt2-tiny\ntrain:\n  grad_accum: 4\n")
+    with pytest.raises(ConfigError, match=f"^{path}: unknown config key 'train.grad_accum'.*another version of gpt2-scale\\? edit "
+                                          f"that key in {path}"):
+        config_from_yaml_file(path)
+
+
 def test_grad_accum_from_total_batch():
     cfg = Config()
     assert grad_accum_steps(cfg, 8) == 1 and grad_accum_steps(cfg, 1) == 8  # 2^19 / (64 * 1024 * world)

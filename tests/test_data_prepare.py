@@ -340,6 +340,9 @@ def test_out_that_is_a_file_or_a_shard_too_big_for_memory(tmp_path, monkeypatch)
     monkeypatch.setattr(prepare_module.np, "empty", no_memory)
     with pytest.raises(DataError, match="does not fit in memory; lower --shard-tokens"):
         prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "big", 10**12, workers=1, progress=False)
+    monkeypatch.setattr(prepare_module.np, "empty", real_empty)
+    with pytest.raises(DataError, match="does not fit in memory; lower --shard-tokens"):  # more than numpy indexes: ValueError
+        prepare_shards(({"kind": "test"}, iter(["x"])), tmp_path / "big", 10**20, workers=1, progress=False)
     assert not (tmp_path / "big").exists()
 
 

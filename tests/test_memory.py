@@ -441,6 +441,7 @@ def test_estimate_memory_fits_the_largest_micro_batch_to_a_gpu(capsys):
     assert none.returncode == 1 and none.stdout == "" and none.stderr.startswith("no micro-batch fits: even 1 needs ")
     for args, message in ((["--fit", "80", "--micro-batch", "4"], "give --micro-batch or --fit, not both"),
                           (["--fit", "nan"], "argument --fit: must be a size in GiB >= 0, got nan"),
+                          (["--fit", "1e300"], "argument --fit: must be a size in GiB >= 0, got 1e300"),  # no byte count
                           (["--fit", "80", "--reserve", "-1"], "argument --reserve: must be a size in GiB >= 0"),
                           (["--reserve", "3"], "--reserve goes with --fit"),  # else silently ignored
                           (["--engine", "fsdp", "--ds-config", "x.json"], "--ds-config goes with a zero engine")):

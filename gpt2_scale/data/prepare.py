@@ -334,7 +334,7 @@ def prepare_shards(
     workers = workers or os.cpu_count() or 1
     try:
         buf = np.empty(shard_tokens, dtype=DTYPE)
-    except MemoryError:
+    except (MemoryError, ValueError):  # ValueError: more than numpy can index at all
         raise DataError(f"a shard of {shard_tokens:,} tokens does not fit in memory; lower --shard-tokens") from None
     description, documents = source
     out_dir = Path(out_dir)

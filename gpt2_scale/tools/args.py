@@ -46,7 +46,7 @@ def non_negative_float(text: str) -> float:
 def gib(text: str) -> int:
     """A size in GiB (a float, >= 0; nan and inf refused), as bytes."""
     value = float(text)
-    if not 0 <= value < float("inf"):
+    if not 0 <= value * 2**30 < float("inf"):  # 1e300 GiB is no more a byte count than inf is
         raise argparse.ArgumentTypeError(f"must be a size in GiB >= 0, got {text}")
     return int(value * 2**30)
 
