@@ -29,7 +29,7 @@ from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.memory import device_bytes, peak_memory
+from gpt2_scale.memory import GiB, device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, schedule_warning
@@ -146,12 +146,29 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
                 log.print(f"resumed from {run.resume_from} at step {run.start_step}")
             if aside:
                 log.print(aside)
-            return loop(run, log, stop)
+            try:
+                return loop(run, log, stop)
+            except torch.OutOfMemoryError as e:  # the usual first failure on a GPU: what to change, not a traceback
+                raise out_of_memory(e, run) from None
         finally:
             stop.close()
             log.close()
     finally:
         run.engine.close()
+
+
+def out_of_memory(error: torch.OutOfMemoryError, run: Run) -> TrainingError:
+    """The device's out-of-memory error as one line: what ran out, the estimate the run started with, and the
+    settings that lower the peak, those not already on."""
+    cfg, engine = run.cfg, run.cfg.engine
+    changes = [f"--train.micro_batch={cfg.train.micro_batch // 2} (accumulation keeps the batch)"] if cfg.train.micro_batch % 2 == 0 else []
+    changes += [flag for flag, on in (("--engine.activation_checkpointing=true", engine.activation_checkpointing),
+                                      ("--engine.loss_chunk=4096", engine.loss_chunk),
+                                      ("--engine.offload=true", engine.offload or engine.name == "ddp")) if not on]
+    what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TrainingError(f"rank {run.env.rank} ran out of memory ({what}); the run started with an estimated peak of "
+                         f"{run.engine.memory_estimate().total / GiB:.2f} GiB per rank (tools/estimate_memory.py gives its "
+                         f"terms); try {', '.join(changes) or 'more ranks with a sharding engine'}")
 
 
 # --- setup: validate and load everything, write nothing -------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -188,6 +189,30 @@ def test_a_run_directory_without_a_checkpoint_is_not_overwritten(corpus, tmp_pat
     assert proc.returncode == 2 and "already holds a run" in proc.stderr and f"delete {run_dir}" in proc.stderr
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 0, "train_loss": 10.0}\n'
     assert (run_dir / "config.yaml").read_text() == "model: {name: gpt2-tiny}\n"
+
+
+OUT_OF_MEMORY = """
+import runpy, sys, torch
+from gpt2_scale import train
+
+def loop(run, log, stop):  # what a step too large for the GPU raises
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+
+train.loop = loop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_out_of_memory_is_one_line_naming_what_to_change(corpus, tmp_path):
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(REPO / "recipes" / "tiny.py"), *args], env=env(), cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: rank 0 ran out of memory \(CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*\); the run started "
+                        r"with an estimated peak of [0-9.]+ GiB per rank \(.*\); try --train\.micro_batch=1 \(accumulation keeps "
+                        r"the batch\), --engine\.activation_checkpointing=true, --engine\.loss_chunk=4096", line), line
 
 
 @pytest.mark.parametrize("log_every", [1, 1000])
