@@ -243,6 +243,25 @@ def test_the_equivalence_tool_checks_a_run_moved_to_another_engine_and_world(tmp
     assert bad.returncode == 2 and "need --resume-at" in bad.stderr
 
 
+def test_the_equivalence_tool_under_a_launcher_works_in_a_directory_of_its_own(tmp_path):
+    """Under torchrun every check works in a new directory inside --workdir and removes it: a second check with a
+    smaller --resume-at does not meet the first one's checkpoints, and what else --workdir holds stays."""
+    from launch import REPO
+    from launch import run as launch
+
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "scratch" / "notes.txt").write_text("mine")
+    args = ["--model", "gpt2-tiny", "--engines", "ddp", "--steps", "3", "--seq-len", "16", "--workdir", str(tmp_path)]
+    for resume_at in ("2", "1"):
+        proc = launch("tools/check_equivalence.py", args + ["--resume-at", resume_at], nproc=2, timeout=600)
+        assert proc.returncode == 0 and "OK:" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["scratch", "scratch/notes.txt"]
+    (tmp_path / "file").write_text("x")
+    bad = launch("tools/check_equivalence.py", args[:-1] + [str(tmp_path / "file" / "wd")], nproc=2)
+    assert bad.returncode != 0 and f"error: --workdir {tmp_path / 'file' / 'wd'}: Not a directory" in bad.stderr, bad.stderr[-3000:]
+    assert "exitcode  : 2" in bad.stderr and f'File "{REPO}' not in bad.stderr  # no traceback of ours (torchrun prints its own)
+
+
 def test_the_equivalence_tool_says_resume_at_needs_two_steps():
     from gpt2_scale.tools.check_equivalence import parse_args
 

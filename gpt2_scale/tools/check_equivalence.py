@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from gpt2_scale.config import ENGINES
@@ -46,7 +48,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     p.add_argument("--atol", type=non_negative_float, help="logits; default: 1e-6 for fp32")
     p.add_argument("--grad-rtol", type=non_negative_float, help="gradient elements as a fraction of their tensor's largest, which "
                    "bounds the weights through Adam; default: 1e-4 for fp32")
-    p.add_argument("--workdir", default="runs/check_equivalence", help="scratch directory every rank can reach (launched runs)")
+    p.add_argument("--workdir", default="runs/check_equivalence", help="a directory every rank can reach (launched runs); each "
+                   "check works in a new directory of its own inside it, removed at the end")
     p.add_argument("--resume-at", type=int, help="stop each run after this many steps, checkpoint, and resume from it")
     p.add_argument("--resume-as", choices=ENGINES, help="the engine the runs resume under (default: their own)")
     p.add_argument("--resume-world", type=positive, help="ranks the runs resume on (spawned CPU world only; default: the same)")
@@ -77,6 +80,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     if args.resume_world is not None and (launched or case.total_sequences % (case.micro_batch * args.resume_world)):
         raise ValueError("--resume-world works without a launcher (under one, the world is the launcher's), and "
                          f"--micro-batch x --resume-world must divide the batch of {case.total_sequences} sequences")
+    if launched:
+        try:  # on every rank: one that cannot write there stops with the others, before the process group
+            Path(args.workdir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"--workdir {args.workdir}: {e.strerror}; name a directory every rank can write") from None
     given = {name: getattr(args, name) for name in ("rtol", "atol", "grad_rtol") if getattr(args, name) is not None}
     tol = dataclasses.replace(Tolerance.for_dtype(args.dtype), **given)
     return args, case, engines, tol
@@ -98,8 +106,6 @@ def label(engine: str, args: argparse.Namespace) -> str:
 
 def run_spawned(case: Case, engines: list[str], args: argparse.Namespace) -> dict[str, Result | str]:
     """No launcher: CPU worlds of worker processes run each engine in turn."""
-    import tempfile
-
     from gpt2_scale.harness.pool import WorkerError, WorkerPool
 
     results: dict[str, Result | str] = {}
@@ -129,12 +135,17 @@ def run_launched(case: Case, engines: list[str], args: argparse.Namespace, workd
 
     env = distributed.init("auto")
     results = {}
+    # A directory of this check's own: an earlier check's checkpoints (a larger --resume-at) are not this one's, and
+    # what else is in --workdir is not ours to delete.
+    own = Path(distributed.from_main(tempfile.mkdtemp(prefix="check-", dir=workdir) if env.is_main else None))
     try:
         for engine in engines:
-            got = [run_engine(c, env, workdir / "scratch") for c in parts(case, engine, args, workdir)]
+            got = [run_engine(c, env, own / "scratch") for c in parts(case, engine, args, own)]
             results[label(engine, args)] = joined(*got) if len(got) == 2 and env.is_main else got[0]
     finally:
-        distributed.shutdown()
+        distributed.shutdown()  # on success after a barrier: no rank is still using the directory
+        if env.is_main:
+            shutil.rmtree(own, ignore_errors=True)
     return env, results
 
 
