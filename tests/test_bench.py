@@ -45,6 +45,8 @@ def test_bench_rows_for_two_engines_a_varied_lever_and_the_walkthrough(tmp_path)
     assert "ours/walk-through tokens/s: ddp" in out.stdout
     report = json.loads((tmp_path / "bench.json").read_text())
     assert report["device"] == "cpu" and report["torch"] and report["date"].startswith("20")
+    assert report["rows_planned"] == 5 and report["complete"] is True  # rewritten after each row: a cut-off sweep says so
+    assert bench.to_json([], planned=5)["complete"] is False
     assert [r["name"] for r in report["rows"]] == [r[0] for r in rows]
     small = report["rows"][1]
     assert small["varied"] == {"train.micro_batch": "1"} and small["config"]["train"]["micro_batch"] == 1
@@ -106,7 +108,12 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     (["--engines", "ddp,zero4"], "error: argument --engines: unknown zero4"),
     (["--model", "gpt2-huge"], "unknown model"),
     (["--steps", "0"], "error: argument --steps: must be >= 1"),
-    (["--data", "/nonexistent"], "not a directory"),
+    (["--data", "/nonexistent"], "no token shards: directory /nonexistent not found"),
+    (["--data", "/"], "no token shards: manifest.json in directory / not found"),  # before any row, not in every row
+    (["--json", ""], "--json is empty (an unset shell variable?)"),
+    (["--profile", f"{__file__}/profiles"], f"--profile {__file__}/profiles: Not a directory"),
+    (["--engines", "ddp,ddp"], "the rows ddp would run twice"),
+    (["--vary", "train.micro_batch=2,2"], "the rows ddp micro_batch=2 would run twice"),
     (["--loss-chunk", "-1"], "error: argument --loss-chunk: must be >= 0"),
     (["--set", "engine.nope=1"], "--set engine.nope=1: unknown config key 'engine.nope'; valid keys: engine.name"),
     (["--vary", "train.micro_batch=4,abc"], "--vary train.micro_batch=4,abc: train.micro_batch must be int, got 'abc'"),

@@ -47,8 +47,9 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def to_json(results: list[BenchResult], command: list[str] | None = None) -> dict:
-    """Every row, machine-readable: what ran (engine, overrides, the full config) and what was measured."""
+def to_json(results: list[BenchResult], command: list[str] | None = None, planned: int | None = None) -> dict:
+    """Every row, machine-readable: what ran (engine, overrides, the full config) and what was measured; with
+    ``planned``, how many rows the sweep has and whether all are in (a sweep cut short leaves a partial file)."""
     import datetime
     from importlib import metadata
 
@@ -68,5 +69,6 @@ def to_json(results: list[BenchResult], command: list[str] | None = None) -> dic
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": results[0].device if results else None,
         "torch": torch.__version__, "cuda": torch.version.cuda, "deepspeed": ds_version,
-        "command": command, "every_row": dict(results[0].spec.overrides) if results else {}, "rows": rows,
+        "command": command, "every_row": dict(results[0].spec.overrides) if results else {},
+        "rows_planned": planned, "complete": None if planned is None else len(results) == planned, "rows": rows,
     }

@@ -65,7 +65,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
                    help="a config override for every row, e.g. engine.compile_scope=model (repeatable)")
     p.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="one more row per value, changing only KEY from the base row (repeatable; one lever at a time)")
-    p.add_argument("--json", metavar="PATH", help="also write every row, the device, versions and date as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write every row, the device, versions and date as JSON, rewritten as "
+                   "each row finishes (\"complete\" says whether every row planned is in)")
     p.add_argument("--data", help="a token shard directory; default random tokens")
     p.add_argument("--profile", metavar="DIR", help="after each row's timed steps, profile 3 more into DIR: where the "
                    "time goes by kind (matmul, attention, communication ...), the top kernels, and a trace")
@@ -80,12 +81,22 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         raise ConfigError("--world spawns its own ranks; under torchrun leave it out")
     if args.world > 1 and args.device == "cuda":
         raise ConfigError("--world spawns CPU ranks; for GPUs launch with torchrun --nproc_per_node N")
-    if args.data and not os.path.isdir(args.data):
-        raise ConfigError(f"--data {args.data}: not a directory (make one with tools/prepare_data.py)")
+    for flag, value in (("--json", args.json), ("--profile", args.profile), ("--data", args.data)):
+        if value == "":
+            raise ConfigError(f"{flag} is empty (an unset shell variable?); name a path, or leave {flag} out")
+    if args.data:
+        from gpt2_scale.data.loader import read_manifest
+
+        read_manifest(args.data)  # a DataError naming what is missing, before any row runs
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
         raise ConfigError(f"--json {args.json}: not a file in an existing directory; name one, the rows are written there as they finish")
     if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
         raise ConfigError(f"--profile {args.profile} is a file; name a directory for the profiles")
+    if args.profile:
+        try:  # now, not after the first row's timed steps
+            os.makedirs(args.profile, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--profile {args.profile}: {e.strerror}; name a directory for the profiles") from None
     resolve_device(args.device, "train")  # a device that is not here: its ValueError is the tool's one error line
     # The convenience flags are config overrides like --set ones (which come after them, so win).
     overrides = [("model.name", args.model), ("train.micro_batch", str(args.micro_batch)), ("train.seq_len", str(args.seq_len))]
@@ -99,6 +110,9 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     base = bench.BenchSpec(engines[0], tuple(overrides), accum=args.accum, warmup=args.warmup, steps=args.steps, data=args.data,
                            profile=args.profile)
     specs = bench.sweep(base, engines, vary, args.compare_walkthrough)
+    names = [spec.name for spec in specs]
+    if twice := sorted({name for name in names if names.count(name) > 1}):  # the same row again: its profile overwritten
+        raise ConfigError(f"the rows {', '.join(twice)} would run twice; give each engine and --vary value once")
     world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
         try:
@@ -122,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome = f"failed: {result.error}" if result.error else f"{result.ms_per_step:,.1f} ms/step"
         print(f"bench: row {len(done)}/{len(specs)} {result.spec.name}: {outcome}", file=sys.stderr, flush=True)
         if args.json:
-            write_atomic(args.json, json.dumps(bench.to_json(done, command), indent=2) + "\n")
+            write_atomic(args.json, json.dumps(bench.to_json(done, command, planned=len(specs)), indent=2) + "\n")
 
     if args.world > 1:
         results = bench.spawn_cpu(specs, args.world, args.peak_tflops, on_result)
