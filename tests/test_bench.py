@@ -159,12 +159,24 @@ def test_loss_chunk_flag_reaches_the_engine_config():
     assert specs[0].config(1).engine.loss_chunk == 8
 
 
-@pytest.mark.parametrize("argv", [["--model", "gpt2-huge"], ["--seq-len", "0"]])
-def test_bench_resume_refuses_bad_flags_before_it_builds_anything(argv, capsys):
+@pytest.mark.parametrize("argv, message", [(["--model", "gpt2-huge"], "argument --model: unknown model 'gpt2-huge'; valid names: gpt2-124m"),
+                                           (["--seq-len", "0"], "argument --seq-len: must be >= 1"),
+                                           (["--model", "gpt2-tiny", "--seq-len", "300"], "seq_len 300 exceeds gpt2-tiny's context length 256")])
+def test_bench_resume_refuses_bad_flags_before_it_builds_anything(argv, message, capsys, monkeypatch):
     from gpt2_scale.tools import bench_resume
 
+    for world in ("1", "2"):  # and refuses a launcher: each rank would save into a directory of its own
+        monkeypatch.setenv("WORLD_SIZE", world)
+        with pytest.raises(SystemExit) as e:
+            bench_resume.main(argv if world == "1" else [])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and (message if world == "1" else "not under a launcher") in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize("flag", ["--repeat", "--batch-size", "--seq-len", "--workers"])
+def test_bench_data_refuses_a_count_below_one_naming_the_flag(flag, capsys):
+    from gpt2_scale.tools import bench_data
+
     with pytest.raises(SystemExit) as e:
-        bench_resume.main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "error: argument" in err.splitlines()[-1], err
-    assert ("unknown model 'gpt2-huge'; valid names: gpt2-124m" in err) == (argv[0] == "--model"), err
+        bench_data.main([flag, "0"])
+    assert e.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err

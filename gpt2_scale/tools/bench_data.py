@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gpt2_scale.data import TokenLoader, default_source, prepare_shards, read_manifest
+from gpt2_scale.tools.args import positive
 
 H100_124M_TOKENS_PER_S = 500_000
 
@@ -67,10 +68,10 @@ def best_interleaved(fs: list, *args, repeats: int = 5) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=40, help="copies of the embedded corpus (~139K tokens each)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--batch-size", type=positive, default=16)
+    parser.add_argument("--seq-len", type=positive, default=1024)
+    parser.add_argument("--repeat", type=positive, default=40, help="copies of the embedded corpus (~139K tokens each)")
+    parser.add_argument("--workers", type=positive, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     B, T = args.batch_size, args.seq_len
 
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             one = tokenize_rate(Path(tmp) / "w1", args.repeat, workers=1)
             many = tokenize_rate(Path(tmp) / "wn", args.repeat, workers=args.workers)
             loader, ceiling = best_interleaved([loader_rate, raw_copy_rate], Path(tmp) / "wn", B, T)
-        except (ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ValueError, OSError) as e:  # a batch larger than the data: the loader's advice, in this tool's flags
+            print(f"error: {e} (here: a larger --repeat, or a smaller --batch-size or --seq-len)", file=sys.stderr)
             return 2
     need = 50 * H100_124M_TOKENS_PER_S
     print(f"tokenize, 1 worker:          {one / 1e6:8.2f} M tokens/s")

@@ -67,16 +67,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-as", default="ddp", choices=ENGINES, help="the engine that reads it")
     p.add_argument("--seq-len", type=positive, default=64, help="tokens of the one training step (activations are not the point)")
     args = p.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would save into a temporary directory of its own
+        p.error("it runs in one process (python tools/bench_resume.py ...), not under a launcher")
 
     from gpt2_scale import checkpoint, distributed, engines
-    from gpt2_scale.config import Config
+    from gpt2_scale.config import Config, ConfigError, validate
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
 
-    env = distributed.init("auto")
     cfg = Config()
     cfg.model.name, cfg.engine.compile = args.model, False
     cfg.train.micro_batch, cfg.train.seq_len, cfg.train.total_batch_tokens = 1, args.seq_len, args.seq_len
+    try:
+        validate(cfg)  # --seq-len within the model's context
+    except ConfigError as e:
+        p.error(str(e))
+    env = distributed.init("auto")
     tokens = torch.randint(0, 50257, (1, args.seq_len), device=env.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
