@@ -161,15 +161,16 @@ def _flag(value: object) -> str:
 def check_same_run(saved: Config, wanted: Config, run_dir: Path) -> None:
     """Refuse to auto-resume ``run_dir`` (whose config is ``saved``) with settings (``wanted``: saved + this command)
     that change what the run depends on, naming the first such setting, both values and the three ways on."""
-    changed = changed_settings(saved, wanted)
+    changed = sorted(changed_settings(saved, wanted), key=lambda c: c[0] not in checkpoint.RESUME_KEYS)  # those first
     if not changed:
         return
     key, old, new = changed[0]
     more = f" (also changed: {', '.join(k for k, _, _ in changed[1:])})" if len(changed) > 1 else ""
+    changed_resume = ("" if key in checkpoint.RESUME_KEYS  # the checkpoint's weights and data position depend on it
+                      else f", with --resume {run_dir} to continue it changed")
     raise ConfigError(
         f"--checkpoint.auto_resume: {run_dir} holds a run with {key}={_flag(old)}, this command sets {key}={_flag(new)}{more}; "
-        f"run it with --{key}={_flag(old)} to continue the run, with --resume {run_dir} to continue it changed, "
-        "or with another --run-dir to start a new run"
+        f"run it with --{key}={_flag(old)} to continue the run{changed_resume}, or with another --run-dir to start a new run"
     )
 
 

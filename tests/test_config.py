@@ -332,7 +332,6 @@ def test_auto_resume_continues_a_run_with_a_checkpoint_as_resume_does(tmp_path):
     [
         (["--lr", "3e-4"], "holds a run with optim.lr=0.001, this command sets optim.lr=0.0003; run it with --optim.lr=0.001 to continue"),
         (["--engine", "fsdp", "--seed", "7"], "train.seed=1337, this command sets train.seed=7 \\(also changed: engine.name\\)"),
-        (["--model.pad_vocab=true"], "model.pad_vocab=false, this command sets model.pad_vocab=true"),
         (["--optim.decay_steps=20"], "optim.decay_steps=10, this command sets optim.decay_steps=20"),
         (["--data", "elsewhere"], "data.dir=default, this command sets data.dir=elsewhere"),
     ],
@@ -344,6 +343,20 @@ def test_auto_resume_refuses_a_command_that_changes_the_run_in_one_line(tmp_path
         resolve_config(RECIPE, AUTO + ["--model.pad_vocab=false", "--run-dir", str(run_dir)] + change)
     assert "\n" not in str(e.value) and f"--resume {run_dir} to continue it changed" in str(e.value)
     assert "another --run-dir" in str(e.value)
+
+
+@pytest.mark.parametrize("change,match", [
+    (["--lr", "3e-4", "--seq-len", "16"], "train.seq_len=32, this command sets train.seq_len=16 \\(also changed: optim.lr\\); run it "
+                                          "with --train.seq_len=32 to continue the run, or with another --run-dir"),
+    (["--model.pad_vocab=false"], "model.pad_vocab=true, this command sets model.pad_vocab=false; run it with --model.pad_vocab=true"),
+])
+def test_auto_resume_offers_no_resume_for_a_setting_the_checkpoint_depends_on(tmp_path, change, match):
+    """--resume continues a run changed, but not in model, seq_len, total batch or data seed: named first, no --resume."""
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, AUTO)
+    with pytest.raises(ConfigError, match=match) as e:
+        resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)] + change)
+    assert "--resume" not in str(e.value)
 
 
 def test_auto_resume_checks_a_config_file_as_the_flags(tmp_path):

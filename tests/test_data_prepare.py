@@ -278,6 +278,9 @@ def test_failed_fresh_preparation_never_removes_what_was_there(tmp_path):
     with pytest.raises(DataError, match="holds no text"):
         prepare_shards(text_source([empty]), tmp_path / "new" / "deeper", 100, workers=1, progress=False)
     assert not (tmp_path / "new").exists()  # every directory this run created is gone
+    (tmp_path / "empty.jsonl").write_text("\n")  # no record at all: no text, not a missing field
+    with pytest.raises(DataError, match=f"{tmp_path / 'empty.jsonl'} holds no text"):
+        prepare_shards(text_source([tmp_path / "empty.jsonl"]), tmp_path / "new", 100, workers=1, progress=False)
 
 
 def test_failure_after_a_shard_keeps_it_to_resume(tmp_path):

@@ -100,7 +100,9 @@ def _check_field(path: Path, field: str, fix: str = FIELD_FIX) -> None:
             names = pq.read_schema(path).names
         elif path.suffix == ".jsonl":
             with open(path, encoding="utf-8") as f:
-                lineno, first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (1, "{}"))
+                lineno, first = next(((n, line) for n, line in enumerate(f, 1) if line.strip()), (0, None))
+            if first is None:  # no records: no documents from this file (and "no text" if no file has any)
+                return
             names = list(_json_record(first, path, lineno))
         else:
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,6 +36,10 @@ class FSDPEngine(Engine):
             fully_shard(block, **kwargs)
         # The root owns wte and lm_head: the tied weight is one sharded parameter, so tying holds.
         fully_shard(model, **kwargs)
+        # torch 2.13 warns at every forward that the root returns a view (the logits without the padded vocabulary
+        # rows), whose in-place change would skip a hook; nothing changes the outputs in place (the loop reads the
+        # loss, and the harness checks FSDP's gradients against one process).
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPGPT\) returned a view tensor", category=UserWarning)
         self.model = self.module = model
         device = torch.device("cpu") if self.cfg.engine.offload else self.env.device
         self.optimizer = adamw(param_groups(model, self.cfg.optim.weight_decay), self.cfg, device)
