@@ -132,6 +132,7 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
             restore(run)
         if run.start_step >= cfg.train.max_steps:
             return already_done(run)
+        check_first_batches(run)
         aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
         write_config(run)
         log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
@@ -259,6 +260,23 @@ def load_hellaswag(cfg: Config) -> list[Example] | None:
         ) from e
 
 
+def check_first_batches(run: Run) -> None:
+    """Read what the first step trains on, and the batches every validation reads, on every rank: bad data there
+    stops all ranks with one line before the run writes anything, so the run starts clean once the data is mended
+    (a run that wrote its config.yaml is refused a fresh start in the same directory)."""
+    from gpt2_scale.data.loader import DataError
+
+    error = None
+    try:
+        run.train_loader.check_ahead(run.accum)
+        if run.val_loader is not None:
+            run.val_loader.check_ahead(val_batches(run.cfg, run.env.world_size))
+    except DataError as e:
+        error = str(e)
+    if failed := next((e for e in distributed.all_ranks(error) if e), None):  # every rank stops, each with the same line
+        raise DataError(failed)
+
+
 def write_config(run: Run) -> None:
     """The run's settings, written once everything they name has been validated and loaded. Not checkpoint.resume,
     which says how this attempt started rather than what the run is: the file also serves as a template
@@ -375,12 +393,16 @@ def evaluate(run: Run, step: int, last: bool, log: MetricsLogger) -> bool:
     return ran
 
 
+def val_batches(cfg: Config, world_size: int) -> int:
+    """Batches each rank reads per validation: the first log.val_tokens of the split, at least one batch."""
+    return max(1, cfg.log.val_tokens // (cfg.train.micro_batch * cfg.train.seq_len * world_size))
+
+
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
     """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
     cfg, env, engine, loader = run.cfg, run.env, run.engine, run.val_loader
-    per_batch = cfg.train.micro_batch * cfg.train.seq_len * env.world_size
-    n_batches = max(1, cfg.log.val_tokens // per_batch)
+    n_batches = val_batches(cfg, env.world_size)
     loader.reset()
     engine.model.eval()
     total = torch.zeros((), device=env.device)

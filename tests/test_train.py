@@ -121,6 +121,16 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
     done = ok(run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "1"], launcher="python"))
     assert "nothing to train" in done
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
+    # Bad data in what the first step reads stops before anything is written: config.yaml keeps its --data, the
+    # earlier finish keeps its summary.json.
+    bad = shutil.copytree(corpus, tmp_path / "bad")
+    tokens = np.memmap(bad / "train_000000.bin", dtype=np.uint16, mode="r+")
+    tokens[::10] = 60000  # in every window
+    tokens.flush()
+    del tokens
+    damaged = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2", "--data", str(bad)], launcher="python")
+    assert damaged.returncode == 2 and "holds token id 60000" in damaged.stderr and "Traceback" not in damaged.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
     (run_dir / "checkpoints" / "latest").write_text("step_99999999")
     broken = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2"], launcher="python")
     assert broken.returncode == 2 and "not a complete checkpoint" in broken.stderr
@@ -362,6 +372,18 @@ def test_damaged_data_is_one_error_line_on_every_rank(corpus, tmp_path):
     assert errors and all("holds token id 60000" in line for line in errors), proc.stderr[-3000:]
     assert "error: rank 0 stopped because rank 1 stopped on: shard" in proc.stderr, proc.stderr[-3000:]
     assert f'File "{REPO}' not in proc.stderr and "exitcode  : 1" not in proc.stderr, proc.stderr[-3000:]
+    shutil.copy(corpus / "train_000000.bin", broken / "train_000000.bin")
+
+    # In what the first step reads, on rank 1 only: every rank stops with rank 1's line before anything is written.
+    shard_index, window = TokenLoader(broken, "train", 2, 32, 1, 2, seed=Config().data.seed, windows_per_step=4).window_ids()[0]
+    tokens = np.memmap(broken / ranks[1].files[shard_index].name, dtype=np.uint16, mode="r+")
+    tokens[window * 32 + 5] = 60000
+    tokens.flush()
+    del tokens
+    proc = run("recipes/tiny.py", args + ["--run-dir", str(tmp_path / "run2")], nproc=2)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and all("holds token id 60000" in line for line in errors) and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert f'File "{REPO}' not in proc.stderr and not (tmp_path / "run2").exists(), proc.stderr[-3000:]
     shutil.copy(corpus / "train_000000.bin", broken / "train_000000.bin")
 
     shard = broken / "train_000000.bin"

@@ -271,6 +271,15 @@ class TokenLoader:
         xy = torch.from_numpy(rows.astype(np.int64))
         return xy[:, :-1], xy[:, 1:]
 
+    def check_ahead(self, calls: int) -> None:
+        """Read the next ``calls`` batches and go back: bad data in them raises now (before a run writes anything)."""
+        state = self.state_dict()
+        try:
+            for _ in range(calls):
+                self.next_batch()
+        finally:
+            self.load_state_dict(state)
+
     def reset(self) -> None:
         """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""
         self.epoch, self.position = 0, 0
