@@ -69,12 +69,17 @@ def attempt_store(world: int) -> dist.Store | None:
     run here). On one node all workers of an attempt share TORCHELASTIC_RESTART_COUNT, so it names their keys apart;
     across nodes each agent counts its own restarts and the counts may differ (pytorch#108158), so there the store
     is left to the launcher (README: TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a store of its own)."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or os.environ.get("GROUP_WORLD_SIZE") != "1":
+    if not _agent_hosts_store() or os.environ.get("GROUP_WORLD_SIZE") != "1":
         return None
     from torch.distributed.constants import default_pg_timeout
 
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False, timeout=default_pg_timeout)
     return dist.PrefixStore(f"gpt2_scale/{_attempt()}", store)
+
+
+def _agent_hosts_store() -> bool:
+    """Whether torchrun's agent hosts the process group's store (else rank 0 does, in its own process)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _attempt() -> str:
@@ -137,7 +142,7 @@ def _knows_key(rank: int) -> str:
 def _hosts_store() -> bool:
     """Whether the process group's store lives in this process (and goes when it exits): rank 0's, unless torchrun's
     agent hosts it. Only gloo: an NCCL peer learns nothing from a closed connection, and the launcher ends it."""
-    return dist.get_rank() == 0 and dist.get_backend() == "gloo" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    return dist.get_rank() == 0 and dist.get_backend() == "gloo" and not _agent_hosts_store()
 
 
 def _stay_until_peers_know(timeout: float) -> None:

@@ -107,13 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.check_sums(path)  # what a load does before the engine reads, here in one process
         hashed, size = time.perf_counter() - start, sum(p.stat().st_size for p in path.iterdir() if p.is_file())
     distributed.shutdown()
-    if env.is_main:
-        what = "CUDA allocated" if env.device.type == "cuda" else "resident"
-        print(f"{args.model}, {env.world_size} rank(s) on {env.device.type}; {what} GiB")
-        print(f"{'phase':6} {'engine':6} {'before':>8} {'peak':>8} {'extra':>8} {'seconds':>8}")
-        for phase, name, before, peak, seconds in rows:
-            print(f"{phase:6} {name:6} {before / GiB:8.2f} {peak / GiB:8.2f} {(peak - before) / GiB:8.2f} {seconds:8.2f}")
-        print(f"SHA-256 of the checkpoint's {size / GiB:.2f} GiB in one process: {hashed:.2f} s")
+    what = "CUDA allocated" if env.device.type == "cuda" else "resident"
+    print(f"{args.model}, one process on {env.device.type}; {what} GiB")
+    print(f"{'phase':6} {'engine':6} {'before':>8} {'peak':>8} {'extra':>8} {'seconds':>8}")
+    for phase, name, before, peak, seconds in rows:
+        print(f"{phase:6} {name:6} {before / GiB:8.2f} {peak / GiB:8.2f} {(peak - before) / GiB:8.2f} {seconds:8.2f}")
+    print(f"SHA-256 of the checkpoint's {size / GiB:.2f} GiB: {hashed:.2f} s")
     return 0
 
 
