@@ -1,5 +1,5 @@
-"""Durable, atomic writes: the one way the package replaces a file or publishes a directory; where it caches; and
-the checksum it keeps of a file.
+"""Durable, atomic writes: the one way the package replaces a file or publishes a directory; where it caches; the
+checksum it keeps of a file; and the lock that keeps a second process out of a directory being written.
 
 A crash or a power loss at any moment leaves the old content or the new, never a mix. Data goes to a
 temporary name in the target's directory, is fsync'ed, is renamed over the target, and then the
@@ -8,9 +8,13 @@ directory itself is fsync'ed, because a rename lives in the directory and is los
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 
@@ -83,3 +87,37 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
         raise
     fsync_dir(final.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def lock_exclusive(path: Path, wait_s: float, user: str) -> tuple[int | None, str | None]:
+    """(fd holding an exclusive flock on ``path``, None), or (None, who holds it) after ``wait_s`` seconds; the
+    holder writes its pid, host and start time into the file for the next one to name. ``user`` names what
+    holds it ("run", "preparation"), for the lines printed while waiting or where nothing can be locked.
+
+    The kernel releases the lock when its process ends, however it ends. A file removed or replaced while this
+    waited (its holder removing it on the way out) is a stale lock: the wait starts over on the file now at ``path``."""
+    deadline, told = time.monotonic() + wait_s, False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its process did not say which"
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks here (ENOLCK, EOPNOTSUPP ...)
+                print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second {user} in {path.parent} "
+                      "at the same time", flush=True)
+                return None, None
+            if time.monotonic() >= deadline:
+                return None, holder
+            if not told:
+                print(f"{path.parent} is in use by another {user} ({holder}); waiting up to {wait_s:.0f} s for it to end", flush=True)
+                told = True
+            time.sleep(0.5)
+            continue
+        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            since = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
+            return fd, None
+        os.close(fd)

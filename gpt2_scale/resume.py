@@ -4,18 +4,14 @@ that died logged for steps the next one trains again."""
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import socket
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from gpt2_scale import checkpoint, distributed
 from gpt2_scale.config import Config, ConfigError
-from gpt2_scale.fileio import fsync_dir
+from gpt2_scale.fileio import fsync_dir, lock_exclusive
 from gpt2_scale.metrics import attempt_name, next_attempt, set_aside
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
@@ -57,7 +53,7 @@ def claim_run_dir(run_dir: Path, env: distributed.DistEnv, wait_s: float = LOCK_
         created = not run_dir.exists()
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            fd, error = _lock(run_dir / LOCK, wait_s)
+            fd, error = lock_exclusive(run_dir / LOCK, wait_s, "run")
         except OSError:  # an unwritable directory: setup's check_writable says so, with what to do
             pass
     if error := distributed.from_main(error):
@@ -71,38 +67,6 @@ def claim_run_dir(run_dir: Path, env: distributed.DistEnv, wait_s: float = LOCK_
                 (run_dir / LOCK).unlink()
                 run_dir.rmdir()
             os.close(fd)
-
-
-def _lock(path: Path, wait_s: float) -> tuple[int | None, str | None]:
-    """(fd holding an exclusive flock on ``path``, None), or (None, who holds it) after ``wait_s`` seconds.
-
-    A file removed or replaced while this waited (claim_run_dir removing a directory it created) is a stale
-    lock: the wait starts over on the file now at ``path``."""
-    deadline, told = time.monotonic() + wait_s, False
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "its process did not say which"
-            os.close(fd)
-            if e.errno not in (errno.EAGAIN, errno.EACCES):  # no locks here (ENOLCK, EOPNOTSUPP ...)
-                print(f"warning: cannot lock {path} ({e.strerror}); nothing stops a second run from training in "
-                      f"{path.parent} at the same time", flush=True)
-                return None, None
-            if time.monotonic() > deadline:
-                return None, holder
-            if not told:
-                print(f"{path.parent} is in use by another run ({holder}); waiting up to {wait_s:.0f} s for it to end", flush=True)
-                told = True
-            time.sleep(0.5)
-            continue
-        if path.exists() and os.stat(path).st_ino == os.fstat(fd).st_ino:
-            since = time.strftime("%Y-%m-%d %H:%M:%S")
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {since}\n".encode(), 0)
-            return fd, None
-        os.close(fd)
 
 
 def check_writable(run_dir: Path) -> None:

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from launch import env
 
-from gpt2_scale import tokenizer
+from gpt2_scale import fileio, tokenizer
 from gpt2_scale.data import (
     DataError,
     TokenLoader,
@@ -29,6 +29,7 @@ from gpt2_scale.data import (
     read_manifest,
     text_source,
     tokenize_document,
+    verify_shards,
 )
 from gpt2_scale.data import prepare as prepare_module
 from gpt2_scale.data.loader import MANIFEST
@@ -497,3 +498,73 @@ def test_hellaswag_is_fetched_from_a_file_path_and_a_bad_url_leaves_nothing(tmp_
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1, err
         assert not any((tmp_path / "bad").glob("*"))  # hidden files too
+
+
+def test_each_shard_records_its_sha256_and_verify_finds_a_changed_byte(tmp_path, capsys):
+    m = prepare_shards(({"kind": "test"}, iter(documents(60))), tmp_path, 300, workers=1, progress=False)
+    shards = m["shards"]["val"] + m["shards"]["train"]
+    assert [s["sha256"] for s in shards] == [fileio.sha256(tmp_path / s["file"]) for s in shards]
+    assert verify_shards(tmp_path, progress=False) == (len(shards), 0)
+    assert prepare_data.main(["verify", str(tmp_path), "--quiet"]) == 0
+    assert capsys.readouterr().out == f"{tmp_path}: all {len(shards)} shard(s) match the SHA-256 recorded when they were written\n"
+
+    victim = tmp_path / shards[-2]["file"]
+    data = bytearray(victim.read_bytes())
+    data[7] ^= 1  # one bit, same size: check_shards, which every run does, cannot see it
+    victim.write_bytes(bytes(data))
+    read_manifest(tmp_path)
+    changed = rf"1 of the {len(shards)} shards of .* differ .* \({victim.name}\): .*delete {tmp_path} and prepare it again"
+    with pytest.raises(DataError, match=changed):
+        verify_shards(tmp_path, progress=False)
+    assert prepare_data.main(["verify", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: 1 of the") and victim.name in err
+
+
+def test_verify_a_preparation_from_before_sha256s_or_one_not_finished(tmp_path, capsys):
+    prepare_shards(({"kind": "test"}, iter(documents(60))), tmp_path / "old", 300, workers=1, progress=False)
+    m = json.loads((tmp_path / "old" / MANIFEST).read_text())
+    for shard in m["shards"]["val"] + m["shards"]["train"]:
+        del shard["sha256"]
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(m))
+    n = len(m["shards"]["val"] + m["shards"]["train"])
+    assert verify_shards(tmp_path / "old", progress=False) == (0, n)
+    assert prepare_data.main(["verify", str(tmp_path / "old"), "--quiet"]) == 0
+    assert "prepared before SHA-256s were recorded, so only their sizes could be checked" in capsys.readouterr().out
+    m["shards"]["train"][0]["sha256"] = "not a digest"
+    (tmp_path / "old" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError, match=r"damaged: shards.train\[0\].sha256 is not 64 hex digits"):
+        read_manifest(tmp_path / "old")
+
+    with pytest.raises(Interrupted):
+        prepare_shards(({"kind": "test"}, interrupted_after(documents(60), 50)), tmp_path / "new", 300, workers=1, progress=False)
+    assert prepare_data.main(["verify", str(tmp_path / "new"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "match the SHA-256" in out and "the preparation has not finished" in out
+    assert prepare_data.main(["verify", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "no token shards" in capsys.readouterr().err
+
+
+def test_a_second_preparation_into_the_same_directory_is_refused_while_the_first_writes(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    fd, _ = fileio.lock_exclusive(out / prepare_module.LOCK, 0, "preparation")  # another process's, as flock sees it
+    try:
+        with pytest.raises(DataError, match=rf"{out} is being prepared by another process \(pid {os.getpid()} on .*\); let it finish"):
+            prepare_shards(({"kind": "test"}, iter(documents(30))), out, 300, workers=1, progress=False)
+        assert os.listdir(out) == [prepare_module.LOCK]
+    finally:
+        os.close(fd)
+    # a lock file left by a process that died is no lock: the kernel released it with the process
+    m = prepare_shards(({"kind": "test"}, iter(documents(30))), out, 300, workers=1, progress=False)
+    assert m["complete"] and prepare_module.LOCK not in os.listdir(out)  # nothing left behind when it ends
+
+
+def test_a_finished_preparation_in_a_directory_that_cannot_be_locked_is_still_read(tmp_path, monkeypatch):
+    m = prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path, 300, workers=1, progress=False)
+
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(prepare_module, "lock_exclusive", read_only)  # a read-only mount (root here writes anyway)
+    assert prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path, 300, workers=1, progress=False) == m

@@ -1,6 +1,6 @@
 """Token shards on disk (prepare) and the batches the trainer reads from them (loader)."""
 
-from gpt2_scale.data.loader import DataError, TokenLoader, read_manifest
+from gpt2_scale.data.loader import DataError, TokenLoader, read_manifest, verify_shards
 from gpt2_scale.data.prepare import (
     default_source,
     ensure_default_corpus,
@@ -20,4 +20,5 @@ __all__ = [
     "read_manifest",
     "text_source",
     "tokenize_document",
+    "verify_shards",
 ]

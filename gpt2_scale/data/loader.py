@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import functools
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from gpt2_scale import tokenizer
 from gpt2_scale.errors import UserError
+from gpt2_scale.fileio import sha256
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -54,6 +57,10 @@ def _is_file_name(value: object) -> bool:
     return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
 
 
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
 def _shape_problem(manifest: object) -> str | None:
     """What is missing from a manifest that parsed (a hand edit, another program's file), or None."""
     if not isinstance(manifest, dict):
@@ -67,6 +74,8 @@ def _shape_problem(manifest: object) -> str | None:
         for i, shard in enumerate(shards[split]):
             if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
                 return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
+            if "sha256" in shard and not _is_sha256(shard["sha256"]):  # absent in preparations made before it was kept
+                return f"shards.{split}[{i}].sha256 is not 64 hex digits"
     if not isinstance(manifest.get("complete"), bool):
         return "it has no complete flag (true or false)"
     if manifest["complete"]:
@@ -119,6 +128,28 @@ def check_shards(data_dir: str | Path, manifest: dict) -> None:
                     f"shard {file} has {size} bytes{odd}, but {data_dir / MANIFEST} says {expected}: it is truncated "
                     f"or was overwritten; delete {data_dir} and prepare it again"
                 )
+
+
+def verify_shards(data_dir: str | Path, workers: int = 4, progress: bool = True) -> tuple[int, int]:
+    """Read every shard and compare its SHA-256 with the one the manifest recorded when it was written:
+    (shards that matched, shards with no recorded SHA-256). Raises DataError naming the shards that differ.
+
+    check_shards, which every run does, sees a shard missing or cut short; this sees one changed in place (a
+    copy gone wrong, a failing disk, a write by another program), at the cost of reading all of them."""
+    data_dir = Path(data_dir)
+    manifest = parse_manifest(data_dir)
+    check_shards(data_dir, manifest)
+    shards = [shard for split in SPLITS for shard in manifest["shards"][split]]
+    recorded = [shard for shard in shards if "sha256" in shard]
+    with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: threads hash in parallel
+        digests = list(tqdm(pool.map(lambda shard: sha256(data_dir / shard["file"]), recorded), total=len(recorded),
+                            desc=f"verifying {data_dir}", unit="shard", disable=not progress))
+    bad = [shard["file"] for shard, digest in zip(recorded, digests) if digest != shard["sha256"]]
+    if bad:
+        named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{len(bad)} of the {len(recorded)} shards of {data_dir} differ from the SHA-256 recorded when they were "
+                        f"written ({named}): they were changed or damaged since; delete {data_dir} and prepare it again")
+    return len(recorded), len(shards) - len(recorded)
 
 
 def read_manifest(data_dir: str | Path) -> dict:

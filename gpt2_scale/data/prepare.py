@@ -6,12 +6,14 @@ first shard (or the first ``val_tokens``) is the validation split; when the whol
 one shard, its first 10% is. A shard is written under a temporary name and renamed when complete,
 and after each shard the manifest records where in the document stream it ended, so a re-run
 resumes there. The manifest says ``complete: true`` only at the very end, and the loader accepts
-nothing else.
+nothing else. It records each shard's SHA-256 as written, which ``verify_shards`` checks later. One
+preparation at a time writes into a directory (an flock on its ``.lock``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -38,7 +40,7 @@ from gpt2_scale.data.loader import (
     read_manifest,
 )
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import cache_dir, publish_dir, write_atomic
+from gpt2_scale.fileio import cache_dir, lock_exclusive, publish_dir, write_atomic
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -46,6 +48,7 @@ FINEWEB_EDU_COLUMNS = (
     "text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score",
 )  # fmt: skip
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+LOCK = ".lock"  # flock'ed while a preparation writes into the directory; removed when it ends
 Source = tuple[dict, Iterator[str]]  # (description stored in the manifest, the documents)
 
 
@@ -249,8 +252,6 @@ def _settings(source: dict, shard_tokens: int, val_tokens: int | None) -> dict:
 
 
 def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir} is a file; give a new or empty directory")
     if (out_dir / MANIFEST).is_file():
         manifest = parse_manifest(out_dir)
         differing = [k for k in settings if manifest.get(k) != settings[k]]
@@ -267,9 +268,8 @@ def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict
             )
         check_shards(out_dir, manifest)
         return manifest
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if any(p.name != LOCK for p in out_dir.iterdir()):
         raise DataError(f"{out_dir} is not empty and holds no {MANIFEST}; choose an empty or new --out directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {
         "format": FORMAT_VERSION,
         "complete": False,
@@ -280,6 +280,26 @@ def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict
     }
     _save(out_dir, manifest)
     return manifest
+
+
+@contextlib.contextmanager
+def _claim(out_dir: Path) -> Iterator[None]:
+    """One preparation at a time in ``out_dir`` (created if missing). Two, the same command started twice or
+    under ``srun`` with several tasks, would write each other's shards and manifest over each other."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, holder = lock_exclusive(out_dir / LOCK, 0, "preparation")
+    except OSError:  # a read-only directory: a finished preparation is still read there, and a write fails on its own
+        fd, holder = None, None
+    if holder:
+        raise DataError(f"{out_dir} is being prepared by another process ({holder}); let it finish (this command, run "
+                        "again then, finds it complete), or choose another --out")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            (out_dir / LOCK).unlink(missing_ok=True)  # gone with the directory when a failed fresh start removed it
+            os.close(fd)
 
 
 def _outermost_missing(path: Path) -> Path | None:
@@ -340,33 +360,36 @@ def prepare_shards(
         raise DataError(f"a shard of {shard_tokens:,} tokens does not fit in memory; lower --shard-tokens") from None
     description, documents = source
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file; give a new or empty directory")
     created, fresh = _outermost_missing(out_dir), not (out_dir / MANIFEST).is_file()
-    manifest = _start_or_resume(out_dir, _settings(description, shard_tokens, val_tokens), command)
-    if manifest["complete"]:
-        return manifest
-    shards = manifest["shards"]
-    try:
-        doc = _tokenize_into(out_dir, manifest, documents, buf, val_tokens, workers, progress)
-    except BaseException:
-        if fresh and not (shards["val"] or shards["train"]):
-            _remove_fresh_output(out_dir, created)
-        raise
-    if not shards["train"]:
-        total = sum(s["tokens"] for s in shards["val"])
-        if total <= doc:  # each document gave only its <|endoftext|>
-            problem = f"{_describe(description)} holds no text" + (f" ({doc} empty document(s))" if doc else "")
-            fix = "give input that has text"
-        else:
-            problem = f"the source gave only {total} tokens, all taken by the validation split"
-            fix = "lower --val-tokens"
-        if fresh:
-            _remove_fresh_output(out_dir, created)
-            raise DataError(f"{problem}; {fix}")
-        raise DataError(f"{problem}; {fix} and prepare into a new --out (or delete {out_dir})")
-    manifest["tokens"] = {k: sum(s["tokens"] for s in v) for k, v in shards.items()}
-    manifest["documents"] = doc
-    manifest["complete"] = True
-    _save(out_dir, manifest)
+    with _claim(out_dir):
+        manifest = _start_or_resume(out_dir, _settings(description, shard_tokens, val_tokens), command)
+        if manifest["complete"]:
+            return manifest
+        shards = manifest["shards"]
+        try:
+            doc = _tokenize_into(out_dir, manifest, documents, buf, val_tokens, workers, progress)
+        except BaseException:
+            if fresh and not (shards["val"] or shards["train"]):
+                _remove_fresh_output(out_dir, created)
+            raise
+        if not shards["train"]:
+            total = sum(s["tokens"] for s in shards["val"])
+            if total <= doc:  # each document gave only its <|endoftext|>
+                problem = f"{_describe(description)} holds no text" + (f" ({doc} empty document(s))" if doc else "")
+                fix = "give input that has text"
+            else:
+                problem = f"the source gave only {total} tokens, all taken by the validation split"
+                fix = "lower --val-tokens"
+            if fresh:
+                _remove_fresh_output(out_dir, created)
+                raise DataError(f"{problem}; {fix}")
+            raise DataError(f"{problem}; {fix} and prepare into a new --out (or delete {out_dir})")
+        manifest["tokens"] = {k: sum(s["tokens"] for s in v) for k, v in shards.items()}
+        manifest["documents"] = doc
+        manifest["complete"] = True
+        _save(out_dir, manifest)
     return manifest
 
 
@@ -396,8 +419,10 @@ def _tokenize_into(
     def flush(tokens: np.ndarray, documents_done: int, offset: int) -> None:
         name = split()
         file = f"{name}_{len(shards[name]):06d}.bin"
-        write_atomic(out_dir / file, tokens.tobytes())
-        shards[name].append({"file": file, "tokens": len(tokens), "documents": int((tokens == tokenizer.EOT).sum())})
+        data = tokens.tobytes()
+        write_atomic(out_dir / file, data)
+        shards[name].append({"file": file, "tokens": len(tokens), "documents": int((tokens == tokenizer.EOT).sum()),
+                             "sha256": hashlib.sha256(data).hexdigest()})
         manifest["resume"] = {"documents": documents_done, "offset": offset}
         _save(out_dir, manifest)
 

@@ -5,6 +5,7 @@
     python tools/prepare_data.py fineweb-edu --out data/fineweb-edu-10BT      # streams the hub
     python tools/prepare_data.py fineweb-edu --from-dir parquet/ --out data/fineweb-edu
     python tools/prepare_data.py hellaswag                            # the eval set, into the recipes' cache
+    python tools/prepare_data.py verify data/fineweb-edu-10BT         # every shard against its recorded SHA-256
 
 Re-running the same command resumes after the last complete shard. `fineweb-edu` also fetches HellaSwag (the
 124M recipes evaluate it), so a node without network finds everything it needs.
@@ -17,9 +18,11 @@ import shlex
 import sys
 
 from gpt2_scale.data import prepare as data  # the module
+from gpt2_scale.data.loader import parse_manifest, verify_shards
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.eval import hellaswag
 from gpt2_scale.fileio import cache_dir
+from gpt2_scale.tools.args import positive
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("hellaswag", help="HellaSwag's validation set into the cache the recipes read")
     p.add_argument("--out", help=f"directory (default: {hellaswag.cache_dir()}, from $GPT2_SCALE_CACHE)")
     p.add_argument("--url", default=hellaswag.VAL_URL, help="where to fetch it from: a mirror, a file:// URL or a file's path")
+    p = sub.add_parser("verify", help="read every shard of a prepared directory and check it against the SHA-256 recorded for it")
+    p.add_argument("dir")
+    p.add_argument("--workers", type=positive, default=4, help="shards hashed at once")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
     command = "python tools/prepare_data.py " + shlex.join(argv)
     try:
+        if args.source == "verify":
+            print(verify(args.dir, args.workers, not args.quiet))
+            return 0
         if args.source == "hellaswag":
             print(fetch_hellaswag(args.out, args.url))
             return 0
@@ -85,6 +95,21 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:  # the shards are ready; HellaSwag can follow where there is network
             print(f"warning: HellaSwag was not fetched: {e} (or: python tools/prepare_data.py hellaswag)", file=sys.stderr)
     return 0
+
+
+def verify(data_dir: str, workers: int, progress: bool) -> str:
+    """What verify_shards found, in a line; a shard that differs is a DataError."""
+    matched, unrecorded = verify_shards(data_dir, workers, progress)
+    if not matched:
+        line = (f"{data_dir}: its {unrecorded} shard(s) were prepared before SHA-256s were recorded, so only their sizes "
+                "could be checked (they match the manifest); prepare it again to have them")
+    else:
+        line = f"{data_dir}: all {matched} shard(s) match the SHA-256 recorded when they were written"
+        if unrecorded:
+            line += f"; {unrecorded} more, prepared before SHA-256s were recorded, have the sizes the manifest gives"
+    if not parse_manifest(data_dir)["complete"]:
+        line += " (the preparation has not finished: run its command again to resume it)"
+    return line
 
 
 def fetch_hellaswag(out: str | None, url: str) -> str:
