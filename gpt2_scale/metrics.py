@@ -75,6 +75,21 @@ class MetricsLogger:
                 self.writer.close()
 
 
+def logged_training(run_dir: Path) -> bool:
+    """Whether ``run_dir/metrics.jsonl`` holds a training step's record (a line cut off by a kill is none)."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return False
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "train_loss" in record:
+            return True
+    return False
+
+
 def attempt_name(name: str, attempt: int) -> str:
     """``metrics.jsonl`` -> ``metrics.attempt-3.jsonl``: where attempt 3's records went when they were set aside."""
     stem, dot, suffix = name.partition(".")

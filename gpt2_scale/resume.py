@@ -12,7 +12,7 @@ from pathlib import Path
 from gpt2_scale import checkpoint, distributed
 from gpt2_scale.config import Config, ConfigError
 from gpt2_scale.fileio import fsync_dir, lock_exclusive
-from gpt2_scale.metrics import attempt_name, next_attempt, set_aside
+from gpt2_scale.metrics import attempt_name, logged_training, next_attempt, set_aside
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
 LOCK = ".lock"  # flock'ed by the run training in the directory; the kernel releases it when that process ends
@@ -22,16 +22,19 @@ LOCK_WAIT_S = 60.0  # how long a run waits for one still in its directory: a pre
 def check_run_dir(cfg: Config) -> Path:
     """A fresh run refuses a directory where another run wrote anything: nothing recorded is overwritten.
 
-    With checkpoint.auto_resume, a directory whose run has no checkpoint and no summary yet is an earlier attempt
-    of this job that died before its first checkpoint: it starts again there, and what the attempt wrote is set
-    aside first (set_aside_earlier_attempt)."""
+    A directory whose run has no checkpoint and no summary yet is an earlier attempt that died before its first
+    checkpoint. With checkpoint.auto_resume it is this job's, and it starts again there; without it, so does one
+    that never logged a training step (it ran out of memory at its first, say): the rerun with a change is the
+    same run, and nothing it recorded depends on it. In both, what the attempt wrote is set aside first
+    (set_aside_earlier_attempt)."""
     run_dir = Path(cfg.log.run_dir)
     check_writable(run_dir)
     if outer := checkpoint.enclosing_run(run_dir.resolve().parent):  # its checkpoints (a copied path), its logs ...
         raise ConfigError(f"{run_dir} is inside the run {outer}, whose files it would mix with; choose a directory outside it")
     found = [name for name in RUN_FILES if (run_dir / name).exists()]
     if found and not cfg.checkpoint.resume:
-        if cfg.checkpoint.auto_resume and "summary.json" not in found and checkpoint.latest(run_dir) is None:
+        if ("summary.json" not in found and checkpoint.latest(run_dir) is None
+                and (cfg.checkpoint.auto_resume or not logged_training(run_dir))):
             return run_dir
         what = f"continue it with --resume {run_dir}" if "checkpoints" in found else f"it has no checkpoint to resume: delete {run_dir} to start over"
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(found)}); {what}, or pass another --run-dir")
@@ -142,7 +145,7 @@ def set_aside_earlier_attempt(run_dir: Path, start_step: int, is_main: bool) -> 
     """Before a run writes into its directory, what an earlier attempt wrote that no longer stands for the run
     is moved to a side file (nothing is deleted): the records it logged for the steps this one trains (again)
     go to metrics.attempt-N.jsonl (metrics.set_aside says why); when it starts from step 0 over an attempt that
-    died before its first checkpoint (checkpoint.auto_resume), that attempt's config.yaml goes to
+    died before its first checkpoint (check_run_dir), that attempt's config.yaml goes to
     config.attempt-N.yaml; and when it trains on past an earlier finish (a larger --max-steps), that finish's
     summary.json goes to summary.attempt-N.json, so that one stopped before its new end is not read as finished.
     The lines saying so, or None when nothing moved."""

@@ -128,47 +128,52 @@ def _train(cfg: Config, env: distributed.DistEnv) -> dict:
     """Set up, and only once everything is validated and loaded write into the run directory and train."""
     run = setup(cfg, env)
     try:
-        if run.resume_from is not None:
-            restore(run)
-        if run.start_step >= cfg.train.max_steps:
-            return already_done(run)
-        check_first_batches(run)
-        aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
-        write_config(run)
-        log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
-        stop = StopFlag()
-        try:
-            log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
-                      f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
-            log.print(run.engine.memory_report(device_bytes(env.device)))
-            if warning := schedule_warning(cfg.optim, cfg.train.max_steps):
-                log.print(warning)
-            if run.resume_from is not None:
-                log.print(f"resumed from {run.resume_from} at step {run.start_step}")
-            if aside:
-                log.print(aside)
-            try:
-                return loop(run, log, stop)
-            except torch.OutOfMemoryError as e:  # the usual first failure on a GPU: what to change, not a traceback
-                raise out_of_memory(e, run) from None
-        finally:
-            stop.close()
-            log.close()
+        return _run(run)
+    except torch.OutOfMemoryError as e:  # the usual first failure on a GPU: what to change, not a traceback
+        raise out_of_memory(e, run.engine) from None
     finally:
         run.engine.close()
 
 
-def out_of_memory(error: torch.OutOfMemoryError, run: Run) -> TrainingError:
-    """The device's out-of-memory error as one line: what ran out, the estimate the run started with, and the
-    settings that lower the peak, those not already on."""
-    cfg, engine = run.cfg, run.cfg.engine
+def _run(run: Run) -> dict:
+    """Restore, check the first batches, and only then write into the run directory and train."""
+    cfg, env = run.cfg, run.env
+    if run.resume_from is not None:
+        restore(run)
+    if run.start_step >= cfg.train.max_steps:
+        return already_done(run)
+    check_first_batches(run)
+    aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
+    write_config(run)
+    log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
+    stop = StopFlag()
+    try:
+        log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
+                  f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
+        log.print(run.engine.memory_report(device_bytes(env.device)))
+        if warning := schedule_warning(cfg.optim, cfg.train.max_steps):
+            log.print(warning)
+        if run.resume_from is not None:
+            log.print(f"resumed from {run.resume_from} at step {run.start_step}")
+        if aside:
+            log.print(aside)
+        return loop(run, log, stop)
+    finally:
+        stop.close()
+        log.close()
+
+
+def out_of_memory(error: torch.OutOfMemoryError, engine: Engine) -> TrainingError:
+    """The device's out-of-memory error as one line: what ran out (building the engine, restoring or training), the
+    estimate the run started with, and the settings that lower the peak, those not already on."""
+    cfg, settings = engine.cfg, engine.cfg.engine
     changes = [f"--train.micro_batch={cfg.train.micro_batch // 2} (accumulation keeps the batch)"] if cfg.train.micro_batch % 2 == 0 else []
-    changes += [flag for flag, on in (("--engine.activation_checkpointing=true", engine.activation_checkpointing),
-                                      ("--engine.loss_chunk=4096", engine.loss_chunk),
-                                      ("--engine.offload=true", engine.offload or engine.name == "ddp")) if not on]
+    changes += [flag for flag, on in (("--engine.activation_checkpointing=true", settings.activation_checkpointing),
+                                      ("--engine.loss_chunk=4096", settings.loss_chunk),
+                                      ("--engine.offload=true", settings.offload or settings.name == "ddp")) if not on]
     what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return TrainingError(f"rank {run.env.rank} ran out of memory ({what}); the run started with an estimated peak of "
-                         f"{run.engine.memory_estimate().total / GiB:.2f} GiB per rank (tools/estimate_memory.py gives its "
+    return TrainingError(f"rank {engine.env.rank} ran out of memory ({what}); these settings have an estimated peak of "
+                         f"{engine.memory_estimate().total / GiB:.2f} GiB per rank (tools/estimate_memory.py gives its "
                          f"terms); try {', '.join(changes) or 'more ranks with a sharding engine'}")
 
 
@@ -199,16 +204,19 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
     resume_from = find_checkpoint(cfg, env.world_size)
     accum = grad_accum_steps(cfg, env.world_size)
     run_dir = check_run_dir(cfg)
+    engine = engines.build(cfg, env)  # its settings resolved; it wraps the model below
     if cfg.train.deterministic:
         make_deterministic(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, for every engine
     enable_tf32(env.device)
     train_loader, val_loader = open_data(cfg, env)
     examples = load_hellaswag(cfg)
-    model = build_model(cfg).to(env.device)
-    n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
-    engine = engines.build(cfg, env)
-    engine.setup(model)
+    try:
+        model = build_model(cfg).to(env.device)
+        n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
+        engine.setup(model)
+    except torch.OutOfMemoryError as e:  # the weights, or the states an engine allocates up front (ZeRO's fp32 copies)
+        raise out_of_memory(e, engine) from None
     return Run(cfg, env, run_dir, engine, train_loader, val_loader, examples, accum, n_params, resume_from)
 
 

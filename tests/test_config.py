@@ -385,6 +385,22 @@ def test_resume_refuses_another_run_dir_and_names_the_run_of_a_checkpoint_path(t
         resolve_config(RECIPE, ["--resume", str(step)])
 
 
+def test_a_run_that_never_logged_a_training_step_is_started_again_there(tmp_path):
+    """One that ran out of memory at its first step, say: rerun with a smaller micro-batch, it is the same run."""
+    run_dir = tmp_path / "run"
+    saved_run(run_dir, [], step=None)
+    cfg = resolve_config(RECIPE, ["--run-dir", str(run_dir), "--micro-batch", "1"])
+    for metrics in ("", '{"step": 0, "val_loss": 10.9}\n{"step": 0, "train_lo', None):  # a val record, a line cut off by a kill
+        if metrics is None:
+            (run_dir / "metrics.jsonl").unlink()
+        else:
+            (run_dir / "metrics.jsonl").write_text(metrics)
+        assert check_run_dir(cfg) == run_dir
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 10.9}\n{"step": 0, "train_loss": 10.9}\n')
+    with pytest.raises(ConfigError, match=f"already holds a run .*it has no checkpoint to resume: delete {run_dir} to start over"):
+        check_run_dir(cfg)
+
+
 def test_auto_resume_without_a_checkpoint_starts_the_run_again_there(tmp_path):
     run_dir = tmp_path / "run"
     saved_run(run_dir, AUTO, step=None)

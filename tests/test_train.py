@@ -204,25 +204,40 @@ def test_a_run_directory_without_a_checkpoint_is_not_overwritten(corpus, tmp_pat
 OUT_OF_MEMORY = """
 import runpy, sys, torch
 from gpt2_scale import train
+from gpt2_scale.engines.ddp import DDPEngine
 
-def loop(run, log, stop):  # what a step too large for the GPU raises
+def out_of_memory(*args):  # what a step, or an engine's states, too large for the GPU raise
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
 
-train.loop = loop
+if sys.argv.pop(1) == "setup":
+    DDPEngine.setup = out_of_memory
+else:
+    train.loop = out_of_memory
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_out_of_memory_is_one_line_naming_what_to_change(corpus, tmp_path):
-    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--run-dir", str(tmp_path / "run")]
-    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(REPO / "recipes" / "tiny.py"), *args], env=env(), cwd=REPO,
+@pytest.mark.parametrize("where", ["setup", "loop"])
+def test_out_of_memory_is_one_line_naming_what_to_change_and_the_rerun_starts_over(corpus, tmp_path, where):
+    run_dir = tmp_path / "run"
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--run-dir", str(run_dir), "--max-steps", "1"]
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, where, str(REPO / "recipes" / "tiny.py"), *args], env=env(), cwd=REPO,
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(r"error: rank 0 ran out of memory \(CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*\); the run started "
-                        r"with an estimated peak of [0-9.]+ GiB per rank \(.*\); try --train\.micro_batch=1 \(accumulation keeps "
+    assert re.fullmatch(r"error: rank 0 ran out of memory \(CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*\); these settings "
+                        r"have an estimated peak of [0-9.]+ GiB per rank \(.*\); try --train\.micro_batch=1 \(accumulation keeps "
                         r"the batch\), --engine\.activation_checkpointing=true, --engine\.loss_chunk=4096", line), line
+    if where == "setup":  # nothing written yet
+        assert not run_dir.exists()
+        return
+    assert (run_dir / "config.yaml").is_file() and not checkpoint.latest(run_dir)
+    proc = run("recipes/tiny.py", args + ["--micro-batch", "1"], launcher="python")  # the rerun with the change it named
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    moved = "an earlier attempt stopped before its first checkpoint; starting again, its config.yaml moved to config.attempt-1.yaml"
+    assert f"{run_dir}: {moved}" in proc.stdout
+    assert "micro_batch: 2" in (run_dir / "config.attempt-1.yaml").read_text() and "micro_batch: 1" in (run_dir / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("log_every", [1, 1000])
