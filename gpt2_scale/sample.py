@@ -35,7 +35,9 @@ class UsageError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gpt2_scale.sample", description="Sample text from a GPT model.")
+    name = Path(sys.argv[0]).name  # how it was run: gpt2-sample, or python -m gpt2_scale.sample (sample.py)
+    prog = "python -m gpt2_scale.sample" if name in ("sample.py", "__main__.py", "-c", "") else name
+    p = argparse.ArgumentParser(prog=prog, description="Sample text from a GPT model.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="NAME", help="a zoo model name (gpt2-124m, gpt2-tiny, gpt2, ...)")
     src.add_argument("--hf", metavar="DIR", help="a local directory with a Hugging Face GPT-2 checkpoint")

@@ -90,6 +90,8 @@ def test_every_tool_is_an_entry_point_of_the_install(site, tmp_path):
         assert scripts.get(f"gpt2-{tool.stem.replace('_', '-')}") == f"gpt2_scale.tools.{tool.stem}:main", tool.name
     out = ok(run_outside(site, tmp_path, str(site / "bin" / "gpt2-estimate-memory"), "--help"))
     assert out.startswith("usage: gpt2-estimate-memory")
+    assert ok(run_outside(site, tmp_path, str(site / "bin" / "gpt2-sample"), "--help")).startswith("usage: gpt2-sample ")
+    assert ok(run_outside(site, tmp_path, sys.executable, "-m", "gpt2_scale.sample", "--help")).startswith("usage: python -m gpt2_scale.sample ")
     out = ok(run_outside(site, tmp_path, str(site / "bin" / "gpt2-estimate-memory"), "--model", "gpt2-xl", "--engine", "zero3"))
     assert out.startswith("gpt2-1558m: Ψ = 1,557,686,400 parameters") and "engine zero3" in out
     # The checkout's wrapper runs the installed code too.
