@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from gpt2_scale.device import resolve_device
-from gpt2_scale.errors import UserError
+from gpt2_scale.errors import TrainingError, UserError
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,11 @@ def init(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, store=attempt_store(world))
+        try:
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, store=attempt_store(world))
+        except ValueError as e:  # RANK and WORLD_SIZE set by hand, without the MASTER_ADDR/MASTER_PORT a launcher sets too
+            raise UserError(f"cannot join the process group as rank {rank} of {world} ({e}); start every rank with torchrun or "
+                            "deepspeed, or unset RANK and WORLD_SIZE to run one process") from None
     return DistEnv(rank, local_rank, world, dev)
 
 
@@ -88,14 +92,19 @@ def _attempt() -> str:
 
 
 class PeerError(UserError):
-    """Another rank left the run on bad input while this one waited for it in a collective."""
+    """Another rank left the run on bad input, or on a failure of its own (then with its exit code), while this
+    one waited for it in a collective."""
+
+    def __init__(self, message: str, exit_code: int = UserError.exit_code) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def _failure_key() -> str:  # per restart: across nodes the launcher's store keeps an earlier attempt's keys
     return f"gpt2_scale/failed/{_attempt()}"
 
 
-def announce_failure(error: BaseException) -> None:
+def announce_failure(error: BaseException, exit_code: int) -> None:
     """Leave ``error`` in the process group's store for the other ranks, before this rank leaves the group.
 
     A rank that stops on bad input only it sees (a corrupt window of the data) leaves its peers inside a collective;
@@ -107,12 +116,19 @@ def announce_failure(error: BaseException) -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         try:
             store = _store()
-            store.set(_failure_key(), f"rank {dist.get_rank()} stopped on: {error}")
+            store.set(_failure_key(), f"{exit_code} rank {dist.get_rank()} stopped on: {_one_line(error)}")
             store.set(_knows_key(dist.get_rank()), "")  # it stops on its own error: nothing for it to read
         except Exception:  # noqa: BLE001 - best effort; the rank's own error line still says it
             return
         if _hosts_store():
             _announced = (store, [_knows_key(r) for r in range(dist.get_world_size()) if r != dist.get_rank()])
+
+
+def _one_line(error: BaseException) -> str:
+    """An error in a line: ours are written so; a library's gets its type and its message's first line."""
+    if isinstance(error, (UserError, TrainingError)) or type(error).__module__.startswith("gpt2_scale"):
+        return str(error)
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
 def peer_failure() -> PeerError | None:
@@ -123,12 +139,12 @@ def peer_failure() -> PeerError | None:
         store = _store()
         if not store.check([_failure_key()]):
             return None
-        message = store.get(_failure_key()).decode()
+        code, _, message = store.get(_failure_key()).decode().partition(" ")
     except Exception:  # noqa: BLE001 - the store went with its host: nothing to tell
         return None
     with contextlib.suppress(Exception):
         store.set(_knows_key(dist.get_rank()), "")  # read: the rank that hosts the store may leave
-    return PeerError(f"rank {dist.get_rank()} stopped because {message}")
+    return PeerError(f"rank {dist.get_rank()} stopped because {message}", int(code) if code.isdigit() else UserError.exit_code)
 
 
 # The store and the keys of the other ranks, on the rank that hosts the store after it announced a failure.

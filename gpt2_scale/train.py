@@ -27,7 +27,7 @@ from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_a
 from gpt2_scale.determinism import make_deterministic, seed_step
 from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
-from gpt2_scale.errors import UserError, report
+from gpt2_scale.errors import TrainingError, UserError, exit_code, report
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import GiB, device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 # A run stopped by SIGTERM/SIGINT checkpoints and exits with this code (EX_TEMPFAIL of sysexits.h), so a
 # scheduler tells "preempted: resume me" (75) from "finished" (0), "bad input" (2) and "failed" (1).
 EXIT_PREEMPTED = 75
-
-
-class TrainingError(RuntimeError):
-    pass
 
 
 # --- entry point ----------------------------------------------------------------------------------------------
@@ -89,15 +85,17 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
 
 def main(defaults: Config, argv: list[str] | None = None) -> None:
     """Entry point of every recipe. Exit codes: 0 finished, 2 bad input (one ``error:`` line), 1 training
-    failed (a non-finite loss), EXIT_PREEMPTED stopped by a signal after saving a checkpoint."""
+    failed (a non-finite loss, the device's memory, a full disk), EXIT_PREEMPTED stopped by a signal (after saving
+    a checkpoint, or before writing anything)."""
     try:
         recipe = sys.modules["__main__"].__doc__  # --help opens with the recipe's own description
         cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv, recipe)
         summary = train(cfg)
-    except (UserError, FileNotFoundError) as e:
-        sys.exit(report(e))
-    except TrainingError as e:
-        sys.exit(report(e, 1))
+    except (UserError, TrainingError, OSError) as e:  # OSError: a path that is not there (2), a full disk (1) ...
+        sys.exit(report(e, exit_code(e)))
+    except Stopped as e:
+        print(e, flush=True)
+        sys.exit(EXIT_PREEMPTED)
     if not summary["finished"]:
         sys.exit(EXIT_PREEMPTED)
 
@@ -108,34 +106,51 @@ def train(cfg: Config) -> dict:
         raise ConfigError("engine.device=cuda but no CUDA device is visible here; use --engine.device=cpu (or auto)")
     env = distributed.init(cfg.engine.device)
     finished = False
+    stop = StopFlag()  # from here a signal stops the run: at once until it writes, then after a step and a checkpoint
     try:
+        check_ranks_agree(cfg)
         with claim_run_dir(Path(cfg.log.run_dir), env):  # no other run in it from before setup reads it
-            summary = _train(cfg, env)  # closes its engine on every way out
+            summary = _train(cfg, env, stop)  # closes its engine on every way out
         finished = True
         return summary
-    except UserError as e:
-        distributed.announce_failure(e)  # before leaving the group, so that peers waiting for this rank learn why
+    except (UserError, TrainingError, OSError, Stopped) as e:
+        distributed.announce_failure(e, exit_code(e))  # before leaving the group, so that peers waiting for it learn why
         raise
     except Exception as e:
-        if (peer := distributed.peer_failure()) is not None:  # a peer left on bad input: its error, not the collective's
+        if (peer := distributed.peer_failure()) is not None:  # a peer left first: its error, not the collective's
             raise peer from e
+        distributed.announce_failure(e, exit_code(e))  # a library's failure (or ours): its traceback here, a line on the peers
         raise
     finally:
+        stop.close()
         distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
 
 
-def _train(cfg: Config, env: distributed.DistEnv) -> dict:
+def check_ranks_agree(cfg: Config) -> None:
+    """Every rank runs rank 0's settings. Each parses its own command line and --config file, so a file edited while
+    the ranks started, or a wrapper that changes one rank's arguments, would hang a collective (another micro-batch,
+    another --max-steps) or mix two runs silently (another seed); every rank stops on the same line instead."""
+    flat = [{f"{section}.{key}": value for section, values in d.items() for key, value in values.items()}
+            for d in distributed.all_ranks(cfg.to_dict())]
+    for rank, settings in enumerate(flat[1:], start=1):
+        if differ := [key for key, value in flat[0].items() if settings.get(key) != value]:
+            key, more = differ[0], f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
+            raise ConfigError(f"rank {rank} runs with {key}={settings.get(key)!r}, rank 0 with {flat[0][key]!r}{more}: launch every rank "
+                              "with the same command and --config file")
+
+
+def _train(cfg: Config, env: distributed.DistEnv, stop: StopFlag) -> dict:
     """Set up, and only once everything is validated and loaded write into the run directory and train."""
     run = setup(cfg, env)
     try:
-        return _run(run)
+        return _run(run, stop)
     except torch.OutOfMemoryError as e:  # the usual first failure on a GPU: what to change, not a traceback
         raise out_of_memory(e, run.engine) from None
     finally:
         run.engine.close()
 
 
-def _run(run: Run) -> dict:
+def _run(run: Run, stop: StopFlag) -> dict:
     """Restore, check the first batches, and only then write into the run directory and train."""
     cfg, env = run.cfg, run.env
     if run.resume_from is not None:
@@ -143,10 +158,10 @@ def _run(run: Run) -> dict:
     if run.start_step >= cfg.train.max_steps:
         return already_done(run)
     check_first_batches(run)
+    stop.defer()
     aside = set_aside_earlier_attempt(run.dir, run.start_step, env.is_main)
     write_config(run)
     log = MetricsLogger(run.dir, env.is_main, cfg.log.tensorboard)
-    stop = StopFlag()
     try:
         log.print(f"gpt2-scale: {cfg.model.name} ({run.n_params:,} parameters), engine {cfg.engine.name}, "
                   f"{env.world_size} rank(s) on {env.device.type}, {run.accum} micro-step(s) per step\n{cfg.to_yaml()}")
@@ -159,7 +174,6 @@ def _run(run: Run) -> dict:
             log.print(aside)
         return loop(run, log, stop)
     finally:
-        stop.close()
         log.close()
 
 
@@ -332,29 +346,42 @@ def loop(run: Run, log: MetricsLogger, stop: StopFlag) -> dict:
                 if not math.isfinite(float(value)):
                     raise non_finite(run, step, what, float(value))
             save(run, step + 1, log)
-        if stopping:
+        if stopping and not last:  # at the last step it has finished: exit 0
             again = "run the same command again" if cfg.checkpoint.auto_resume else f"continue with --resume {run.dir}"
             log.print(f"stopped by signal after step {step}; {again} (exit code {EXIT_PREEMPTED})")
             break
     return progress.summary(finished=last)
 
 
+class Stopped(BaseException):  # not an Exception: no handler of setup's may take it for a failure of its own
+    """SIGTERM or Ctrl-C before a run wrote anything: nothing to save, so it stops at once."""
+
+    exit_code = EXIT_PREEMPTED
+
+
 class StopFlag:
-    """SIGTERM / Ctrl-C ask the loop to checkpoint and leave at the end of the current step; a second Ctrl-C
-    interrupts at once.
+    """SIGTERM / Ctrl-C before the run writes anything stop it at once (``Stopped``, exit 75: setup, a long
+    compile or a checkpoint's load may take minutes, more than a scheduler's grace period). From ``defer()`` on,
+    they ask the loop to checkpoint and leave at the end of the current step; a second Ctrl-C interrupts at once.
 
     Every step asks all ranks (a one-element all-reduce), so a stop takes one step, well inside a
     scheduler's grace period. The flag travels on the CPU (a gloo group beside NCCL), so asking never
     waits for the GPU's queued work."""
 
     def __init__(self) -> None:
-        self.requested = False
+        self.requested = self.deferred = False
         self._group = None
         if dist.is_initialized() and dist.get_world_size() > 1 and dist.get_backend() != "gloo":
             self._group = dist.new_group(backend="gloo")
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
 
+    def defer(self) -> None:
+        self.deferred = True
+
     def _handle(self, signum, frame) -> None:
+        if not self.deferred:
+            raise Stopped(f"stopped by {signal.Signals(signum).name} before training began; nothing was written: "
+                          "run the same command again")
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True

@@ -115,7 +115,7 @@ def _stops_on_bad_input(rank: int, port: int, tmp: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)  # rank 0 hosts the store
     if rank == 0:
-        distributed.announce_failure(UserError("shard x holds token id 60000"))
+        distributed.announce_failure(UserError("shard x holds token id 60000"), 2)
         distributed.shutdown(sync=False)
         return  # the process exits, and the store with it
     time.sleep(2)  # still busy when rank 0 leaves: it learns of it only at its next collective

@@ -240,6 +240,89 @@ def test_out_of_memory_is_one_line_naming_what_to_change_and_the_rerun_starts_ov
     assert "micro_batch: 2" in (run_dir / "config.attempt-1.yaml").read_text() and "micro_batch: 1" in (run_dir / "config.yaml").read_text()
 
 
+PREEMPT = """
+import os, runpy, signal, sys, time
+from gpt2_scale import train
+
+where, rank = sys.argv.pop(1), sys.argv.pop(1)
+real_setup, real_evaluate = train.setup, train.evaluate
+
+def setup(cfg, env):
+    if os.environ.get("RANK", "0") == rank:
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempts the job while it sets up (a compile, a JIT build)
+        time.sleep(30)  # the signal ends this
+    return real_setup(cfg, env)
+
+def evaluate(run, step, last, log):
+    if last:
+        os.kill(os.getpid(), signal.SIGTERM)  # while the last step's validation runs
+    return real_evaluate(run, step, last, log)
+
+train.setup, train.evaluate = (setup, real_evaluate) if where == "setup" else (real_setup, evaluate)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_before_training_stops_at_once_with_75_and_one_at_the_last_step_finishes(corpus, tmp_path):
+    script = tmp_path / "preempt.py"
+    script.write_text(PREEMPT)
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--max-steps", "2", "--run-dir", str(tmp_path / "run")]
+    started = time.monotonic()
+    proc = run(str(script), ["setup", "0", str(REPO / "recipes" / "tiny.py"), *args], launcher="python")
+    assert proc.returncode == EXIT_PREEMPTED and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "stopped by SIGTERM before training began; nothing was written: run the same command again" in proc.stdout
+    assert time.monotonic() - started < 30 and not (tmp_path / "run").exists()
+    proc = run(str(script), ["last", "0", str(REPO / "recipes" / "tiny.py"), *args, "--log.val_every=1"], launcher="python")
+    assert proc.returncode == 0 and "stopped by signal" not in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
+
+
+def test_a_signal_to_one_rank_before_training_stops_its_peer_with_the_same_code(corpus, tmp_path):
+    script = tmp_path / "preempt.py"
+    script.write_text(PREEMPT)
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "128", "--max-steps", "2", "--run-dir", str(tmp_path / "run")]
+    proc = run(str(script), ["setup", "1", str(REPO / "recipes" / "tiny.py"), *args], nproc=2)
+    assert "rank 0 stopped because rank 1 stopped on: stopped by SIGTERM before training began" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("exitcode  : 75") >= 1, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+ON_RANK_1 = """
+import os, runpy, sys, torch
+from gpt2_scale import train
+
+what = sys.argv.pop(1)
+if os.environ["RANK"] == "1":
+    if what == "args":  # a wrapper, or a --config file edited while the ranks started
+        sys.argv += ["--micro-batch", "1"]
+    else:
+        def loop(run, log, stop):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried") if what == "oom" else RuntimeError("injected\\nsecond line")
+        train.loop = loop
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("what, line, code", [
+    ("args", "rank 1 runs with train.micro_batch=1, rank 0 with 2: launch every rank with the same command and --config file", 2),
+    ("oom", "rank 0 stopped because rank 1 stopped on: rank 1 ran out of memory (CUDA out of memory. Tried)", 1),
+    ("bug", "rank 0 stopped because rank 1 stopped on: RuntimeError: injected", 1),
+])
+def test_what_stops_one_rank_stops_its_peer_with_its_line_and_code(corpus, tmp_path, what, line, code):
+    """Ranks launched with different settings stop before anything, rather than hang in a collective or mix two runs;
+    a failure that is not bad input (out of memory, a library's error) reaches the peer as one line with exit 1."""
+    script = tmp_path / "on_rank_1.py"
+    script.write_text(ON_RANK_1)
+    args = TINY + ["--data", str(corpus), "--total-batch-tokens", "128", "--max-steps", "2", "--log.val_every=0", "--run-dir", str(tmp_path / "run")]
+    proc = run(str(script), [what, str(REPO / "recipes" / "tiny.py"), *args], nproc=2)
+    assert proc.returncode != 0 and f"error: {line}" in proc.stderr, proc.stderr[-3000:]
+    assert f"exitcode  : {code} " in proc.stderr, proc.stderr[-3000:]  # torchrun's report of the first rank to stop
+    if what == "args":
+        assert proc.stderr.count(f"error: {line}") == 2 and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("log_every", [1, 1000])
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, log_every):
     """Checked on log steps, and before every checkpoint: one is never written from a step that went non-finite."""
