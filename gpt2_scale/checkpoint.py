@@ -39,10 +39,10 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from gpt2_scale import safeload
-from gpt2_scale.distributed import DistEnv, all_ranks, barrier, from_main, share
+from gpt2_scale.distributed import DistEnv, all_ranks, barrier, from_main, peer_failure, share
 from gpt2_scale.engines import layout, legacy
-from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import publish_dir, sha256, write_atomic
+from gpt2_scale.errors import TrainingError, UserError
+from gpt2_scale.fileio import LOCK, is_locked, publish_dir, sha256, write_atomic
 
 LATEST = "latest"
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in a checkpoint's directory checks a copy of it by hand
@@ -69,36 +69,79 @@ def legacy_trainer_file(path: Path, rank: int) -> Path:
 
 
 def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env: DistEnv, keep: int) -> Path:
-    """Every rank calls; ``trainer_state`` is the same on every rank (rank 0 writes it). Returns the final directory."""
+    """Every rank calls; ``trainer_state`` is the same on every rank (rank 0 writes it). Returns the final directory.
+
+    Then the ``keep`` newest checkpoints up to this one stay. One of a later step is another attempt's (the run went
+    back to an earlier checkpoint): it stays until this run saves that step again, which replaces it. A save that
+    cannot be written (a full disk, a directory made read-only) leaves nothing behind and stops the run in one line."""
     root = checkpoints_root(run_dir)
     name = f"step_{step:08d}"
     final, tmp = root / name, root / f".tmp-{name}"
+    try:
+        if env.is_main:
+            _remove_debris(root)
+            tmp.mkdir(parents=True)
+            (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
+        barrier()
+        engine.save(tmp)
+        barrier()
+        sums = _sha256_all(tmp)
+        if env.is_main:
+            (tmp / SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
+            publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
+            write_atomic(root / LATEST, name)
+    except (OSError, RuntimeError, CheckpointException) as e:  # DCP's is a BaseException
+        if env.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise peer_failure() or _unwritable(final, e) from e  # a peer that left: its error, not the collective's
     if env.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier killed save
-        tmp.mkdir(parents=True)
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
-        (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
-    barrier()
-    engine.save(tmp)
-    barrier()
-    sums = _sha256_all(tmp)
-    if env.is_main:
-        (tmp / SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
-        publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
-        write_atomic(root / LATEST, name)
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        earlier = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < name)
+        for old in earlier[: max(0, len(earlier) - (keep - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def _remove_debris(root: Path) -> None:
+    """What killed saves left, which no later save of theirs would clear (a preemption's save is at a step the
+    schedule never saves again): their temporary directories, and a checkpoint moved aside for its replacement
+    (fileio.publish_dir) once that is in place. Only the run holding the directory's lock saves here."""
+    for tmp in root.glob(".tmp-step_*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.glob(".step_*.old-*"):
+        if (root / old.name[1:].partition(".old-")[0] / "meta.json").is_file():  # else it is the only copy of its step
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _unwritable(path: Path, error: BaseException) -> TrainingError:
+    """A checkpoint that could not be written, as the one line that stops the run: why, the room left, what to resume."""
+    cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+    free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
+    run_dir = path.parent.parent
+    kept = _latest_or_none(run_dir)
+    after = (f"the last complete checkpoint is {kept}: continue with --resume {run_dir}" if kept else
+             f"no checkpoint was written yet: start it again (delete {run_dir} first)")
+    return TrainingError(f"cannot write checkpoint {path} ({type(cause).__name__}: {_first_line(cause)}; {free / 2**30:.2f} GiB "
+                         f"free on its file system); free space or fix the permissions there, then {after}")
 
 
 def latest(run_dir: Path) -> Path | None:
     """The checkpoint ``checkpoints/latest`` names; without that file (a save killed just before it, or a user's
     deletion) the newest complete step_* directory, as a save renames only complete ones into place."""
     root = checkpoints_root(run_dir)
+    try:
+        return _latest(root)
+    except PermissionError as e:  # a directory on the way that this user cannot read
+        raise CheckpointError(f"cannot read {e.filename or root} ({e.strerror}); fix its permissions") from None
+
+
+def _latest(root: Path) -> Path | None:
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"{root}, where the run keeps its checkpoints, is a file; move it out of the way")
     pointer = root / LATEST
     if not pointer.exists():
-        steps = complete_steps(run_dir)
+        steps = complete_steps(root.parent)
         return steps[-1] if steps else None
     try:
         name = pointer.read_text().strip()
@@ -107,8 +150,8 @@ def latest(run_dir: Path) -> Path | None:
         name, why = "", f"cannot be read ({type(e).__name__})"
     path = root / name
     if not name or path.parent != root or not (path / "meta.json").is_file():
-        steps = complete_steps(run_dir)
-        have = f" ({', '.join(p.name for p in steps)} are)" if steps else ""
+        steps = complete_steps(root.parent)
+        have = f" ({', '.join(p.name for p in steps)} {'is one' if len(steps) == 1 else 'are'})" if steps else ""
         raise CheckpointError(f"{pointer} {why}; write the name of a complete step_* directory into it{have}")
     return path
 
@@ -369,11 +412,25 @@ def model_at(path: Path, meta: dict):
         model = GPT(ModelConfig.from_name(meta["model"], pad_vocab=meta.get("pad_vocab", True)))
     except ValueError as e:  # an unknown name
         raise CheckpointError(f"{path / 'meta.json'}: {e}; it is damaged, or from a newer gpt2-scale") from None
-    verify(path)
-    with reading(path):
-        state = read_full_weights(path)
+    try:
+        verify(path)
+        with reading(path):
+            state = read_full_weights(path)
+    except CheckpointError:
+        run_dir = path.parent.parent
+        if is_locked(run_dir / LOCK) and _latest_or_none(run_dir) != path:  # pruned by its run, which saved a newer one
+            raise CheckpointError(f"{path} was removed while it was read: its run is training now and keeps only its newest "
+                                  "checkpoints (--checkpoint.keep); run this again, for the newest") from None
+        raise
     load_weights(model, state, path)
     return model
+
+
+def _latest_or_none(run_dir: Path) -> Path | None:
+    try:
+        return latest(run_dir)
+    except UserError:
+        return None
 
 
 def load_weights(model, state: dict[str, torch.Tensor], source) -> None:

@@ -89,6 +89,24 @@ def publish_dir(tmp: str | os.PathLike, final: str | os.PathLike, replace: bool 
     shutil.rmtree(old, ignore_errors=True)
 
 
+LOCK = ".lock"  # in a directory being written (a run's, a data preparation's): lock_exclusive holds it
+
+
+def is_locked(path: Path) -> bool:
+    """Whether a process holds ``path`` with lock_exclusive now (a run training in its directory, say)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # none there: nobody holds it
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError as e:
+        return e.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+
+
 def lock_exclusive(path: Path, wait_s: float, user: str) -> tuple[int | None, str | None]:
     """(fd holding an exclusive flock on ``path``, None), or (None, who holds it) after ``wait_s`` seconds; the
     holder writes its pid, host and start time into the file for the next one to name. ``user`` names what

@@ -11,11 +11,10 @@ from pathlib import Path
 
 from gpt2_scale import checkpoint, distributed
 from gpt2_scale.config import Config, ConfigError
-from gpt2_scale.fileio import fsync_dir, lock_exclusive
+from gpt2_scale.fileio import LOCK, fsync_dir, lock_exclusive
 from gpt2_scale.metrics import attempt_name, logged_training, next_attempt, set_aside
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")  # what a run writes into its directory
-LOCK = ".lock"  # flock'ed by the run training in the directory; the kernel releases it when that process ends
 LOCK_WAIT_S = 60.0  # how long a run waits for one still in its directory: a preempted attempt saving its checkpoint
 
 
@@ -77,7 +76,9 @@ def check_writable(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} is a file, not a directory; pass another --run-dir")
     existing = next(p for p in (run_dir / "checkpoints", run_dir, *run_dir.absolute().parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    if not existing.is_dir():
+        raise ConfigError(f"{existing} is a file, where run directory {run_dir} needs a directory; move it out of the way or pass another --run-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write in {existing} (for run directory {run_dir}); fix its permissions or pass another --run-dir")
 
 

@@ -24,6 +24,7 @@ from gpt2_scale import checkpoint, fileio
 from gpt2_scale.data import default_source, prepare_shards
 from gpt2_scale.distributed import DistEnv, all_ranks
 from gpt2_scale.engines import layout
+from gpt2_scale.errors import TrainingError
 
 ENGINES = ["ddp", "zero1", "zero3"]  # one layout for all; the torch-native writer, ZeRO's, and a legacy one each
 MARKER = "gpt2-scale-planted-pickle-ran"
@@ -361,6 +362,90 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tmp_path, monkeypatch):
     moved = events.index(("replace", str(root / checkpoint.LATEST)))
     assert ("fsync", str(root)) in events[publish:moved]  # the rename itself is durable before latest moves
     assert ("fsync", str(root)) in events[moved:]  # and so is latest's
+
+
+ONE = DistEnv(0, 0, 1, torch.device("cpu"))
+META = {"model": "gpt2-tiny", "engine": "ddp"}
+
+
+def _save(run_dir: Path, step: int, keep: int = 2, engine=None) -> Path:
+    return checkpoint.save(engine or _Engine(), run_dir, step, META, {"step": step}, ONE, keep)
+
+
+def _steps(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in checkpoint.checkpoints_root(run_dir).iterdir())
+
+
+def test_a_save_keeps_itself_and_the_newest_before_it_never_another_attempts_later_step(tmp_path):
+    """A kill after step 6 was renamed into place but before `latest` moved leaves step 6 beside latest = step 4; the
+    restarted run, preempted at step 5, saves step 5: pruning by name alone deleted step 5 and left latest naming it."""
+    for step in (2, 4, 6):
+        _save(tmp_path, step)
+    root = checkpoint.checkpoints_root(tmp_path)
+    (root / checkpoint.LATEST).write_text("step_00000004")  # as the kill left it
+    _save(tmp_path, 5, keep=1)
+    assert checkpoint.latest(tmp_path) == root / "step_00000005"
+    assert _steps(tmp_path) == [checkpoint.LATEST, "step_00000005", "step_00000006"]  # 6 stays until step 6 is saved again
+    _save(tmp_path, 6, keep=2)
+    assert _steps(tmp_path) == [checkpoint.LATEST, "step_00000005", "step_00000006"]
+    assert checkpoint.read_meta(root / "step_00000006")["step"] == 6
+
+
+def test_a_save_clears_what_killed_saves_left_but_never_a_steps_only_copy(tmp_path):
+    _save(tmp_path, 2)
+    root = checkpoint.checkpoints_root(tmp_path)
+    (root / ".tmp-step_00000003").mkdir()  # a preemption's save killed at the end of its grace period
+    (root / ".tmp-step_00000003" / "__0_0.distcp").write_bytes(b"x" * 100)
+    shutil.copytree(root / "step_00000002", root / ".step_00000002.old-4242")  # killed after publish_dir's second rename
+    shutil.copytree(root / "step_00000002", root / ".step_00000001.old-4242")  # killed between them: step 1's only copy
+    _save(tmp_path, 4)
+    assert _steps(tmp_path) == [".step_00000001.old-4242", checkpoint.LATEST, "step_00000002", "step_00000004"]
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_nothing(tmp_path):
+    class Full:
+        def save(self, path: Path) -> None:
+            (path / "__0_0.distcp").write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(TrainingError, match=r"cannot write checkpoint .*step_00000002 \(OSError: \[Errno 28\] No space left on device; "
+                       r"[0-9.]+ GiB free on its file system\); free space .*no checkpoint was written yet"):
+        _save(tmp_path, 2, engine=Full())
+    _save(tmp_path, 4)
+    with pytest.raises(TrainingError, match=rf"free space or fix the permissions there, then the last complete checkpoint is "
+                       rf"{checkpoint.checkpoints_root(tmp_path) / 'step_00000004'}: continue with --resume {tmp_path}"):
+        _save(tmp_path, 6, engine=Full())
+    assert _steps(tmp_path) == [checkpoint.LATEST, "step_00000004"]  # nothing half-written stays to fill the disk
+
+
+def test_checkpoints_that_are_a_file_or_cannot_be_read_are_one_line(tmp_path, monkeypatch):
+    checkpoint.checkpoints_root(tmp_path).write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoints, where the run keeps its checkpoints, is a file; move it"):
+        checkpoint.latest(tmp_path)
+
+    def unreadable(root):
+        raise PermissionError(13, "Permission denied", str(root / checkpoint.LATEST))
+
+    monkeypatch.setattr(checkpoint, "_latest", unreadable)  # root reads anything here
+    with pytest.raises(checkpoint.CheckpointError, match=r"cannot read .*checkpoints/latest \(Permission denied\); fix its permissions"):
+        checkpoint.latest(tmp_path)
+
+
+def test_a_checkpoint_its_training_run_removes_while_a_tool_reads_it_is_not_called_damaged(runs, tmp_path):
+    """export or sample of a run still training, whose save of a newer checkpoint prunes the one being read."""
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    path = newest(run_dir)
+    shutil.copytree(path, path.with_name("step_00000009"))  # the newer one it saved
+    (path.parent / checkpoint.LATEST).write_text("step_00000009")
+    next(path.glob("*.distcp")).unlink()  # the prune, halfway through
+    with pytest.raises(checkpoint.CheckpointError, match="damaged or altered"):  # nobody trains there: it is damaged
+        checkpoint.model_at(path, checkpoint.read_meta(path))
+    fd, _ = fileio.lock_exclusive(run_dir / fileio.LOCK, 0, "run")  # as the training run holds it
+    try:
+        with pytest.raises(checkpoint.CheckpointError, match=f"{path} was removed while it was read: its run is training now .*run this again"):
+            checkpoint.model_at(path, checkpoint.read_meta(path))
+    finally:
+        os.close(fd)
 
 
 def test_a_tools_json_output_is_json_alone(runs, tmp_path):

@@ -421,8 +421,12 @@ def test_a_run_directory_that_cannot_be_written_is_refused_before_training(tmp_p
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "file")]))
-    with pytest.raises(ConfigError, match=f"cannot write in {tmp_path / 'file'}"):
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'file'} is a file, where run directory {tmp_path / 'file' / 'run'} needs a directory"):
         check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "file" / "run")]))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoints").write_text("x")  # not a permission to fix
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'run' / 'checkpoints'} is a file, .*move it out of the way"):
+        check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "run")]))
     assert check_run_dir(resolve_config(RECIPE, ["--run-dir", str(tmp_path / "new" / "run")])) == tmp_path / "new" / "run"
 
 
@@ -453,7 +457,7 @@ def test_auto_resume_with_a_broken_latest_pointer_is_one_error_listing_the_check
         pointer.mkdir()
     else:
         pointer.write_text(content)
-    fix = r"write the name of a complete step_\* directory into it \(step_00000004 are\)"
+    fix = r"write the name of a complete step_\* directory into it \(step_00000004 is one\)"
     with pytest.raises(checkpoint.CheckpointError, match=f"latest {why}; {fix}"):
         resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)])
 

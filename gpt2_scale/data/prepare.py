@@ -40,7 +40,7 @@ from gpt2_scale.data.loader import (
     read_manifest,
 )
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import cache_dir, lock_exclusive, publish_dir, write_atomic
+from gpt2_scale.fileio import LOCK, cache_dir, lock_exclusive, publish_dir, write_atomic
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -48,7 +48,6 @@ FINEWEB_EDU_COLUMNS = (
     "text", "id", "dump", "url", "file_path", "language", "language_score", "token_count", "score", "int_score",
 )  # fmt: skip
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
-LOCK = ".lock"  # flock'ed while a preparation writes into the directory; removed when it ends
 Source = tuple[dict, Iterator[str]]  # (description stored in the manifest, the documents)
 
 
