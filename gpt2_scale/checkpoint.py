@@ -91,6 +91,8 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
             (tmp / SUMS).write_text("".join(f"{digest}  {name}\n" for name, digest in sorted(sums.items())))
             publish_dir(tmp, final, replace=True)  # the same step saved again after a resume replaces it
             write_atomic(root / LATEST, name)
+    except torch.OutOfMemoryError:  # a RuntimeError, but the device's memory, not the disk: the trainer says what to change
+        raise
     except (OSError, RuntimeError, CheckpointException) as e:  # DCP's is a BaseException
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
