@@ -301,22 +301,25 @@ def check_sums(path: Path, split: bool = False) -> None:
     if sums is None:
         return
 
-    def problem(name: str) -> str | None:  # never raises: a rank that did would leave the others in all_ranks
+    damaged = "the checkpoint was damaged or altered after it was written; resume from an earlier checkpoint (point checkpoints/latest at it)"
+
+    def problem(name: str) -> tuple[str, str] | None:  # never raises: a rank that did would leave the others in all_ranks
         if not (path / name).is_file():
-            return f"{path / name} is missing, though {SUMS} lists it"
+            return f"{path / name} is missing, though {SUMS} lists it", damaged
         try:
             digest = sha256(path / name)
+        except PermissionError as e:  # the bytes may be fine
+            return f"{path / name} cannot be read ({e.strerror})", "fix its permissions"
         except OSError as e:
-            return f"{path / name} cannot be read ({e.strerror or type(e).__name__})"
-        return f"{path / name} does not match its SHA-256 in {SUMS}" if digest != sums[name] else None
+            return f"{path / name} cannot be read ({e.strerror or type(e).__name__})", damaged
+        return (f"{path / name} does not match its SHA-256 in {SUMS}", damaged) if digest != sums[name] else None
 
     bad = [p for name in (share(sorted(sums)) if split else sorted(sums)) if (p := problem(name))]
     if split:
         bad = [p for part in all_ranks(bad) for p in part]
     if bad:
         more = f" (and {len(bad) - 1} more file{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
-        raise CheckpointError(f"{bad[0]}{more}: the checkpoint was damaged or altered after it was written; "
-                              "resume from an earlier checkpoint (point checkpoints/latest at it)")
+        raise CheckpointError(f"{bad[0][0]}{more}: {bad[0][1]}")
 
 
 def verify(path: Path, split: bool = False) -> None:
