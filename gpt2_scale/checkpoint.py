@@ -26,11 +26,13 @@ a save and at a load, as they split the writing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import pickle
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,9 +96,14 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
     except torch.OutOfMemoryError:  # a RuntimeError, but the device's memory, not the disk: the trainer says what to change
         raise
     except (OSError, RuntimeError, CheckpointException) as e:  # DCP's is a BaseException
+        full = _disk_problem(e, root)  # looked at before the partial checkpoint is removed: it took the space
         if env.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise peer_failure() or _unwritable(final, e) from e  # a peer that left: its error, not the collective's
+        if peer := peer_failure():  # a peer that left: its error, not the collective's
+            raise peer from e
+        if full:
+            raise _unwritable(final, e) from e
+        raise
     if env.is_main:
         earlier = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name < name)
         for old in earlier[: max(0, len(earlier) - (keep - 1))]:
@@ -114,6 +121,22 @@ def _remove_debris(root: Path) -> None:
     for old in root.glob(".step_*.old-*"):
         if (root / old.name[1:].partition(".old-")[0] / "meta.json").is_file():  # else it is the only copy of its step
             shutil.rmtree(old, ignore_errors=True)
+
+
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # what the user fixes, not a bug
+LOW_SPACE = 256 << 20  # torch.save's writer reports a full disk as an "enforce fail" RuntimeError: the space left says it
+
+
+def _disk_problem(error: BaseException, root: Path) -> bool:
+    """Whether a failed save failed for lack of room or rights where it writes (a full disk, a quota, a directory
+    made read-only), rather than for a bug or a peer's failure, whose traceback the user needs."""
+    cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+    if isinstance(cause, OSError):
+        return cause.errno in NO_ROOM
+    try:
+        return shutil.disk_usage(root).free < LOW_SPACE
+    except OSError:
+        return False
 
 
 def _unwritable(path: Path, error: BaseException) -> TrainingError:
@@ -422,13 +445,24 @@ def model_at(path: Path, meta: dict):
         with reading(path):
             state = read_full_weights(path)
     except CheckpointError:
-        run_dir = path.parent.parent
-        if is_locked(run_dir / LOCK) and _latest_or_none(run_dir) != path:  # pruned by its run, which saved a newer one
+        if _pruned(path):
             raise CheckpointError(f"{path} was removed while it was read: its run is training now and keeps only its newest "
                                   "checkpoints (--checkpoint.keep); run this again, for the newest") from None
         raise
     load_weights(model, state, path)
     return model
+
+
+def _pruned(path: Path, wait_s: float = 2.0) -> bool:
+    """Whether checkpoint ``path`` failed to read because its run, training now, removed it after a newer save: it
+    is gone (within ``wait_s``: the removal may still be under way), its run holds the lock, latest names another."""
+    run_dir = path.parent.parent
+    if not is_locked(run_dir / LOCK) or _latest_or_none(run_dir) == path:
+        return False
+    deadline = time.monotonic() + wait_s
+    while (path / "meta.json").is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not (path / "meta.json").is_file()
 
 
 def _latest_or_none(run_dir: Path) -> Path | None:

@@ -403,7 +403,7 @@ def test_a_save_clears_what_killed_saves_left_but_never_a_steps_only_copy(tmp_pa
     assert _steps(tmp_path) == [".step_00000001.old-4242", checkpoint.LATEST, "step_00000002", "step_00000004"]
 
 
-def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_nothing(tmp_path):
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
     class Full:
         def save(self, path: Path) -> None:
             (path / "__0_0.distcp").write_bytes(b"half")
@@ -417,6 +417,23 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_in_one_line_and_leave
                        rf"{checkpoint.checkpoints_root(tmp_path) / 'step_00000004'}: continue with --resume {tmp_path}"):
         _save(tmp_path, 6, engine=Full())
     assert _steps(tmp_path) == [checkpoint.LATEST, "step_00000004"]  # nothing half-written stays to fill the disk
+
+    class Bug:
+        def save(self, path: Path) -> None:
+            raise RuntimeError("Expected all tensors to be on the same device")
+
+    with pytest.raises(RuntimeError, match="Expected all tensors") as raised:  # not the disk's fault: its traceback, as it is
+        _save(tmp_path, 8, engine=Bug())
+    assert not isinstance(raised.value, TrainingError) and _steps(tmp_path) == [checkpoint.LATEST, "step_00000004"]
+
+    class TorchSave:  # how torch.save's zip writer meets a full disk
+        def save(self, path: Path) -> None:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))
+    with pytest.raises(TrainingError, match=r"cannot write checkpoint .*enforce fail.*; 0\.01 GiB free on its file system"):
+        _save(tmp_path, 8, engine=TorchSave())
 
 
 def test_checkpoints_that_are_a_file_or_cannot_be_read_are_one_line(tmp_path, monkeypatch):
@@ -438,13 +455,17 @@ def test_a_checkpoint_its_training_run_removes_while_a_tool_reads_it_is_not_call
     path = newest(run_dir)
     shutil.copytree(path, path.with_name("step_00000009"))  # the newer one it saved
     (path.parent / checkpoint.LATEST).write_text("step_00000009")
-    next(path.glob("*.distcp")).unlink()  # the prune, halfway through
+    meta = checkpoint.read_meta(path)  # read before the prune, as the tool did
+    next(path.glob("*.distcp")).unlink()
     with pytest.raises(checkpoint.CheckpointError, match="damaged or altered"):  # nobody trains there: it is damaged
-        checkpoint.model_at(path, checkpoint.read_meta(path))
+        checkpoint.model_at(path, meta)
     fd, _ = fileio.lock_exclusive(run_dir / fileio.LOCK, 0, "run")  # as the training run holds it
     try:
+        with pytest.raises(checkpoint.CheckpointError, match="damaged or altered"):  # still there: damaged all the same
+            checkpoint.model_at(path, meta)
+        shutil.rmtree(path)  # the prune
         with pytest.raises(checkpoint.CheckpointError, match=f"{path} was removed while it was read: its run is training now .*run this again"):
-            checkpoint.model_at(path, checkpoint.read_meta(path))
+            checkpoint.model_at(path, meta)
     finally:
         os.close(fd)
 
