@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
+import math
 import os
 import shutil
 import socket
@@ -129,7 +130,8 @@ def lock_exclusive(path: Path, wait_s: float, user: str) -> tuple[int | None, st
             if time.monotonic() >= deadline:
                 return None, holder
             if not told:
-                print(f"{path.parent} is in use by another {user} ({holder}); waiting up to {wait_s:.0f} s for it to end", flush=True)
+                limit = f" up to {wait_s:.0f} s" if math.isfinite(wait_s) else ""
+                print(f"{path.parent} is in use by another {user} ({holder}); waiting{limit} for it to end", flush=True)
                 told = True
             time.sleep(0.5)
             continue

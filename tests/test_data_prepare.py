@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -508,6 +509,10 @@ def test_each_shard_records_its_sha256_and_verify_finds_a_changed_byte(tmp_path,
     assert prepare_data.main(["verify", str(tmp_path), "--quiet"]) == 0
     assert capsys.readouterr().out == f"{tmp_path}: all {len(shards)} shard(s) match the SHA-256 recorded when they were written\n"
 
+    m = json.loads((tmp_path / MANIFEST).read_text())
+    m["shards"]["val"][0]["sha256"] = m["shards"]["val"][0]["sha256"].upper()  # a user's tool that writes upper case: still hex
+    (tmp_path / MANIFEST).write_text(json.dumps(m))
+    assert verify_shards(tmp_path, progress=False) == (len(shards), 0)
     victim = tmp_path / shards[-2]["file"]
     data = bytearray(victim.read_bytes())
     data[7] ^= 1  # one bit, same size: check_shards, which every run does, cannot see it
@@ -533,8 +538,9 @@ def test_verify_a_preparation_from_before_sha256s_or_one_not_finished(tmp_path, 
     assert "prepared before SHA-256s were recorded, so only their sizes could be checked" in capsys.readouterr().out
     m["shards"]["train"][0]["sha256"] = "not a digest"
     (tmp_path / "old" / MANIFEST).write_text(json.dumps(m))
-    with pytest.raises(DataError, match=r"damaged: shards.train\[0\].sha256 is not 64 hex digits"):
-        read_manifest(tmp_path / "old")
+    read_manifest(tmp_path / "old")  # training never reads it: no reason to refuse the data
+    with pytest.raises(DataError, match=rf"gives {m['shards']['train'][0]['file']} a sha256 that is not 64 hex digits: it was edited"):
+        verify_shards(tmp_path / "old", progress=False)
 
     with pytest.raises(Interrupted):
         prepare_shards(({"kind": "test"}, interrupted_after(documents(60), 50)), tmp_path / "new", 300, workers=1, progress=False)
@@ -545,19 +551,18 @@ def test_verify_a_preparation_from_before_sha256s_or_one_not_finished(tmp_path, 
     assert "no token shards" in capsys.readouterr().err
 
 
-def test_a_second_preparation_into_the_same_directory_is_refused_while_the_first_writes(tmp_path):
+def test_a_second_preparation_into_the_same_directory_waits_for_the_first(tmp_path, capsys):
+    """Under srun with several tasks, say: the others wait, then find the work done (or resume it, had it failed)."""
     out = tmp_path / "out"
     out.mkdir()
-    fd, _ = fileio.lock_exclusive(out / prepare_module.LOCK, 0, "preparation")  # another process's, as flock sees it
-    try:
-        with pytest.raises(DataError, match=rf"{out} is being prepared by another process \(pid {os.getpid()} on .*\); let it finish"):
-            prepare_shards(({"kind": "test"}, iter(documents(30))), out, 300, workers=1, progress=False)
-        assert os.listdir(out) == [prepare_module.LOCK]
-    finally:
-        os.close(fd)
-    # a lock file left by a process that died is no lock: the kernel released it with the process
+    fd, _ = fileio.lock_exclusive(out / fileio.LOCK, 0, "preparation")  # another process's, as flock sees it
+    threading.Timer(0.5, os.close, [fd]).start()  # it ends
     m = prepare_shards(({"kind": "test"}, iter(documents(30))), out, 300, workers=1, progress=False)
-    assert m["complete"] and prepare_module.LOCK not in os.listdir(out)  # nothing left behind when it ends
+    assert f"{out} is in use by another preparation (pid {os.getpid()} on " in capsys.readouterr().out
+    assert m["complete"] and fileio.LOCK not in os.listdir(out)  # nothing left behind when it ends
+    # a lock file left by a process that died is no lock: the kernel released it with the process
+    (out / fileio.LOCK).write_text("pid 4242 on node07, since 2026-11-27 01:02:03\n")
+    assert prepare_shards(({"kind": "test"}, iter(documents(30))), out, 300, workers=1, progress=False) == m
 
 
 def test_a_finished_preparation_in_a_directory_that_cannot_be_locked_is_still_read(tmp_path, monkeypatch):

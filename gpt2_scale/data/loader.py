@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -57,10 +58,6 @@ def _is_file_name(value: object) -> bool:
     return isinstance(value, str) and value not in ("", ".", "..") and Path(value).name == value
 
 
-def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
-
-
 def _shape_problem(manifest: object) -> str | None:
     """What is missing from a manifest that parsed (a hand edit, another program's file), or None."""
     if not isinstance(manifest, dict):
@@ -74,8 +71,6 @@ def _shape_problem(manifest: object) -> str | None:
         for i, shard in enumerate(shards[split]):
             if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
                 return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
-            if "sha256" in shard and not _is_sha256(shard["sha256"]):  # absent in preparations made before it was kept
-                return f"shards.{split}[{i}].sha256 is not 64 hex digits"
     if not isinstance(manifest.get("complete"), bool):
         return "it has no complete flag (true or false)"
     if manifest["complete"]:
@@ -140,11 +135,14 @@ def verify_shards(data_dir: str | Path, workers: int = 4, progress: bool = True)
     manifest = parse_manifest(data_dir)
     check_shards(data_dir, manifest)
     shards = [shard for split in SPLITS for shard in manifest["shards"][split]]
-    recorded = [shard for shard in shards if "sha256" in shard]
+    recorded = [shard for shard in shards if "sha256" in shard]  # absent in preparations made before it was kept
+    if odd := [s["file"] for s in recorded if not (isinstance(s["sha256"], str) and re.fullmatch(r"[0-9a-fA-F]{64}", s["sha256"]))]:
+        raise DataError(f"{data_dir / MANIFEST} gives {odd[0]} a sha256 that is not 64 hex digits: it was edited; put back the "
+                        "manifest that prepare_data wrote, or prepare the data again")
     with ThreadPoolExecutor(workers) as pool:  # hashlib releases the GIL: threads hash in parallel
         digests = list(tqdm(pool.map(lambda shard: sha256(data_dir / shard["file"]), recorded), total=len(recorded),
                             desc=f"verifying {data_dir}", unit="shard", disable=not progress))
-    bad = [shard["file"] for shard, digest in zip(recorded, digests) if digest != shard["sha256"]]
+    bad = [shard["file"] for shard, digest in zip(recorded, digests) if digest != shard["sha256"].lower()]
     if bad:
         named = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise DataError(f"{len(bad)} of the {len(recorded)} shards of {data_dir} differ from the SHA-256 recorded when they were "

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -284,15 +285,13 @@ def _start_or_resume(out_dir: Path, settings: dict, command: str | None) -> dict
 @contextlib.contextmanager
 def _claim(out_dir: Path) -> Iterator[None]:
     """One preparation at a time in ``out_dir`` (created if missing). Two, the same command started twice or
-    under ``srun`` with several tasks, would write each other's shards and manifest over each other."""
+    under ``srun`` with several tasks, would write each other's shards and manifest over each other; the second
+    waits for the first instead, and then finds its work done (or resumes it, if it failed)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
-        fd, holder = lock_exclusive(out_dir / LOCK, 0, "preparation")
+        fd, _ = lock_exclusive(out_dir / LOCK, math.inf, "preparation")
     except OSError:  # a read-only directory: a finished preparation is still read there, and a write fails on its own
-        fd, holder = None, None
-    if holder:
-        raise DataError(f"{out_dir} is being prepared by another process ({holder}); let it finish (this command, run "
-                        "again then, finds it complete), or choose another --out")
+        fd = None
     try:
         yield
     finally:
@@ -361,8 +360,9 @@ def prepare_shards(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; give a new or empty directory")
-    created, fresh = _outermost_missing(out_dir), not (out_dir / MANIFEST).is_file()
+    created = _outermost_missing(out_dir)
     with _claim(out_dir):
+        fresh = not (out_dir / MANIFEST).is_file()  # once the lock is ours: a preparation we waited for may have begun it
         manifest = _start_or_resume(out_dir, _settings(description, shard_tokens, val_tokens), command)
         if manifest["complete"]:
             return manifest
