@@ -76,7 +76,8 @@ class MetricsLogger:
 
 
 def logged_training(run_dir: Path) -> bool:
-    """Whether ``run_dir/metrics.jsonl`` holds a training step's record (a line cut off by a kill is none)."""
+    """Whether ``run_dir/metrics.jsonl`` shows a step trained: a training step's record (one per log.log_every steps),
+    or any record past step 0 (an evaluation there follows trained steps). A line cut off by a kill is none."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return False
@@ -85,7 +86,7 @@ def logged_training(run_dir: Path) -> bool:
             record = json.loads(line)
         except ValueError:
             continue
-        if isinstance(record, dict) and "train_loss" in record:
+        if isinstance(record, dict) and ("train_loss" in record or (type(record.get("step")) is int and record["step"] > 0)):
             return True
     return False
 

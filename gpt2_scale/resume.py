@@ -89,7 +89,8 @@ def find_checkpoint(cfg: Config, world_size: int) -> Path | None:
     run_dir = Path(cfg.log.run_dir)
     path = checkpoint.latest(run_dir)
     if path is None:
-        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; delete {run_dir} and start it again without --resume")
+        again = f"delete {run_dir} and start it again" if logged_training(run_dir) else "start it again"
+        raise checkpoint.CheckpointError(f"--resume {run_dir}: no checkpoint there yet; {again} without --resume")
     checkpoint.check_compatible(checkpoint.read_meta(path), path, cfg.to_dict(), world_size)
     return path
 

@@ -91,7 +91,11 @@ def main(defaults: Config, argv: list[str] | None = None) -> None:
         recipe = sys.modules["__main__"].__doc__  # --help opens with the recipe's own description
         cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv, recipe)
         summary = train(cfg)
-    except (UserError, TrainingError, OSError) as e:  # OSError: a path that is not there (2), a full disk (1) ...
+    except (UserError, TrainingError) as e:
+        sys.exit(report(e))
+    except OSError as e:  # a path that is not there (2), a full disk or a read-only one (1); any other keeps its traceback
+        if not (isinstance(e, FileNotFoundError) or e.errno in checkpoint.NO_ROOM):
+            raise
         sys.exit(report(e, exit_code(e)))
     except Stopped as e:
         print(e, flush=True)
@@ -133,6 +137,10 @@ def check_ranks_agree(cfg: Config) -> None:
     flat = [{f"{section}.{key}": value for section, values in d.items() for key, value in values.items()}
             for d in distributed.all_ranks(cfg.to_dict())]
     for rank, settings in enumerate(flat[1:], start=1):
+        if settings.get("checkpoint.resume") != flat[0]["checkpoint.resume"]:  # each decided auto-resume on its own
+            raise ConfigError(f"rank {rank} and rank 0 found different checkpoints to resume in {cfg.log.run_dir} "
+                              f"({settings.get('checkpoint.resume')} and {flat[0]['checkpoint.resume']}): a save was under way as the "
+                              "ranks started, or the nodes' file systems showed them different contents; run the same command again")
         if differ := [key for key, value in flat[0].items() if settings.get(key) != value]:
             key, more = differ[0], f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
             raise ConfigError(f"rank {rank} runs with {key}={settings.get(key)!r}, rank 0 with {flat[0][key]!r}{more}: launch every rank "
@@ -177,14 +185,17 @@ def _run(run: Run, stop: StopFlag) -> dict:
         log.close()
 
 
-def out_of_memory(error: torch.OutOfMemoryError, engine: Engine) -> TrainingError:
-    """The device's out-of-memory error as one line: what ran out (building the engine, restoring or training), the
-    estimate the run started with, and the settings that lower the peak, those not already on."""
+def out_of_memory(error: torch.OutOfMemoryError, engine: Engine, building: bool = False) -> TrainingError:
+    """The device's out-of-memory error as one line: what ran out, the estimate for these settings, and the settings
+    that lower the peak, those not already on. ``building``: while the weights moved to the device or the engine
+    allocated its states, which only offload, sharding and more ranks shrink (not the micro-batch's levers)."""
     cfg, settings = engine.cfg, engine.cfg.engine
-    changes = [f"--train.micro_batch={cfg.train.micro_batch // 2} (accumulation keeps the batch)"] if cfg.train.micro_batch % 2 == 0 else []
-    changes += [flag for flag, on in (("--engine.activation_checkpointing=true", settings.activation_checkpointing),
-                                      ("--engine.loss_chunk=4096", settings.loss_chunk),
-                                      ("--engine.offload=true", settings.offload or settings.name == "ddp")) if not on]
+    changes = [] if building or cfg.train.micro_batch % 2 else [f"--train.micro_batch={cfg.train.micro_batch // 2} (accumulation keeps the batch)"]
+    changes += [flag for flag, on in (("--engine.activation_checkpointing=true", building or settings.activation_checkpointing),
+                                      ("--engine.loss_chunk=4096", building or settings.loss_chunk),
+                                      ("--engine.offload=true", settings.offload or settings.name == "ddp"),
+                                      ("--engine zero3 (or fsdp), which shards the states", not building or settings.name in ("zero3", "fsdp")))
+                if not on]
     what = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return TrainingError(f"rank {engine.env.rank} ran out of memory ({what}); these settings have an estimated peak of "
                          f"{engine.memory_estimate().total / GiB:.2f} GiB per rank (tools/estimate_memory.py gives its "
@@ -230,7 +241,7 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
         n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
         engine.setup(model)
     except torch.OutOfMemoryError as e:  # the weights, or the states an engine allocates up front (ZeRO's fp32 copies)
-        raise out_of_memory(e, engine) from None
+        raise out_of_memory(e, engine, building=True) from None
     return Run(cfg, env, run_dir, engine, train_loader, val_loader, examples, accum, n_params, resume_from)
 
 
@@ -361,7 +372,7 @@ class Stopped(BaseException):  # not an Exception: no handler of setup's may tak
 
 class StopFlag:
     """SIGTERM / Ctrl-C before the run writes anything stop it at once (``Stopped``, exit 75: setup, a long
-    compile or a checkpoint's load may take minutes, more than a scheduler's grace period). From ``defer()`` on,
+    build of DeepSpeed's ops or a checkpoint's load may take minutes, more than a scheduler's grace period). From ``defer()`` on,
     they ask the loop to checkpoint and leave at the end of the current step; a second Ctrl-C interrupts at once.
 
     Every step asks all ranks (a one-element all-reduce), so a stop takes one step, well inside a

@@ -11,7 +11,7 @@ from gpt2_scale.config import Config, ConfigError, OptimSection, config_from_yam
 from gpt2_scale.engines.deepspeed import fill_auto
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, param_groups, schedule_warning
-from gpt2_scale.resume import AUTO_RESUME_MAY_CHANGE, check_run_dir
+from gpt2_scale.resume import AUTO_RESUME_MAY_CHANGE, check_run_dir, find_checkpoint
 from gpt2_scale.train import resolve_config
 from gpt2_scale.zoo import ModelConfig
 
@@ -396,9 +396,16 @@ def test_a_run_that_never_logged_a_training_step_is_started_again_there(tmp_path
         else:
             (run_dir / "metrics.jsonl").write_text(metrics)
         assert check_run_dir(cfg) == run_dir
-    (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 10.9}\n{"step": 0, "train_loss": 10.9}\n')
-    with pytest.raises(ConfigError, match=f"already holds a run .*it has no checkpoint to resume: delete {run_dir} to start over"):
-        check_run_dir(cfg)
+    for trained in ('{"step": 0, "train_loss": 10.9}\n', '{"step": 250, "val_loss": 6.1}\n'):  # log_every may be larger than val_every
+        (run_dir / "metrics.jsonl").write_text('{"step": 0, "val_loss": 10.9}\n' + trained)
+        with pytest.raises(ConfigError, match=f"already holds a run .*it has no checkpoint to resume: delete {run_dir} to start over"):
+            check_run_dir(cfg)
+    resume = resolve_config(RECIPE, ["--resume", str(run_dir)])
+    with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint there yet; delete {run_dir} and start it again without --resume"):
+        find_checkpoint(resume, 1)
+    (run_dir / "metrics.jsonl").write_text("")
+    with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint there yet; start it again without --resume$"):
+        find_checkpoint(resume, 1)
 
 
 def test_auto_resume_without_a_checkpoint_starts_the_run_again_there(tmp_path):

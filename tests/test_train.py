@@ -19,7 +19,7 @@ import torch
 from launch import REPO, TINY, command, env, metrics, ok, run
 
 from gpt2_scale import checkpoint
-from gpt2_scale.config import Config, config_from_yaml_file
+from gpt2_scale.config import Config, ConfigError, config_from_yaml_file
 from gpt2_scale.data.loader import TokenLoader
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.model import GPT
@@ -226,9 +226,10 @@ def test_out_of_memory_is_one_line_naming_what_to_change_and_the_rerun_starts_ov
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = proc.stderr.strip().splitlines()[-1]
+    levers = (r"--engine zero3 \(or fsdp\), which shards the states" if where == "setup" else  # the micro-batch's levers cannot help
+              r"--train\.micro_batch=1 \(accumulation keeps the batch\), --engine\.activation_checkpointing=true, --engine\.loss_chunk=4096")
     assert re.fullmatch(r"error: rank 0 ran out of memory \(CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*\); these settings "
-                        r"have an estimated peak of [0-9.]+ GiB per rank \(.*\); try --train\.micro_batch=1 \(accumulation keeps "
-                        r"the batch\), --engine\.activation_checkpointing=true, --engine\.loss_chunk=4096", line), line
+                        rf"have an estimated peak of [0-9.]+ GiB per rank \(.*\); try {levers}", line), line
     if where == "setup":  # nothing written yet
         assert not run_dir.exists()
         return
@@ -249,7 +250,7 @@ real_setup, real_evaluate = train.setup, train.evaluate
 
 def setup(cfg, env):
     if os.environ.get("RANK", "0") == rank:
-        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempts the job while it sets up (a compile, a JIT build)
+        os.kill(os.getpid(), signal.SIGTERM)  # a scheduler preempts the job while it sets up (DeepSpeed building its ops, say)
         time.sleep(30)  # the signal ends this
     return real_setup(cfg, env)
 
@@ -321,6 +322,25 @@ def test_what_stops_one_rank_stops_its_peer_with_its_line_and_code(corpus, tmp_p
     assert f"exitcode  : {code} " in proc.stderr, proc.stderr[-3000:]  # torchrun's report of the first rank to stop
     if what == "args":
         assert proc.stderr.count(f"error: {line}") == 2 and not (tmp_path / "run").exists()
+
+
+def test_ranks_that_decided_auto_resume_differently_are_told_so_not_to_relaunch(monkeypatch):
+    """Each rank looks for a checkpoint on its own: one that starts while a save is under way, or on a node whose
+    file system lags, may see none. The settings that differ then follow from that, not from the command."""
+    from gpt2_scale import train
+
+    cfg = Config()
+    other = Config()
+    other.checkpoint.resume, other.optim.decay_steps = "runs/x", 4
+    monkeypatch.setattr(train.distributed, "all_ranks", lambda value: [cfg.to_dict(), other.to_dict()])
+    with pytest.raises(ConfigError, match=r"rank 1 and rank 0 found different checkpoints to resume in .*\(runs/x and None\): a save was "
+                       "under way as the ranks started, .*; run the same command again"):
+        train.check_ranks_agree(cfg)
+    other.checkpoint.resume = None
+    with pytest.raises(ConfigError, match="rank 1 runs with optim.decay_steps=4, rank 0 with None: launch every rank with the same command"):
+        train.check_ranks_agree(cfg)
+    monkeypatch.setattr(train.distributed, "all_ranks", lambda value: [value, value])
+    train.check_ranks_agree(cfg)
 
 
 @pytest.mark.parametrize("log_every", [1, 1000])
