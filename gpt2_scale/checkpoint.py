@@ -145,8 +145,8 @@ def _unwritable(path: Path, error: BaseException) -> TrainingError:
     free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
     run_dir = path.parent.parent
     kept = _latest_or_none(run_dir)
-    after = (f"the last complete checkpoint is {kept}: continue with --resume {run_dir}" if kept else
-             f"no checkpoint was written yet: start it again (delete {run_dir} first)")
+    after = (f"the last complete checkpoint is {kept}: continue with --resume {run_dir} (a job that auto-resumes: its same command)"
+             if kept else f"no checkpoint was written yet: start it again (delete {run_dir} first, unless it auto-resumes)")
     return TrainingError(f"cannot write checkpoint {path} ({type(cause).__name__}: {_first_line(cause)}; {free / 2**30:.2f} GiB "
                          f"free on its file system); free space or fix the permissions there, then {after}")
 
