@@ -102,7 +102,7 @@ def verify(data_dir: str, workers: int, progress: bool) -> str:
     matched, unrecorded = verify_shards(data_dir, workers, progress)
     if not matched:
         line = (f"{data_dir}: its {unrecorded} shard(s) were prepared before SHA-256s were recorded, so only their sizes "
-                "could be checked (they match the manifest); prepare it again to have them")
+                "could be checked (they match the manifest); delete it and prepare it again to have them")
     else:
         line = f"{data_dir}: all {matched} shard(s) match the SHA-256 recorded when they were written"
         if unrecorded:
