@@ -127,10 +127,15 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  
 LOW_SPACE = 256 << 20  # torch.save's writer reports a full disk as an "enforce fail" RuntimeError: the space left says it
 
 
+def _cause(error: BaseException) -> BaseException:
+    """What went wrong: DCP's CheckpointException gathers each rank's exception (its text is their tracebacks)."""
+    return next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+
+
 def _disk_problem(error: BaseException, root: Path) -> bool:
     """Whether a failed save failed for lack of room or rights where it writes (a full disk, a quota, a directory
     made read-only), rather than for a bug or a peer's failure, whose traceback the user needs."""
-    cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+    cause = _cause(error)
     if isinstance(cause, OSError):
         return cause.errno in NO_ROOM
     try:
@@ -141,7 +146,7 @@ def _disk_problem(error: BaseException, root: Path) -> bool:
 
 def _unwritable(path: Path, error: BaseException) -> TrainingError:
     """A checkpoint that could not be written, as the one line that stops the run: why, the room left, what to resume."""
-    cause = next(iter(error.failures.values()))[0] if isinstance(error, CheckpointException) and error.failures else error
+    cause = _cause(error)
     free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
     run_dir = path.parent.parent
     kept = _latest_or_none(run_dir)
@@ -271,7 +276,7 @@ def _named_failures(path: Path) -> Iterator[None]:
     except pickle.UnpicklingError as e:
         raise _refuse(path, f"pickled objects ({_first_line(e)})") from e
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
-        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e  # not its traceback text
+        cause = _cause(e)
         raise CheckpointError(f"cannot load {path}: {type(cause).__name__}: {_first_line(cause)}; it is damaged, truncated or "
                               "incomplete: resume from an earlier checkpoint (point checkpoints/latest at it)") from e
 
