@@ -117,17 +117,27 @@ def train(cfg: Config) -> dict:
             summary = _train(cfg, env, stop)  # closes its engine on every way out
         finished = True
         return summary
-    except (UserError, TrainingError, OSError, Stopped) as e:
-        distributed.announce_failure(e, exit_code(e))  # before leaving the group, so that peers waiting for it learn why
-        raise
-    except Exception as e:
-        if (peer := distributed.peer_failure()) is not None:  # a peer left first: its error, not the collective's
+    except (Exception, Stopped) as e:
+        stop.defer()  # leaving already: a signal now must not replace this error with Stopped
+        if (peer := caused_by_peer(e)) is not None:
             raise peer from e
-        distributed.announce_failure(e, exit_code(e))  # a library's failure (or ours): its traceback here, a line on the peers
+        distributed.announce_failure(e, exit_code(e))  # before leaving the group, so that peers waiting for it learn why
         raise
     finally:
         stop.close()
         distributed.shutdown(sync=finished)  # after an error a peer may be gone: no barrier then
+
+
+def caused_by_peer(error: BaseException) -> distributed.PeerError | None:
+    """The failure another rank announced, when this rank's ``error`` follows from it: a collective broke as the peer
+    left (a library's error, where ours say what they are), or the launcher stopped this rank with SIGTERM because a
+    peer failed (Stopped; reported as exit 75, a scheduler would requeue the peer's bad input for ever)."""
+    if isinstance(error, (UserError, TrainingError, OSError)):
+        return None
+    peer = distributed.peer_failure()
+    if isinstance(error, Stopped) and peer is not None and peer.exit_code == EXIT_PREEMPTED:
+        return None  # stopped too: a preemption signals every rank
+    return peer
 
 
 def check_ranks_agree(cfg: Config) -> None:

@@ -510,3 +510,21 @@ def test_damaged_data_is_one_error_line_on_every_rank(corpus, tmp_path):
     proc = run("recipes/tiny.py", args, launcher="python")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and f"shard {shard}" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()  # nothing written for a run that never started
+
+
+def test_a_signal_that_follows_a_peers_failure_reports_the_failure_not_a_preemption(monkeypatch):
+    """torchrun ends the peers of a failed rank with SIGTERM. Reported as a stop (75), a scheduler that requeues on 75
+    would requeue the failed rank's bad input for ever; the peer's failure, with its code, is what happened."""
+    from gpt2_scale import train
+    from gpt2_scale.distributed import PeerError
+
+    stopped = train.Stopped("stopped by SIGTERM before training began")
+    monkeypatch.setattr(train.distributed, "peer_failure", lambda: None)
+    assert train.caused_by_peer(stopped) is None and train.caused_by_peer(RuntimeError("Connection closed by peer")) is None
+    bad_data = PeerError("rank 0 stopped because rank 1 stopped on: damaged shard", 2)
+    monkeypatch.setattr(train.distributed, "peer_failure", lambda: bad_data)
+    assert train.caused_by_peer(stopped) is bad_data and train.caused_by_peer(RuntimeError("Connection closed by peer")) is bad_data
+    assert train.caused_by_peer(ConfigError("this rank's own bad input")) is None  # ours say what they are
+    preempted = PeerError("rank 0 stopped because rank 1 stopped on: stopped by SIGTERM", EXIT_PREEMPTED)
+    monkeypatch.setattr(train.distributed, "peer_failure", lambda: preempted)
+    assert train.caused_by_peer(stopped) is None  # a preemption signals every rank: this one's own stop
