@@ -9,10 +9,18 @@ from the builtin it refines, so existing ``except ValueError`` code keeps workin
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from gpt2_scale.fileio import write_atomic
 
 EXIT_USAGE = 2  # bad input: fix the command, the config or the files, then run again
 EXIT_FAILED = 1  # good input, and still the run could not go on
+EXIT_CODE_FILE = "GPT2_SCALE_EXIT_FILE"  # environment: the file where rank 0 of a run leaves its exit code
 
 
 class UserError(Exception):
@@ -39,3 +47,36 @@ def report(error: BaseException, exit_code: int | None = None) -> int:
     the error's own (UserError, TrainingError), else EXIT_USAGE."""
     print(f"error: {error}", file=sys.stderr, flush=True)
     return exit_code if exit_code is not None else getattr(error, "exit_code", EXIT_USAGE)
+
+
+@contextmanager
+def exit_code_recorded() -> Iterator[None]:
+    """Leave the exit code of the program run inside in the file ``$GPT2_SCALE_EXIT_FILE`` names, from rank 0
+    (``RANK`` 0 or unset), as text: ``75``.
+
+    Launchers replace their workers' codes (torchrun exits 1 whatever they were), so a job script could not tell a
+    preemption (75: requeue) from bad input (2) or a failure (1); it reads this file instead. A file left by an
+    earlier run is removed first, so no file after the program ended means it was killed (SIGKILL, a lost node)
+    before it could write one. A path that could not be written is refused before the program starts."""
+    path = os.environ.get(EXIT_CODE_FILE) if os.environ.get("RANK", "0") == "0" else None
+    if path:
+        target = Path(path)
+        if target.is_dir() or not target.parent.is_dir() or not os.access(target.parent, os.W_OK | os.X_OK):
+            sys.exit(report(UserError(f"{EXIT_CODE_FILE}={path}: cannot write a file there; name a file in a writable directory")))
+        target.unlink(missing_ok=True)
+    code = EXIT_FAILED  # an uncaught exception's: Python prints its traceback and exits 1
+    try:
+        yield
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else EXIT_FAILED
+        raise
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+        raise
+    finally:
+        if path:
+            try:
+                write_atomic(path, f"{code}\n")
+            except OSError as e:
+                print(f"warning: could not write exit code {code} to {path} ({e.strerror})", file=sys.stderr, flush=True)

@@ -27,7 +27,7 @@ from gpt2_scale.config import Config, ConfigError, config_from_yaml_file, grad_a
 from gpt2_scale.determinism import make_deterministic, seed_step
 from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
-from gpt2_scale.errors import TrainingError, UserError, exit_code, report
+from gpt2_scale.errors import TrainingError, UserError, exit_code, exit_code_recorded, report
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.memory import GiB, device_bytes, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
@@ -86,7 +86,13 @@ def resolve_config(defaults: Config, argv: list[str], description: str | None = 
 def main(defaults: Config, argv: list[str] | None = None) -> None:
     """Entry point of every recipe. Exit codes: 0 finished, 2 bad input (one ``error:`` line), 1 training
     failed (a non-finite loss, the device's memory, a full disk), EXIT_PREEMPTED stopped by a signal (after saving
-    a checkpoint, or before writing anything)."""
+    a checkpoint, or before writing anything); rank 0 also leaves its code in ``$GPT2_SCALE_EXIT_FILE``, for job
+    scripts under a launcher that replaces it."""
+    with exit_code_recorded():
+        _main(defaults, argv)
+
+
+def _main(defaults: Config, argv: list[str] | None) -> None:
     try:
         recipe = sys.modules["__main__"].__doc__  # --help opens with the recipe's own description
         cfg = resolve_config(defaults, sys.argv[1:] if argv is None else argv, recipe)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -22,6 +23,7 @@ from gpt2_scale import checkpoint
 from gpt2_scale.config import Config, ConfigError, config_from_yaml_file
 from gpt2_scale.data.loader import TokenLoader
 from gpt2_scale.distributed import DistEnv
+from gpt2_scale.errors import EXIT_CODE_FILE, exit_code_recorded
 from gpt2_scale.model import GPT
 from gpt2_scale.resume import LOCK
 from gpt2_scale.train import EXIT_PREEMPTED
@@ -311,15 +313,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     ("oom", "rank 0 stopped because rank 1 stopped on: rank 1 ran out of memory (CUDA out of memory. Tried)", 1),
     ("bug", "rank 0 stopped because rank 1 stopped on: RuntimeError: injected", 1),
 ])
-def test_what_stops_one_rank_stops_its_peer_with_its_line_and_code(corpus, tmp_path, what, line, code):
+def test_what_stops_one_rank_stops_its_peer_with_its_line_and_code(corpus, tmp_path, monkeypatch, what, line, code):
     """Ranks launched with different settings stop before anything, rather than hang in a collective or mix two runs;
-    a failure that is not bad input (out of memory, a library's error) reaches the peer as one line with exit 1."""
+    a failure that is not bad input (out of memory, a library's error) reaches the peer as one line with exit 1.
+    torchrun exits 1 whatever the code: rank 0 leaves it in $GPT2_SCALE_EXIT_FILE for the job script."""
+    monkeypatch.setenv(EXIT_CODE_FILE, str(tmp_path / "exit-code"))
     script = tmp_path / "on_rank_1.py"
     script.write_text(ON_RANK_1)
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "128", "--max-steps", "2", "--log.val_every=0", "--run-dir", str(tmp_path / "run")]
     proc = run(str(script), [what, str(REPO / "recipes" / "tiny.py"), *args], nproc=2)
     assert proc.returncode != 0 and f"error: {line}" in proc.stderr, proc.stderr[-3000:]
     assert f"exitcode  : {code} " in proc.stderr, proc.stderr[-3000:]  # torchrun's report of the first rank to stop
+    assert (tmp_path / "exit-code").read_text() == f"{code}\n"
     if what == "args":
         assert proc.stderr.count(f"error: {line}") == 2 and not (tmp_path / "run").exists()
 
@@ -355,7 +360,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert checkpoint.latest(tmp_path).name == "step_00000001"
 
 
-def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finishes(corpus, tmp_path):
+def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finishes(corpus, tmp_path, monkeypatch):
+    exit_file = tmp_path.parent / f"{tmp_path.name}.exit-code"  # a job script's, outside the run
+    monkeypatch.setenv(EXIT_CODE_FILE, str(exit_file))
     # Logging every 1000 steps: a stop that waited for a log step would checkpoint at step 1000.
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "100000",
                    "--log.log_every=1000", "--checkpoint.every=0", "--run-dir", str(tmp_path)]
@@ -368,7 +375,7 @@ def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finish
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err
-    assert "stopped by signal" in out
+    assert "stopped by signal" in out and exit_file.read_text() == f"{EXIT_PREEMPTED}\n"
     step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
     assert 1 <= step < 1000
     assert not (tmp_path / "summary.json").exists()  # written only when a run finishes
@@ -382,7 +389,7 @@ def test_sigterm_stops_within_a_step_checkpoints_and_exits_75_then_resume_finish
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert first.startswith(f"{tmp_path} is in use by another run (") and "waiting up to 60 s" in first, first + out
-    assert json.loads((tmp_path / "summary.json").read_text())["finished"]
+    assert json.loads((tmp_path / "summary.json").read_text())["finished"] and exit_file.read_text() == "0\n"
 
 
 class _FakeEngine:
@@ -414,7 +421,10 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path):
     assert checkpoint.read_meta(checkpoint.latest(tmp_path))["step"] == 30
 
 
-def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
+def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path, monkeypatch):
+    exit_file = tmp_path.parent / f"{tmp_path.name}.exit-code"
+    exit_file.write_text("0\n")  # an earlier run's: a killed run must not leave it to be read as its own
+    monkeypatch.setenv(EXIT_CODE_FILE, str(exit_file))
     args = TINY + ["--data", str(corpus), "--total-batch-tokens", "64", "--log.val_every=0", "--max-steps", "100000",
                    "--checkpoint.every=1", "--run-dir", str(tmp_path)]
     proc = subprocess.Popen(command("recipes/tiny.py", args, launcher="python"), env=env(), cwd=REPO,
@@ -427,6 +437,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(corpus, tmp_path):
     time.sleep(0.05 + (os.getpid() % 7) / 20)  # somewhere inside a later step or save
     proc.kill()
     proc.wait()
+    assert not exit_file.exists()
     model = checkpoint.load_model(tmp_path)
     assert model.config.name == "gpt2-tiny"
     step = checkpoint.read_meta(checkpoint.latest(tmp_path))["step"]
@@ -528,3 +539,33 @@ def test_a_signal_that_follows_a_peers_failure_reports_the_failure_not_a_preempt
     preempted = PeerError("rank 0 stopped because rank 1 stopped on: stopped by SIGTERM", EXIT_PREEMPTED)
     monkeypatch.setattr(train.distributed, "peer_failure", lambda: preempted)
     assert train.caused_by_peer(stopped) is None  # a preemption signals every rank: this one's own stop
+
+
+@pytest.mark.parametrize("body, code", [
+    ("return", 0), ("sys.exit(75)", 75), ("sys.exit(2)", 2), ("sys.exit('a message')", 1), ("raise RuntimeError", 1),
+    ("raise KeyboardInterrupt", 130),
+])
+def test_the_exit_code_file_holds_what_the_program_exits_with(tmp_path, monkeypatch, body, code):
+    exit_file = tmp_path / "exit-code"
+    monkeypatch.setenv(EXIT_CODE_FILE, str(exit_file))
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises((SystemExit, RuntimeError, KeyboardInterrupt)) if body != "return" else contextlib.nullcontext():
+        with exit_code_recorded():
+            exec(body if body != "return" else "pass")
+    assert exit_file.read_text() == f"{code}\n"
+    monkeypatch.setenv("RANK", "1")  # only rank 0 writes it
+    exit_file.unlink()
+    with exit_code_recorded():
+        pass
+    assert not exit_file.exists()
+
+
+@pytest.mark.parametrize("where", ["a directory", "in no directory"])
+def test_an_exit_code_file_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch, capsys, where):
+    monkeypatch.setenv(EXIT_CODE_FILE, str(tmp_path if where == "a directory" else tmp_path / "missing" / "exit-code"))
+    monkeypatch.delenv("RANK", raising=False)
+    ran = []
+    with pytest.raises(SystemExit) as stopped, exit_code_recorded():
+        ran.append(True)
+    assert stopped.value.code == 2 and not ran
+    assert "GPT2_SCALE_EXIT_FILE=" in capsys.readouterr().err
