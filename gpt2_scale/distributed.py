@@ -8,6 +8,7 @@ import gc
 import os
 import socket
 import sys
+import threading
 import time
 import types
 from dataclasses import dataclass
@@ -55,12 +56,26 @@ def init(device: str = "auto") -> DistEnv:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
+        waiting = threading.Timer(JOIN_NOTICE_S, _still_waiting, (rank, world))
+        waiting.daemon = True
+        waiting.start()
         try:
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, store=attempt_store(world))
         except ValueError as e:  # RANK and WORLD_SIZE set by hand, without the MASTER_ADDR/MASTER_PORT a launcher sets too
             raise UserError(f"cannot join the process group as rank {rank} of {world} ({e}); start every rank with torchrun or "
                             "deepspeed, or unset RANK and WORLD_SIZE to run one process") from None
+        finally:
+            waiting.cancel()
     return DistEnv(rank, local_rank, world, dev)
+
+
+JOIN_NOTICE_S = 60.0  # joining the group waits silently up to its timeout (30 min) for ranks that never start
+
+
+def _still_waiting(rank: int, world: int) -> None:
+    print(f"rank {rank}: still waiting after {JOIN_NOTICE_S:g} s for the other ranks of {world} to join at "
+          f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}: start them (the same command on every node), "
+          "or unset RANK and WORLD_SIZE to run one process", file=sys.stderr, flush=True)
 
 
 def attempt_store(world: int) -> dist.Store | None:

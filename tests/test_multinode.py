@@ -2,6 +2,7 @@
 tiny recipe unchanged, under torchrun and under the deepspeed launcher (--no_ssh, --node_rank)."""
 
 import json
+import select
 import subprocess
 import sys
 
@@ -45,3 +46,31 @@ def test_deepspeed_launcher_two_nodes(tmp_path):
               "--master_addr", "127.0.0.1", "--master_port", str(port),
               "recipes/tiny.py", *RECIPE_ARGS, "--engine", "zero2", "--run-dir", str(tmp_path / "run")] for i in range(2)])
     _check_run(tmp_path / "run")
+
+
+WAIT_FOR_PEERS = """
+import sys
+from gpt2_scale import distributed
+distributed.JOIN_NOTICE_S = 0.5
+distributed.init("cpu")
+"""
+
+
+def test_a_rank_whose_peers_never_start_says_what_it_waits_for(tmp_path):
+    """RANK and WORLD_SIZE left set in a shell, or a node that was never started: joining the group waits for its
+    timeout (30 minutes) in silence otherwise. Without MASTER_ADDR/MASTER_PORT it cannot join at all: one line."""
+    alone = {k: v for k, v in env().items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "recipes/tiny.py", "--engine.device=cpu"], cwd=REPO, env={**alone, "RANK": "0", "WORLD_SIZE": "2"},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot join the process group as rank 0 of 2 ("), proc.stderr
+    assert "unset RANK and WORLD_SIZE to run one process" in proc.stderr and "Traceback" not in proc.stderr
+    port = free_port()
+    waiting = subprocess.Popen([sys.executable, "-c", WAIT_FOR_PEERS], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                               env={**alone, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    try:
+        ready, _, _ = select.select([waiting.stderr], [], [], 60)
+        line = waiting.stderr.readline() if ready else "(nothing in 60 s)"
+    finally:
+        waiting.kill()
+        waiting.wait()
+    assert line.startswith(f"rank 0: still waiting after 0.5 s for the other ranks of 2 to join at 127.0.0.1:{port}: start them"), line
