@@ -14,10 +14,12 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -288,7 +290,7 @@ def open_data(cfg: Config, env: distributed.DistEnv) -> tuple[TokenLoader, Token
     if not cfg.log.val_every:
         return train_loader, None  # the val split is not read, and may be empty
     try:
-        val_loader = TokenLoader(data_dir, "val", B, T, env.rank, env.world_size, seed=cfg.data.seed)
+        val_loader = TokenLoader(data_dir, "val", 1, T, seed=cfg.data.seed)  # val_batches splits its windows among the ranks
     except DataError as e:
         raise DataError(f"{e} (or turn validation off: --log.val_every=0)") from None
     return train_loader, val_loader
@@ -319,7 +321,8 @@ def check_first_batches(run: Run) -> None:
     try:
         run.train_loader.check_ahead(run.accum)
         if run.val_loader is not None:
-            run.val_loader.check_ahead(val_batches(run.cfg, run.env.world_size))
+            for _ in val_batches(run):
+                pass
     except DataError as e:
         error = str(e)
     if failed := next((e for e in distributed.all_ranks(error) if e), None):  # every rank stops, each with the same line
@@ -455,26 +458,42 @@ def evaluate(run: Run, step: int, last: bool, log: MetricsLogger) -> bool:
     return ran
 
 
-def val_batches(cfg: Config, world_size: int) -> int:
-    """Batches each rank reads per validation: the first log.val_tokens of the split, at least one batch."""
-    return max(1, cfg.log.val_tokens // (cfg.train.micro_batch * cfg.train.seq_len * world_size))
+def val_windows(cfg: Config, loader: TokenLoader) -> int:
+    """How many windows a validation reads: the first log.val_tokens of the split in whole windows (at least one, at
+    most the split). The same at any number of ranks and micro-batch, so val loss compares across runs and resumes."""
+    return min(max(1, cfg.log.val_tokens // cfg.train.seq_len), loader.num_windows)
+
+
+def val_batches(run: Run) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """This rank's (x, y, rows) of the validation windows, micro_batch rows at a time. Every rank reads as many
+    batches (a sharded engine's forward is collective); rows past the last window repeat it with targets -1
+    (ignored by the loss), and ``rows`` counts those that are not."""
+    B, rank, world = run.cfg.train.micro_batch, run.env.rank, run.env.world_size
+    n = val_windows(run.cfg, run.val_loader)
+    for start in range(0, n, B * world):
+        positions = start + rank * B + np.arange(B)
+        x, y = run.val_loader.batch_at(np.minimum(positions, n - 1))
+        past = torch.from_numpy(positions >= n)
+        if past.any():
+            y = y.clone()  # a view of the same tokens as x
+            y[past] = -1
+        yield x, y, B - int(past.sum())
 
 
 @torch.no_grad()
 def validation_loss(run: Run) -> float:
-    """Mean loss over the fixed first val_tokens of the validation split (the same windows every time)."""
-    cfg, env, engine, loader = run.cfg, run.env, run.engine, run.val_loader
-    n_batches = val_batches(cfg, env.world_size)
-    loader.reset()
+    """Mean loss over the fixed first val_tokens of the validation split (the same windows every time, and on any
+    number of ranks)."""
+    env, engine = run.env, run.engine
     engine.model.eval()
     total = torch.zeros((), device=env.device)
-    for _ in range(n_batches):
-        x, y = (t.to(env.device) for t in loader.next_batch())
+    for x, y, rows in val_batches(run):
         with engine.autocast():
-            _, loss = engine.model(x, y)
-        total += loss.float()
+            _, loss = engine.model(x.to(env.device), y.to(env.device))
+        if rows:  # a batch of ignored rows only has the loss 0/0
+            total += loss.float() * rows
     engine.model.train()
-    return distributed.all_reduce_mean(total / n_batches).item()
+    return (distributed.all_reduce_mean(total) * env.world_size / val_windows(run.cfg, run.val_loader)).item()
 
 
 def print_samples(run: Run, log: MetricsLogger) -> None:

@@ -77,11 +77,12 @@ def test_resume_continues_exactly(corpus, tmp_path, engine, nproc):
 @pytest.mark.parametrize("first,then", [(("ddp", 1), ("zero2", 2)), (("zero3", 2), ("fsdp", 1))], ids=["ddp1-zero2x2", "zero3x2-fsdp1"])
 def test_a_run_continues_under_another_engine_and_world_size(corpus, tmp_path, first, then):
     """As a user moves a run: 3 steps, then on to step 6 under another engine on another number of ranks. The
-    losses are the uninterrupted run's (the same weights, Adam moments and steps, LR schedule and data)."""
+    losses are the uninterrupted run's (the same weights, Adam moments and steps, LR schedule and data), and so is
+    the validation loss: 6 windows, which 1 and 2 ranks of micro-batch 2 split unevenly."""
     (engine, nproc), (engine2, nproc2) = first, then
     launcher = lambda n: "python" if n == 1 else "torchrun"  # noqa: E731
-    args = TINY + ["--data", str(corpus), "--engine", engine, "--total-batch-tokens", "256", "--log.val_every=0",
-                   "--optim.warmup_steps=2", "--optim.decay_steps=6", "--checkpoint.every=3"]
+    args = TINY + ["--data", str(corpus), "--engine", engine, "--total-batch-tokens", "256", "--log.val_every=3",
+                   "--log.val_tokens=192", "--optim.warmup_steps=2", "--optim.decay_steps=6", "--checkpoint.every=3"]
     ok(run("recipes/tiny.py", args + ["--max-steps", "6", "--run-dir", str(tmp_path / "full")], nproc, launcher(nproc)))
     ok(run("recipes/tiny.py", args + ["--max-steps", "3", "--run-dir", str(tmp_path / "part")], nproc, launcher(nproc)))
     out = ok(run("recipes/tiny.py", ["--resume", str(tmp_path / "part"), "--engine", engine2, "--max-steps", "6"], nproc2, launcher(nproc2)))
@@ -90,6 +91,10 @@ def test_a_run_continues_under_another_engine_and_world_size(corpus, tmp_path, f
     torch.testing.assert_close(metrics(tmp_path / "part"), metrics(tmp_path / "full"), rtol=1e-5, atol=0)
     for key in ("grad_norm", "lr"):
         torch.testing.assert_close(metrics(tmp_path / "part", key), metrics(tmp_path / "full", key), rtol=1e-5, atol=0)
+    val = {name: {r["step"]: r["val_loss"] for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())
+                  if "val_loss" in r} for name in ("part", "full")}
+    assert list(val["full"]) == [0, 3, 5] and list(val["part"]) == [0, 2, 3, 5]  # the first attempt's last step validates too
+    torch.testing.assert_close([val["part"][s] for s in (0, 3, 5)], list(val["full"].values()), rtol=1e-5, atol=0)
 
 
 def test_recipes_start_under_their_launchers_and_name_the_prepare_command(corpus, tmp_path):

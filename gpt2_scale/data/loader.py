@@ -260,10 +260,9 @@ class TokenLoader:
             self._window_views[i] = np.lib.stride_tricks.as_strided(tokens, shape, strides, writeable=False)
         return self._window_views[i]
 
-    def _locate(self, start: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's windows start..start+B-1 as (shard, window within shard) arrays."""
+    def _locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The windows at ``positions`` (ascending) of the epoch's order as (shard, window within shard) arrays."""
         order, cum = _epoch_layout(self.seed, self.epoch, self.counts, self.shuffle)
-        positions = np.arange(start, start + self.B)
         slots = np.searchsorted(cum, positions, side="right")
         shards = order[slots]
         windows = positions - (cum[slots] - self._counts[shards])
@@ -273,17 +272,31 @@ class TokenLoader:
                 windows[mine] = _window_order(self.seed, self.epoch, shard, self.counts[shard])[windows[mine]]
         return shards, windows
 
+    def _mine(self) -> np.ndarray:
+        """The positions of this rank's rows in the next batch."""
+        start = self.position + self.rank * self.B
+        return np.arange(start, start + self.B)
+
     def window_ids(self) -> list[tuple[int, int]]:
         """(shard, window) of each row of the next batch, without consuming it (for tests and debugging)."""
-        return list(zip(*(a.tolist() for a in self._locate(self.position + self.rank * self.B))))
+        return list(zip(*(a.tolist() for a in self._locate(self._mine()))))
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batch_at(self._mine())
+        self.position += self.B * self.world_size
+        if self.position == self.epoch_windows:  # the train split reshuffles; val starts over in the same order
+            self.epoch, self.position = self.epoch + 1, 0
+        return x, y
+
+    def batch_at(self, positions: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of the windows at ``positions`` (ascending) of this epoch's order, one row each; the position
+        stays (validation reads a fixed set of windows this way, however they are split among ranks)."""
         T = self.T
-        shards, windows = self._locate(self.position + self.rank * self.B)
+        shards, windows = self._locate(positions)
         if shards[0] == shards[-1]:  # a batch's shards come in blocks: usually a single one
             rows = self._windows(int(shards[0]))[windows]
         else:
-            rows = np.empty((self.B, T + 1), dtype=DTYPE)
+            rows = np.empty((len(positions), T + 1), dtype=DTYPE)
             for shard in np.unique(shards).tolist():
                 mine = shards == shard
                 rows[mine] = self._windows(shard)[windows[mine]]
@@ -293,9 +306,6 @@ class TokenLoader:
                 f"shard {self.files[shard]} holds token id {int(rows.max())} >= the vocabulary size "
                 f"{tokenizer.VOCAB_SIZE}: it is corrupt or from another tokenizer; prepare {self.data_dir} again"
             )
-        self.position += self.B * self.world_size
-        if self.position == self.epoch_windows:  # the train split reshuffles; val starts over in the same order
-            self.epoch, self.position = self.epoch + 1, 0
         # One cast; x and y are overlapping views of it (copying them apart would double the bytes written).
         xy = torch.from_numpy(rows.astype(np.int64))
         return xy[:, :-1], xy[:, 1:]
