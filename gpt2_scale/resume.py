@@ -103,11 +103,12 @@ def auto_resume_dir(cfg: Config) -> str | None:
 
 
 # What the same job, restarted (checkpoint.auto_resume), may run with differently from the run it continues: its
-# length, what it logs and checkpoints, and the levers of speed and memory that leave what is learned as it was.
+# length, what it logs and checkpoints, and the levers of speed and memory that leave what is learned as it was
+# (the micro-batch too: the total batch stays, and a requeue onto more ranks may need a smaller one to divide it).
 # Every other setting (model, data, train, optim, engine) is the run's own: a command that changes one is not the
 # job that saved the run, and continuing would silently mix two experiments in one directory.
 AUTO_RESUME_MAY_CHANGE = (
-    "train.max_steps", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
+    "train.max_steps", "train.micro_batch", "log.*", "checkpoint.*", "data.prepare_hint", "engine.compile", "engine.compile_scope",
     "engine.compile_mode", "engine.activation_checkpointing", "engine.loss_chunk",
     "engine.attention",
 )  # fmt: skip

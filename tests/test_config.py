@@ -319,10 +319,11 @@ def test_auto_resume_continues_a_run_with_a_checkpoint_as_resume_does(tmp_path):
     saved = saved_run(run_dir, AUTO)
     # The same command again; or with what a restart may change: its length, logging and checkpoint cadence.
     assert resolve_config(RECIPE, AUTO + ["--run-dir", str(run_dir)]).checkpoint.resume == str(run_dir)
-    more = AUTO + ["--run-dir", str(run_dir), "--max-steps", "20", "--checkpoint.every=2", "--log.val_every=5", "--engine.compile=false"]
+    more = AUTO + ["--run-dir", str(run_dir), "--max-steps", "20", "--checkpoint.every=2", "--log.val_every=5", "--engine.compile=false",
+                   "--micro-batch", "1"]  # a requeue onto more ranks, whose count does not divide the old micro-batch's
     cfg = resolve_config(RECIPE, more)
     assert cfg.checkpoint.resume == cfg.log.run_dir == str(run_dir)
-    assert (cfg.train.max_steps, cfg.checkpoint.every, cfg.log.val_every) == (20, 2, 5)
+    assert (cfg.train.max_steps, cfg.checkpoint.every, cfg.log.val_every, cfg.train.micro_batch) == (20, 2, 5, 1)
     assert cfg.optim.decay_steps == saved.optim.decay_steps == 10  # the schedule the run started with, as --resume keeps it
     assert cfg.optim.lr == 1e-3
 
