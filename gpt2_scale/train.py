@@ -598,11 +598,16 @@ def save(run: Run, step: int, log: MetricsLogger) -> Path:
 def restore(run: Run) -> None:
     """Load the engine and the data position from the checkpoint to resume; the run goes on from its step (any RNG
     state a legacy checkpoint holds is not needed: determinism.seed_step)."""
+    from gpt2_scale.data.loader import DataError
+
     path = run.resume_from
     state = checkpoint.load(run.engine, path)
     try:
         run.train_loader.load_state_dict(state["loader"])
         run.start_step, run.tokens = int(state["step"]), int(state["tokens"])
+    except DataError as e:  # this data is not the run's
+        saved = checkpoint.read_meta(path).get("config", {}).get("data", {}).get("dir")
+        raise DataError(f"cannot resume from {path}: {e}; resume with the run's data" + (f", --data {saved}" if saved else "")) from e
     except (KeyError, TypeError, ValueError) as e:
         raise checkpoint.CheckpointError(f"cannot resume from {path}: {e}") from e
     if run.start_step != checkpoint.read_meta(path)["step"]:  # the two files of one save disagree

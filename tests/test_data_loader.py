@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from gpt2_scale import tokenizer
 from gpt2_scale.data import DataError, TokenLoader, read_manifest
 from gpt2_scale.data.loader import FORMAT_VERSION, MANIFEST
 from gpt2_scale.errors import UserError
+from gpt2_scale.fileio import sha256
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -387,3 +389,34 @@ def test_a_state_written_before_positions_resumes_at_the_same_window(tmp_path):
     resumed = TokenLoader(root, "train", 2, 8, world_size=2, windows_per_step=8)
     resumed.load_state_dict(old)
     assert resumed.window_ids() == loader.window_ids()
+
+
+def _with_sha256(root: Path) -> Path:
+    """The manifest as a preparation now writes it: each shard's SHA-256 beside its size."""
+    manifest = json.loads((root / MANIFEST).read_text())
+    for shards in manifest["shards"].values():
+        for s in shards:
+            s["sha256"] = sha256(root / s["file"])
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_state_resumes_only_on_the_data_it_was_written_on(tmp_path):
+    """Another corpus of the same number of windows would resume silently at a position that means other tokens;
+    the same data copied elsewhere, or from before SHA-256s were recorded, resumes."""
+    root = _with_sha256(make_shards(tmp_path / "a", train=[300, 170, 90], val=[100]))
+    loader = TokenLoader(root, "train", 2, 8, windows_per_step=4)
+    loader.next_batch()
+    loader.next_batch()  # a whole step
+    state = json.loads(json.dumps(loader.state_dict()))
+    shutil.copytree(root, tmp_path / "copy")
+    TokenLoader(tmp_path / "copy", "train", 4, 8, windows_per_step=4).load_state_dict(state)
+    other = _with_sha256(make_shards(tmp_path / "b", train=[300, 170, 90], val=[100], seed=1))  # the same sizes
+    with pytest.raises(DataError, match=f"{tmp_path / 'b'} is not the data the run trained on: shard 0 has another SHA-256"):
+        TokenLoader(other, "train", 2, 8, windows_per_step=4).load_state_dict(state)
+    moved = make_shards(tmp_path / "c", train=[170, 300, 90], val=[100])  # the same windows in other shards
+    with pytest.raises(DataError, match="its 3 shard\\(s\\) held 560 tokens, these 3 hold 560 in other shards"):
+        TokenLoader(moved, "train", 2, 8, windows_per_step=4).load_state_dict(state)
+    TokenLoader(make_shards(tmp_path / "old", train=[300, 170, 90], val=[100], seed=1), "train", 2, 8,
+                windows_per_step=4).load_state_dict(state)  # no SHA-256s to tell it apart: only the sizes
+    TokenLoader(other, "train", 2, 8, windows_per_step=4).load_state_dict({k: v for k, v in state.items() if k != "shards"})

@@ -24,6 +24,7 @@ from gpt2_scale.config import Config, ConfigError, config_from_yaml_file
 from gpt2_scale.data.loader import TokenLoader
 from gpt2_scale.distributed import DistEnv
 from gpt2_scale.errors import EXIT_CODE_FILE, exit_code_recorded
+from gpt2_scale.fileio import sha256
 from gpt2_scale.model import GPT
 from gpt2_scale.resume import LOCK
 from gpt2_scale.train import EXIT_PREEMPTED
@@ -137,6 +138,19 @@ def test_bad_runs_fail_clearly_and_keep_what_was_written(corpus, tmp_path):
     del tokens
     damaged = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2", "--data", str(bad)], launcher="python")
     assert damaged.returncode == 2 and "holds token id 60000" in damaged.stderr and "Traceback" not in damaged.stderr
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
+    # Another corpus of the same shard sizes (prepared, so its manifest has its SHA-256s) is not the run's data.
+    other = shutil.copytree(corpus, tmp_path / "other")
+    tokens = np.memmap(other / "train_000000.bin", dtype=np.uint16, mode="r+")
+    tokens[:] = 50256 - tokens
+    tokens.flush()
+    del tokens
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["shards"]["train"][0]["sha256"] = sha256(other / "train_000000.bin")
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    elsewhere = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2", "--data", str(other)], launcher="python")
+    assert elsewhere.returncode == 2 and f"{other} is not the data the run trained on: shard 0 has another SHA-256" in elsewhere.stderr
+    assert f"resume with the run's data, --data {corpus}" in elsewhere.stderr and "Traceback" not in elsewhere.stderr
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == recorded
     (run_dir / "checkpoints" / "latest").write_text("step_99999999")
     broken = run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "2"], launcher="python")

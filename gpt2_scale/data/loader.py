@@ -193,6 +193,22 @@ def _window_order(seed: int, epoch: int, shard: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, shard]).permutation(n)
 
 
+def _other_data(saved: object, mine: list[list]) -> str | None:
+    """How the shards a loader state was written on (``saved``: TokenLoader._shards) differ from ``mine``, or None.
+    The same token counts with the same SHA-256s, where both record them, are the same data wherever it lies (a
+    corpus copied or moved, or prepared again)."""
+    if saved is None or saved == mine:
+        return None
+    if not isinstance(saved, list) or not all(isinstance(s, list) and len(s) == 2 for s in saved):
+        return f"the checkpoint records its shards as {str(saved)[:80]!r}"
+    counts = [s[0] for s in saved]
+    if counts != [s[0] for s in mine]:
+        return (f"its {len(saved)} shard(s) held {sum(c for c in counts if is_count(c)):,} tokens, these {len(mine)} hold "
+                f"{sum(s[0] for s in mine):,}" + (" in other shards" if len(saved) == len(mine) else ""))
+    differ = [i for i, (a, b) in enumerate(zip(saved, mine)) if a[1] and b[1] and a[1] != b[1]]
+    return f"shard {differ[0]} has another SHA-256 than the run's" if differ else None
+
+
 class TokenLoader:
     """(x, y) int64 batches of shape (B, T) from the shards of one split; y is x shifted by one."""
 
@@ -333,7 +349,13 @@ class TokenLoader:
             "windows_per_step": self.windows_per_step,
             "seed": self.seed,
             "num_windows": self.num_windows,
+            "shards": self._shards(),
         }
+
+    def _shards(self) -> list[list]:
+        """[tokens, SHA-256 or None] of each shard of the split: which data a position counts in."""
+        shards = self.manifest["shards"][self.split]
+        return [[s["tokens"], s["sha256"].lower() if isinstance(s.get("sha256"), str) else None] for s in shards]
 
     def load_state_dict(self, state: dict) -> None:
         if "position" not in state and is_count(state.get("step")):  # written before positions (B x world per call)
@@ -344,8 +366,10 @@ class TokenLoader:
             if state.get(key) != mine[key]:
                 raise DataError(
                     f"loader state has {key}={state.get(key)!r} but this loader has {mine[key]!r}; resume with the "
-                    "same data, total batch, sequence length and seed (or start the data afresh)"
+                    "same data, total batch, sequence length and seed"
                 )
+        if (other := _other_data(state.get("shards"), mine["shards"])) is not None:  # absent in states from before it was kept
+            raise DataError(f"{self.data_dir} is not the data the run trained on: {other}")
         epoch, position = state.get("epoch"), state.get("position")
         if not (is_count(epoch) and is_count(position) and position < self.epoch_windows):
             raise DataError(f"loader state epoch={epoch!r} position={position!r} is out of range")
