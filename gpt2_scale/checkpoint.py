@@ -48,6 +48,8 @@ from gpt2_scale.fileio import LOCK, is_locked, publish_dir, sha256, write_atomic
 
 LATEST = "latest"
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in a checkpoint's directory checks a copy of it by hand
+SUMMED = "sha256sums"  # true in meta.json of a checkpoint saved with SUMS: without it, that one was lost
+DAMAGED = "the checkpoint was damaged or altered after it was written; resume from an earlier checkpoint (point checkpoints/latest at it)"
 # What the saved state depends on: a resume must keep these, or the weights, the optimizer shards or
 # the data position would not mean what they meant when saved.
 RESUME_KEYS = ("model.name", "model.pad_vocab", "train.seq_len", "train.total_batch_tokens", "data.seed")
@@ -84,7 +86,7 @@ def save(engine, run_dir: Path, step: int, meta: dict, trainer_state: dict, env:
             _remove_debris(root)
             tmp.mkdir(parents=True)
             (tmp / TRAINER_FILE).write_text(json.dumps(trainer_state))
-            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size}, indent=2))
+            (tmp / "meta.json").write_text(json.dumps({**meta, "step": step, "world_size": env.world_size, SUMMED: True}, indent=2))
         barrier()
         engine.save(tmp)
         barrier()
@@ -327,20 +329,24 @@ def check_sums(path: Path, split: bool = False) -> None:
     process group calls, reads a share of the files, and raises the same error as the others."""
     sums = read_sums(path)
     if sums is None:
-        return
-
-    damaged = "the checkpoint was damaged or altered after it was written; resume from an earlier checkpoint (point checkpoints/latest at it)"
+        if _summed(path):
+            raise CheckpointError(f"{path / SUMS} is missing, though meta.json says the checkpoint was saved with it: {DAMAGED}")
+        return  # saved before SHA-256s were recorded: verify reads every file the safe way
+    files = (str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    if unlisted := sorted(name for name in files if name != SUMS and name not in sums):  # an empty SUMS checks nothing
+        more = f" (and {len(unlisted) - 1} more)" if len(unlisted) > 1 else ""
+        raise CheckpointError(f"{path / unlisted[0]}{more} is not in {SUMS}, which lists every file a save writes: {DAMAGED}")
 
     def problem(name: str) -> tuple[str, str] | None:  # never raises: a rank that did would leave the others in all_ranks
         if not (path / name).is_file():
-            return f"{path / name} is missing, though {SUMS} lists it", damaged
+            return f"{path / name} is missing, though {SUMS} lists it", DAMAGED
         try:
             digest = sha256(path / name)
         except PermissionError as e:  # the bytes may be fine
             return f"{path / name} cannot be read ({e.strerror})", "fix its permissions"
         except OSError as e:
-            return f"{path / name} cannot be read ({e.strerror or type(e).__name__})", damaged
-        return (f"{path / name} does not match its SHA-256 in {SUMS}", damaged) if digest != sums[name] else None
+            return f"{path / name} cannot be read ({e.strerror or type(e).__name__})", DAMAGED
+        return (f"{path / name} does not match its SHA-256 in {SUMS}", DAMAGED) if digest != sums[name] else None
 
     bad = [p for name in (share(sorted(sums)) if split else sorted(sums)) if (p := problem(name))]
     if split:
@@ -348,6 +354,14 @@ def check_sums(path: Path, split: bool = False) -> None:
     if bad:
         more = f" (and {len(bad) - 1} more file{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
         raise CheckpointError(f"{bad[0][0]}{more}: {bad[0][1]}")
+
+
+def _summed(path: Path) -> bool:
+    """Whether checkpoint ``path`` was saved with SUMS, as its meta.json says (a damaged one is verify's to report)."""
+    try:
+        return json.loads((path / "meta.json").read_text()).get(SUMMED) is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def verify(path: Path, split: bool = False) -> None:

@@ -68,6 +68,9 @@ def newest(run_dir: Path) -> Path:
 def forget_sums(path: Path) -> None:
     """Make checkpoint ``path`` one written before SHA256SUMS, for a test of a check its SHA-256s would pre-empt."""
     (path / checkpoint.SUMS).unlink()
+    meta = json.loads((path / "meta.json").read_text())
+    del meta[checkpoint.SUMMED]
+    (path / "meta.json").write_text(json.dumps(meta))
 
 
 def pickled_files(path: Path) -> list[Path]:
@@ -111,6 +114,8 @@ def test_every_program_refuses_a_planted_pickle_with_one_line(runs, tmp_path):
     marker = tmp_path / MARKER
     target = newest(run_dir) / "model_optim.pt"
     torch.save({"model": Planted(marker)}, target)
+    with open(newest(run_dir) / checkpoint.SUMS, "a") as sums:  # planted with its SHA-256: only the safe read refuses it
+        sums.write(f"{fileio.sha256(target)}  {target.name}\n")
     config_before = (run_dir / "config.yaml").read_text()
     procs = {
         "resume": run("recipes/tiny.py", ["--resume", str(run_dir), "--max-steps", "3"], launcher="python"),
@@ -233,17 +238,23 @@ def test_every_byte_of_a_checkpoint_is_checked_against_its_sha256(runs, tmp_path
     (lambda text: text + 64 * "0" + "  ../../config.yaml\n", "cannot read .*SHA256SUMS \\(line 5 is not a SHA-256 and a name inside"),
     (lambda text: text + 64 * "0" + "  model_optim.pt\n", "model_optim.pt is missing, though SHA256SUMS lists it: .*damaged"),
     (lambda text: "\n".join(line[::-1] for line in text.splitlines()), "cannot read"),
-    (lambda text: None, None),  # none: a checkpoint from before them loads as it did
-], ids=["garbled", "outside", "lost-file", "reversed", "none"])
-def test_a_damaged_list_of_sha256s_is_refused_and_a_lost_one_is_a_checkpoint_from_before_them(runs, tmp_path, edit, error):
+    (lambda text: "", r"step_00000002/.metadata \(and 3 more\) is not in SHA256SUMS, which lists every file a save writes: .*damaged"),
+    (lambda text: text.split("\n", 1)[1], "is not in SHA256SUMS"),  # one file no longer checked
+    (lambda text: None, "SHA256SUMS is missing, though meta.json says the checkpoint was saved with it: .*damaged"),
+    (lambda text: None, None),  # none, and meta.json without the mark: a checkpoint from before them loads as it did
+], ids=["garbled", "outside", "lost-file", "reversed", "emptied", "line-lost", "lost", "before-them"])
+def test_a_damaged_list_of_sha256s_is_refused_and_only_a_checkpoint_from_before_them_has_none(runs, tmp_path, edit, error):
     run_dir = copy_run(runs["ddp"], tmp_path / "run")
     sums = newest(run_dir) / checkpoint.SUMS
-    if (text := edit(sums.read_text())) is None:
-        sums.unlink()
+    if (text := edit(sums.read_text())) is None and error is None:
+        forget_sums(newest(run_dir))
         model = checkpoint.load_model(run_dir)
         assert all(torch.equal(w, model.state_dict()[k]) for k, w in checkpoint.load_model(runs["ddp"]).state_dict().items())
         return
-    sums.write_text(text)
+    if text is None:
+        sums.unlink()
+    else:
+        sums.write_text(text)
     with pytest.raises(checkpoint.CheckpointError, match=error):
         checkpoint.load_model(run_dir)
 
@@ -305,6 +316,9 @@ engine.setup(build_model(cfg))
 state = checkpoint.load(engine, path)
 for f in [*path.glob("*.distcp"), path / ".metadata", path / "trainer.json", path / checkpoint.SUMS]:
     f.unlink()
+meta = json.loads((path / "meta.json").read_text())
+del meta[checkpoint.SUMMED]
+(path / "meta.json").write_text(json.dumps(meta))
 if cfg.engine.name == "ddp":
     torch.save({"model": engine.module.state_dict(), "optimizer": engine.optimizer.state_dict()}, path / "model_optim.pt")
 else:
