@@ -13,6 +13,7 @@ The EleutherAI harness scores multiple-choice style, so its numbers are listed, 
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
@@ -24,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from gpt2_scale.errors import UserError
+from gpt2_scale.fileio import write_atomic
 from gpt2_scale.zoo import ModelConfig
 
 SEED_HELLASWAG = "karpathy/build-nanogpt hellaswag.py, module docstring (completion style, all 10,042 val examples)"
@@ -302,20 +304,27 @@ def format_comparison(results: list[dict]) -> str:
     return "\n".join(out).rstrip()
 
 
+# The formats matplotlib marks as its own (a rerun may replace only its earlier plot), less pgf, which needs LaTeX.
+PLOT_FORMATS = ("eps", "pdf", "png", "ps", "svg")
+
+
+def plot_format(out_path: str | os.PathLike) -> str:
+    """The format a plot to ``out_path`` is written in, from its suffix (without one matplotlib would add one)."""
+    suffix = Path(out_path).suffix.lstrip(".").lower()
+    if suffix not in PLOT_FORMATS or Path(out_path).is_dir():
+        raise RunError(f"cannot plot to {out_path}: give a name ending in .{', .'.join(PLOT_FORMATS)}")
+    return suffix
+
+
 def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
     """Two panels as in the seed's play.ipynb: losses with the GPT-2 checkpoint's val loss, HellaSwag with
     the GPT-2 and GPT-3 lines. Several runs overlay, one colour each."""
+    suffix = plot_format(out_path)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    formats = FigureCanvasBase.get_supported_filetypes().keys() - {"pgf"}  # pgf needs a LaTeX installation
-    suffix = Path(out_path).suffix.lstrip(".").lower()
-    if suffix not in formats or Path(out_path).is_dir():  # before drawing; without a suffix matplotlib would add one
-        raise RunError(f"cannot plot to {out_path}: give a name ending in .{', .'.join(sorted(formats))}")
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
     for i, run in enumerate(runs):
         for ax, metric, label, style in (
@@ -352,9 +361,12 @@ def plot(runs: list[Run], out_path: str | os.PathLike) -> None:
     ax_loss.yaxis.set_major_formatter(plain)
     ax_loss.yaxis.set_minor_formatter(plain)
     fig.tight_layout()
+    image = io.BytesIO()
     try:
-        fig.savefig(out_path, dpi=100)
-    except OSError as e:
-        raise RunError(f"cannot write the plot {out_path}: {e.strerror or e}") from None
+        fig.savefig(image, format=suffix, dpi=100)
     finally:
         plt.close(fig)
+    try:
+        write_atomic(out_path, image.getvalue())  # an interrupted save leaves the earlier plot, not half of one
+    except OSError as e:
+        raise RunError(f"cannot write the plot {out_path}: {e.strerror or e}") from None

@@ -201,6 +201,12 @@ def test_command_line_table_json_and_plot(tmp_path, capsys):
     assert "warning:" in proc.stderr and "truncated" in proc.stderr and "Traceback" not in proc.stderr
     assert "in progress" in proc.stdout and "GPT-3 Small (125M)" in proc.stdout and "no published baseline" in proc.stdout
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out.write_bytes(out.read_bytes() + b"earlier")
+    assert compare_baselines.main([str(a), "--plot", str(out)]) == 0 and not out.read_bytes().endswith(b"earlier")  # a rerun replaces its plot
+    thesis = tmp_path / "thesis.pdf"
+    thesis.write_bytes(b"%PDF-1.5 my thesis")
+    assert compare_baselines.main([str(a), "--plot", str(thesis)]) == 2 and thesis.read_bytes() == b"%PDF-1.5 my thesis"
+    assert f"--plot {thesis} exists and is not an earlier plot" in capsys.readouterr().err
 
     assert compare_baselines.main([str(a), str(b), "--json"]) == 0
     results = json.loads(capsys.readouterr().out)

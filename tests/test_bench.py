@@ -13,6 +13,7 @@ from launch import env
 
 from gpt2_scale import bench, memory
 from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+from gpt2_scale.tools.args import check_replaceable
 from gpt2_scale.zoo import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,6 +141,23 @@ def test_bad_input_is_an_error_with_exit_2(args, message, capsys):
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert [line for line in err.splitlines() if "error: " in line] == [err.splitlines()[-1]]  # one, last
+
+
+def test_outputs_replace_only_an_earlier_bench_output(tmp_path, capsys):
+    """--json and --profile rewrite what an earlier bench wrote there, never a run's metrics.jsonl or a user's notes."""
+    from gpt2_scale.tools import bench as bench_cli
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "train_loss": 10.9}\n')
+    (tmp_path / "profile").mkdir()
+    (tmp_path / "profile" / "ddp.txt").write_text("my notes\n")
+    for flag, path, what in (("--json", metrics, "an earlier bench's --json"), ("--profile", tmp_path / "profile", "an earlier row's profile")):
+        assert bench_cli.main(["--model", "gpt2-tiny", "--seq-len", "16", flag, str(path)]) == 2
+        assert f"exists and is not {what}, which is all this replaces" in capsys.readouterr().err
+    assert metrics.read_text() == '{"step": 0, "train_loss": 10.9}\n' and (tmp_path / "profile" / "ddp.txt").read_text() == "my notes\n"
+    earlier = tmp_path / "bench.json"
+    earlier.write_text(json.dumps(bench.to_json([], planned=2)))
+    check_replaceable(earlier, bench_cli.is_bench_json, "an earlier bench's --json", "--json")  # a rerun rewrites it
 
 
 def test_the_script_exits_with_the_code_main_returns():

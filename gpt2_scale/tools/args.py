@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from pathlib import Path
 
-from gpt2_scale.config import ENGINES, SEED_LIMIT
+from gpt2_scale.config import ENGINES, SEED_LIMIT, ConfigError
 
 
 def positive(text: str) -> int:
@@ -69,3 +71,24 @@ def engine_list(text: str) -> list[str]:
     if bad or not engines:
         raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or '(none given)'}; valid: {','.join(ENGINES)}")
     return engines
+
+
+def check_replaceable(path: str | Path, ours: Callable[[Path], bool], what: str, flag: str) -> None:
+    """An output ``path`` that exists may be replaced only when it is an earlier output of the same kind (``ours``):
+    a tool rerun with the same flag updates its file, but never writes over a run's metrics.jsonl, a config, or a
+    document that happens to have the name."""
+    path = Path(path)
+    try:
+        if not path.exists() or (path.is_file() and ours(path)):
+            return
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: cannot read it ({e.strerror}) to see whether it is {what}; name another file") from None
+    raise ConfigError(f"{flag} {path} exists and is not {what}, which is all this replaces; name another file, or move it away first")
+
+
+def starts_with(prefix: bytes) -> Callable[[Path], bool]:
+    """Whether a file begins with ``prefix`` (for check_replaceable)."""
+    def check(path: Path) -> bool:
+        with open(path, "rb") as f:
+            return f.read(len(prefix)) == prefix
+    return check

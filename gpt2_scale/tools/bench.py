@@ -24,12 +24,14 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from gpt2_scale import bench
+from gpt2_scale.bench.profile import file_name
 from gpt2_scale.config import ENGINES, Config, ConfigError
 from gpt2_scale.device import resolve_device
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.tools.args import engine_list, non_negative, positive, positive_float
+from gpt2_scale.tools.args import check_replaceable, engine_list, non_negative, positive, positive_float, starts_with
 
 
 def assignment(text: str, flag: str) -> tuple[str, list[str]]:
@@ -90,6 +92,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         read_manifest(args.data)  # a DataError naming what is missing, before any row runs
     if args.json and (os.path.isdir(args.json) or not os.path.isdir(os.path.dirname(os.path.abspath(args.json)))):
         raise ConfigError(f"--json {args.json}: not a file in an existing directory; name one, the rows are written there as they finish")
+    if args.json:
+        check_replaceable(args.json, is_bench_json, "an earlier bench's --json", "--json")
     if args.profile and os.path.exists(args.profile) and not os.path.isdir(args.profile):
         raise ConfigError(f"--profile {args.profile} is a file; name a directory for the profiles")
     if args.profile:
@@ -113,6 +117,10 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
     names = [spec.name for spec in specs]
     if twice := sorted({name for name in names if names.count(name) > 1}):  # the same row again: its profile overwritten
         raise ConfigError(f"the rows {', '.join(twice)} would run twice; give each engine and --vary value once")
+    for name in names if args.profile else ():
+        stem = Path(args.profile) / file_name(name)
+        check_replaceable(f"{stem}.txt", starts_with(b"profile of row "), "an earlier row's profile", "--profile")
+        check_replaceable(f"{stem}.trace.json.gz", starts_with(b"\x1f\x8b"), "an earlier row's trace (gzip)", "--profile")
     world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
     for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
         try:
@@ -120,6 +128,15 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         except ValueError as e:
             raise ConfigError(f"row {spec.name!r}: {e}") from None
     return args, specs
+
+
+def is_bench_json(path: Path) -> bool:
+    """Whether ``path`` is a file --json wrote (report.to_json): it may be rewritten."""
+    try:
+        written = json.loads(path.read_bytes())
+    except ValueError:
+        return False
+    return isinstance(written, dict) and isinstance(written.get("rows"), list) and "rows_planned" in written
 
 
 def main(argv: list[str] | None = None) -> int:

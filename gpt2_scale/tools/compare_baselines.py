@@ -13,6 +13,7 @@ import warnings
 
 from gpt2_scale import baselines
 from gpt2_scale.errors import EXIT_USAGE, UserError, report
+from gpt2_scale.tools.args import check_replaceable
 
 
 def load_runs(paths: list[str]) -> list[baselines.Run]:
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: give at least one RUN_DIR (or --list)", file=sys.stderr)
         return EXIT_USAGE
     try:
+        if args.plot:  # a plot replaces only an earlier plot: matplotlib names itself in each of PLOT_FORMATS
+            baselines.plot_format(args.plot)
+            check_replaceable(args.plot, lambda path: b"atplotlib" in path.read_bytes(), "an earlier plot", "--plot")
         runs = load_runs(args.runs)
         if args.plot:
             baselines.plot(runs, args.plot)
