@@ -303,3 +303,19 @@ def test_command_line_evaluates_a_model(tmp_path, capsys, monkeypatch):
     path = write_examples(tmp_path / "val.jsonl")
     assert tool.main(["--ckpt", str(tmp_path), "--data", str(path), "--limit", "3", "--device", "cpu", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == hellaswag.evaluate(tiny_model(), hellaswag.load_examples(path, 3), "cpu")
+
+
+def test_command_line_refuses_a_model_that_does_not_read_gpt2_tokens(tmp_path, capsys):
+    """HellaSwag's text is GPT-2 BPE: a model of another vocabulary would index past its embedding (a traceback)."""
+    import dataclasses
+
+    from gpt2_scale.hf import export_hf
+    from gpt2_scale.model import GPT
+    from gpt2_scale.zoo import ModelConfig
+
+    export_hf(GPT(dataclasses.replace(ModelConfig.from_name("gpt2-tiny"), vocab_size=1000, name="custom")), tmp_path / "hf")
+    data = str(write_examples(tmp_path / "v.jsonl"))
+    assert eval_hellaswag.main(["--pretrained", str(tmp_path / "hf"), "--data", data, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'hf'}: the model's vocabulary (1000 tokens) is not the GPT-2 tokenizer's (50257)")
+    assert err.count("\n") == 1

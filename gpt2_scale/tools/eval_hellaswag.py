@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from gpt2_scale import checkpoint
+from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import default_device, resolve_device
 from gpt2_scale.errors import UserError, report
 from gpt2_scale.eval import hellaswag
@@ -21,10 +21,13 @@ from gpt2_scale.tools.args import positive
 
 
 def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
-    """The model of a run directory (any engine's checkpoint) or of a Hugging Face checkpoint."""
-    if ckpt is not None:
-        return checkpoint.load_model(ckpt)
-    return GPT.from_pretrained(pretrained)
+    """The model of a run directory (any engine's checkpoint) or of a Hugging Face checkpoint, which must read the
+    GPT-2 tokenizer's ids: HellaSwag's text is encoded with it."""
+    model = checkpoint.load_model(ckpt) if ckpt is not None else GPT.from_pretrained(pretrained)
+    if (vocab := model.config.vocab_size) != tokenizer.VOCAB_SIZE:
+        raise UserError(f"{ckpt or pretrained}: the model's vocabulary ({vocab} tokens) is not the GPT-2 tokenizer's "
+                        f"({tokenizer.VOCAB_SIZE}), which HellaSwag is encoded with; evaluate a GPT-2 model")
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
