@@ -16,8 +16,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from gpt2_scale.fileio import write_atomic
-
 EXIT_USAGE = 2  # bad input: fix the command, the config or the files, then run again
 EXIT_FAILED = 1  # good input, and still the run could not go on
 EXIT_CODE_FILE = "GPT2_SCALE_EXIT_FILE"  # environment: the file where rank 0 of a run leaves its exit code
@@ -76,6 +74,8 @@ def exit_code_recorded() -> Iterator[None]:
         raise
     finally:
         if path:
+            from gpt2_scale.fileio import write_atomic  # fileio reports its errors through this module
+
             try:
                 write_atomic(path, f"{code}\n")
             except OSError as e:

@@ -18,11 +18,28 @@ import socket
 import time
 from pathlib import Path
 
+from gpt2_scale.errors import UserError
+
+CACHE_ENV = "GPT2_SCALE_CACHE"
+
 
 def cache_dir() -> Path:
     """Where prepared and downloaded files are kept between runs (the default corpus, HellaSwag):
     ``$GPT2_SCALE_CACHE``, else ``~/.cache/gpt2_scale``."""
-    return Path(os.environ.get("GPT2_SCALE_CACHE") or Path.home() / ".cache" / "gpt2_scale")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2_scale")
+
+
+def make_dirs(path: Path, flag: str | None = None) -> Path:
+    """Directory ``path`` and its parents, created where missing. A file in the way is one line naming where the
+    path came from: ``flag`` (an --out), else the cache (``$GPT2_SCALE_CACHE``, which may name a file by mistake)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next(p for p in (path, *path.parents) if p.exists())
+        where = f"{flag} {path}" if flag else f"the cache directory {path}" + (f" (from ${CACHE_ENV})" if os.environ.get(CACHE_ENV) else "")
+        fix = f"pass a directory to {flag}" if flag else f"set {CACHE_ENV} to a directory" if os.environ.get(CACHE_ENV) else "move it out of the way"
+        raise UserError(f"{where} cannot be made: {blocker} is a file; {fix}") from None
+    return path
 
 
 def sha256(path: str | os.PathLike, chunk: int = 16 << 20) -> str:

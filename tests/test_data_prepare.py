@@ -573,3 +573,39 @@ def test_a_finished_preparation_in_a_directory_that_cannot_be_locked_is_still_re
 
     monkeypatch.setattr(prepare_module, "lock_exclusive", read_only)  # a read-only mount (root here writes anyway)
     assert prepare_shards(({"kind": "test"}, iter(documents(30))), tmp_path, 300, workers=1, progress=False) == m
+
+
+def test_a_damaged_cached_hellaswag_is_fetched_again_and_an_explicit_url_replaces_it(tmp_path, monkeypatch, capsys):
+    """What reads the cache names the way to mend it; `prepare_data.py hellaswag` mends it (--url always fetches:
+    it was ignored once anything was cached)."""
+    from test_hellaswag import write_examples
+
+    from gpt2_scale.eval import hellaswag
+
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(tmp_path / "cache"))
+    good = write_examples(tmp_path / "good.jsonl")
+    cached = hellaswag.cache_dir() / "hellaswag_val.jsonl"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(good.read_bytes()[:-20])  # cut off, as an interrupted copy by hand
+    with pytest.raises(hellaswag.HellaSwagError, match=r"That is the cached copy: `python tools/prepare_data.py hellaswag` fetches it again"):
+        hellaswag.load_examples(None)
+    monkeypatch.setattr(hellaswag, "VAL_URL", good.as_uri())
+    assert prepare_data.main(["hellaswag"]) == 0 and cached.read_bytes() == good.read_bytes()
+    assert "; fetching it again" in capsys.readouterr().err
+    other = write_examples(tmp_path / "other.jsonl", labels=(1, 2, 3))
+    assert prepare_data.main(["hellaswag", "--url", str(other)]) == 0 and cached.read_bytes() == other.read_bytes()
+    assert prepare_data.main(["hellaswag", "--url", str(tmp_path / "nowhere.jsonl")]) == 2  # not silently the cached one
+    assert cached.read_bytes() == other.read_bytes()
+
+
+def test_a_cache_or_out_that_is_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    """GPT2_SCALE_CACHE set to a file by mistake: each program that makes the cache says so (a recipe showed a traceback)."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    monkeypatch.setenv("GPT2_SCALE_CACHE", str(afile))
+    assert prepare_data.main(["default", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"error: the cache directory {afile} (from $GPT2_SCALE_CACHE) cannot be made: {afile} is a file; "
+                                       "set GPT2_SCALE_CACHE to a directory\n")
+    assert prepare_data.main(["hellaswag", "--url", str(afile), "--out", str(afile)]) == 2
+    assert capsys.readouterr().err == f"error: --out {afile} cannot be made: {afile} is a file; pass a directory to --out\n"
+    assert afile.read_text() == "x"

@@ -41,7 +41,7 @@ from gpt2_scale.data.loader import (
     read_manifest,
 )
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import LOCK, cache_dir, lock_exclusive, publish_dir, write_atomic
+from gpt2_scale.fileio import LOCK, cache_dir, lock_exclusive, make_dirs, publish_dir, write_atomic
 
 DEFAULT_SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per shard
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -464,7 +464,7 @@ def ensure_default_corpus(root: str | Path | None = None) -> Path:
     if out.exists():
         read_manifest(out)  # anything but a finished preparation is an error, never silently replaced
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(out.parent)
     tmp = out.with_name(f".default.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -52,14 +52,15 @@ def cache_dir() -> Path:
     return fileio.cache_dir() / "hellaswag"
 
 
-def download(directory: str | os.PathLike | None = None, url: str = VAL_URL) -> Path:
-    """The validation file, downloaded with a progress bar on first use and read from the cache after; ``url`` may
-    also be a file's path (a copy brought from a machine with network)."""
+def download(directory: str | os.PathLike | None = None, url: str = VAL_URL, refresh: bool = False) -> Path:
+    """The validation file, downloaded with a progress bar on first use and read from the cache after (``refresh``:
+    fetched again, replacing the cached one once the new one has checked out); ``url`` may also be a file's path (a
+    copy brought from a machine with network)."""
     path = Path(directory or cache_dir()) / "hellaswag_val.jsonl"
-    if path.is_file():
+    if path.is_file() and not refresh:
         return path
     url = _as_url(url)  # before anything is created: urllib refuses an unknown scheme only once torch made its file
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fileio.make_dirs(path.parent, "--out" if directory else None)
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         torch.hub.download_url_to_file(url, str(partial), progress=True)
@@ -125,7 +126,13 @@ def load_examples(path: str | os.PathLike | None, limit: int | None = None) -> l
     """The examples of ``path`` (a .jsonl in the official schema), or of the downloaded val file when None."""
     if limit is not None and limit < 1:
         raise HellaSwagError(f"limit must be >= 1, got {limit}")
-    path = download() if path is None else Path(path)
+    if path is None:
+        cached = download()
+        try:
+            return load_examples(cached, limit)
+        except HellaSwagError as e:
+            raise HellaSwagError(f"{e}. That is the cached copy: `python tools/prepare_data.py hellaswag` fetches it again") from None
+    path = Path(path)
     if not path.is_file():
         problem = "is a directory" if path.is_dir() else "does not exist"
         raise HellaSwagError(f"HellaSwag file {path} {problem}; pass the path of hellaswag_val.jsonl")

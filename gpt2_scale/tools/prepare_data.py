@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-hellaswag", action="store_true", help="do not also fetch HellaSwag into the cache")
     p = sub.add_parser("hellaswag", help="HellaSwag's validation set into the cache the recipes read")
     p.add_argument("--out", help=f"directory (default: {hellaswag.cache_dir()}, from $GPT2_SCALE_CACHE)")
-    p.add_argument("--url", default=hellaswag.VAL_URL, help="where to fetch it from: a mirror, a file:// URL or a file's path")
+    p.add_argument("--url", help="where to fetch it from, replacing a cached copy: a mirror, a file:// URL or a file's path "
+                   f"(default: {hellaswag.VAL_URL}, when nothing is cached or the cached copy is damaged)")
     p = sub.add_parser("verify", help="read every shard of a prepared directory and check it against the SHA-256 recorded for it")
     p.add_argument("dir")
     p.add_argument("--workers", type=positive, default=4, help="shards hashed at once")
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.source == "fineweb-edu" and not args.no_hellaswag:
         try:
-            print(fetch_hellaswag(None, hellaswag.VAL_URL))
+            print(fetch_hellaswag(None, None))
         except UserError as e:  # the shards are ready; HellaSwag can follow where there is network
             print(f"warning: HellaSwag was not fetched: {e} (or: python tools/prepare_data.py hellaswag)", file=sys.stderr)
     return 0
@@ -112,10 +113,15 @@ def verify(data_dir: str, workers: int, progress: bool) -> str:
     return line
 
 
-def fetch_hellaswag(out: str | None, url: str) -> str:
-    """Download (or find) HellaSwag's validation file and check that every line parses."""
-    path = hellaswag.download(out, url=url)
-    n = len(hellaswag.load_examples(path))
+def fetch_hellaswag(out: str | None, url: str | None) -> str:
+    """Download HellaSwag's validation file (from ``url``, replacing a cached copy; by default, unless one is cached
+    and whole) and check that every line parses."""
+    path = hellaswag.download(out, url=url or hellaswag.VAL_URL, refresh=url is not None)
+    try:
+        n = len(hellaswag.load_examples(path))
+    except hellaswag.HellaSwagError as e:  # a damaged cached copy: fetched again, and replaced once that one checks out
+        print(f"warning: {e}; fetching it again", file=sys.stderr)
+        n = len(hellaswag.load_examples(hellaswag.download(out, url=hellaswag.VAL_URL, refresh=True)))
     if n != hellaswag.NUM_VAL_EXAMPLES:  # a part of it, or another split: every evaluation would score only these
         print(f"warning: {path} holds {n:,} examples, HellaSwag's validation split {hellaswag.NUM_VAL_EXAMPLES:,}: accuracies "
               "on it do not compare with the published ones; delete it and fetch the whole file", file=sys.stderr)
