@@ -198,3 +198,22 @@ def test_bench_data_refuses_a_count_below_one_naming_the_flag(flag, capsys):
     with pytest.raises(SystemExit) as e:
         bench_data.main([flag, "0"])
     assert e.value.code == 2 and f"argument {flag}: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_too_little_data_for_a_rows_batch_is_refused_before_any_row(corpus, capsys):
+    from gpt2_scale.tools import bench as bench_cli
+
+    args = ["--model", "gpt2-tiny", "--seq-len", "16", "--micro-batch", "4", "--vary", "train.micro_batch=1000000", "--data", str(corpus)]
+    assert bench_cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: row 'ddp micro_batch=1000000': the train split of {corpus} has ") and "Traceback" not in err, err
+    assert "lower the batch or --seq-len, or prepare more data" in err and err.count("\n") == 1
+
+
+def test_a_sweep_whose_every_row_failed_exits_1(tmp_path):
+    """Nothing was measured: a script that checks the exit code must not take the table for results."""
+    missing = str(tmp_path / "missing.json")
+    out = _tool("--model", "gpt2-tiny", "--engines", "zero1", "--micro-batch", "1", "--seq-len", "16", "--warmup", "1", "--steps", "1",
+                "--device", "cpu", "--set", f"engine.ds_config={missing}")
+    assert out.returncode == 1 and "failed: ConfigError: DeepSpeed config" in out.stdout, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr  # bad input for the row: its line, not a traceback

@@ -19,6 +19,7 @@ from gpt2_scale.bench.rows import WALKTHROUGH, BenchResult, BenchSpec
 from gpt2_scale.bench.walkthrough import walkthrough_runner
 from gpt2_scale.config import Config
 from gpt2_scale.device import enable_tf32
+from gpt2_scale.errors import UserError
 from gpt2_scale.metrics import mfu
 from gpt2_scale.step import optimizer_step
 from gpt2_scale.train import build_model
@@ -138,6 +139,9 @@ def run_row(spec: BenchSpec, env: distributed.DistEnv, peak_tflops: float | None
     result, error = None, None
     try:
         result = run_one(spec, env, peak_tflops, matmul_tflops)
+    except UserError as e:  # a setting this row cannot run with: its line says which
+        error = first_line(e)
+        print(f"bench: row {spec.name!r} failed on rank {env.rank}: {e}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001 - any failure of a configuration is a row, not the end of the sweep
         error = first_line(e)
         print(f"bench: row {spec.name!r} failed on rank {env.rank}:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

@@ -122,9 +122,13 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[bench.BenchS
         check_replaceable(f"{stem}.txt", starts_with(b"profile of row "), "an earlier row's profile", "--profile")
         check_replaceable(f"{stem}.trace.json.gz", starts_with(b"\x1f\x8b"), "an earlier row's trace (gzip)", "--profile")
     world = args.world if args.world > 1 else int(os.environ.get("WORLD_SIZE", "1"))
-    for spec in specs:  # every row's config is valid (names, types, sizes) before anything runs
+    for spec in specs:  # every row's config is valid (names, types, sizes, enough --data for its batch) before anything runs
         try:
-            spec.config(world)
+            cfg = spec.config(world)
+            if args.data:
+                from gpt2_scale.data import TokenLoader
+
+                TokenLoader(args.data, "train", cfg.train.micro_batch, cfg.train.seq_len, world_size=world)
         except ValueError as e:
             raise ConfigError(f"row {spec.name!r}: {e}") from None
     return args, specs
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         results = bench.run_all(specs, args.device, args.peak_tflops, on_result)
     if int(os.environ.get("RANK", "0")) == 0:
         print(bench.table(results), flush=True)
-    return 0
+    return 1 if all(r.error for r in results) else 0  # nothing measured: a script must not read the table as results
 
 
 if __name__ == "__main__":
