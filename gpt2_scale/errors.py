@@ -9,10 +9,11 @@ from the builtin it refines, so existing ``except ValueError`` code keeps workin
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,3 +81,19 @@ def exit_code_recorded() -> Iterator[None]:
                 write_atomic(path, f"{code}\n")
             except OSError as e:
                 print(f"warning: could not write exit code {code} to {path} ({e.strerror})", file=sys.stderr, flush=True)
+
+
+def quiet_when_the_reader_left(main: Callable[..., int]) -> Callable[..., int]:
+    """A program's ``main`` whose output may go to a reader that stops early (``| head``): then it stops quietly with
+    0, as other programs do, where Python shows a BrokenPipeError traceback (or, at exit, an "Exception ignored")."""
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int:
+        try:
+            try:
+                return main(*args, **kwargs)
+            finally:  # also after argparse's --help: here, not at exit, where a closed pipe can no longer be caught
+                sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to the closed pipe at exit
+            return 0
+    return run

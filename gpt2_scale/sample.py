@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 
 from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import DEVICE_CHOICES, resolve
-from gpt2_scale.errors import UserError, report
+from gpt2_scale.errors import UserError, quiet_when_the_reader_left, report
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
 from gpt2_scale.tools.args import random_seed
@@ -115,6 +114,7 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("--top-k must be >= 0")
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -151,14 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             generator=generator,
             use_cache=not args.no_cache,
         )
-    try:
-        for i, row in enumerate(out.tolist()):
-            if i:
-                print(SEPARATOR)
-            text = tokenizer.decode(row if args.prompt else row[1:])  # drop the <|endoftext|> we started from
-            print(text, flush=True)
-    except BrokenPipeError:  # the reader has what it wanted (`| head`): stop quietly, as other programs do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error when Python flushes at exit
+    for i, row in enumerate(out.tolist()):
+        if i:
+            print(SEPARATOR)
+        text = tokenizer.decode(row if args.prompt else row[1:])  # drop the <|endoftext|> we started from
+        print(text, flush=True)
     return 0
 
 

@@ -24,3 +24,17 @@ def test_help_exits_0(script, monkeypatch, capsys):
         doc = runpy.run_path(str(REPO / script))["__doc__"] or ""
         assert doc.split(".")[0].strip()[:40] in " ".join(out.split()), out[:500]
         assert "--engine.activation-checkpointing" in out and "--micro-batch" in out
+
+
+@pytest.mark.parametrize("argv", [["tools/estimate_memory.py", "--model", "gpt2-xl"], ["tools/compare_baselines.py", "--list"]])
+def test_a_tool_whose_reader_left_stops_quietly(argv):
+    """`tool | head -1`: the reader closes the pipe early, which is no error of the tool's (it showed a traceback)."""
+    import subprocess
+
+    from launch import env
+
+    proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the tool writes: its first write finds no reader
+    assert proc.wait(timeout=120) == 0
+    err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "Exception ignored" not in err and "Broken pipe" not in err, err

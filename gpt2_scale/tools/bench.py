@@ -30,6 +30,7 @@ from gpt2_scale import bench
 from gpt2_scale.bench.profile import file_name
 from gpt2_scale.config import ENGINES, Config, ConfigError
 from gpt2_scale.device import resolve_device
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.fileio import write_atomic
 from gpt2_scale.tools.args import check_replaceable, engine_list, non_negative, positive, positive_float, starts_with
 
@@ -143,6 +144,7 @@ def is_bench_json(path: Path) -> bool:
     return isinstance(written, dict) and isinstance(written.get("rows"), list) and "rows_planned" in written
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     try:
         args, specs = parse(argv)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from gpt2_scale.data import TokenLoader, default_source, prepare_shards, read_manifest
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.tools.args import positive
 
 H100_124M_TOKENS_PER_S = 500_000
@@ -66,6 +67,7 @@ def best_interleaved(fs: list, *args, repeats: int = 5) -> list[float]:
     return [max(r) for r in zip(*rates)]
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=positive, default=16)

@@ -16,6 +16,7 @@ import time
 import torch
 
 from gpt2_scale.device import resolve_device
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.generate import generate
 from gpt2_scale.model import GPT
 from gpt2_scale.tools.args import positive, random_seed
@@ -41,6 +42,7 @@ def time_generate(model, idx, new_tokens, use_cache, repeats, device) -> tuple[f
     return statistics.median(times), out
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="gpt2-124m", help="zoo name (random init)")

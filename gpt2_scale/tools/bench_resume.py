@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from gpt2_scale.config import ENGINES
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.tools.args import model_name, positive
 
 GiB = 2**30
@@ -60,6 +61,7 @@ def peak_during(fn: Callable[[], object], device: torch.device) -> tuple[int, in
     return before, max(peak[0], resident_bytes())
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=model_name, default="gpt2-124m", help="a zoo name")

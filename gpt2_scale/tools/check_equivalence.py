@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from gpt2_scale.config import ENGINES
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.harness.case import Case
 from gpt2_scale.harness.compare import Tolerance, format_table, mismatches
 from gpt2_scale.harness.run import Result, joined
@@ -165,6 +166,7 @@ def report(case: Case, engines: list[str], results: dict[str, Result | str], ref
     return 1 if failed else 0
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     try:
         args, case, engines, tol = parse_args(argv)

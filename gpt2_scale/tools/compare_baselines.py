@@ -12,7 +12,7 @@ import sys
 import warnings
 
 from gpt2_scale import baselines
-from gpt2_scale.errors import EXIT_USAGE, UserError, report
+from gpt2_scale.errors import EXIT_USAGE, UserError, quiet_when_the_reader_left, report
 from gpt2_scale.tools.args import check_replaceable
 
 
@@ -28,6 +28,7 @@ def load_runs(paths: list[str]) -> list[baselines.Run]:
                 print(f"warning: {warning.message}", file=sys.stderr)
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories written by the trainer")

@@ -18,10 +18,12 @@ from pathlib import Path
 
 from gpt2_scale import memory
 from gpt2_scale.config import ENGINES, Config, EngineSection
+from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.tools.args import gib, non_negative, positive
 from gpt2_scale.zoo import ModelConfig
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="gpt2-124m", help="a zoo name (gpt2-124m ... gpt2-xl, gpt3-*)")

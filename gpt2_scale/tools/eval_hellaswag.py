@@ -14,7 +14,7 @@ import torch
 
 from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import default_device, resolve_device
-from gpt2_scale.errors import UserError, report
+from gpt2_scale.errors import UserError, quiet_when_the_reader_left, report
 from gpt2_scale.eval import hellaswag
 from gpt2_scale.model import GPT
 from gpt2_scale.tools.args import positive
@@ -30,6 +30,7 @@ def load_model(ckpt: str | None, pretrained: str | None) -> torch.nn.Module:
     return model
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)

@@ -11,7 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from gpt2_scale.errors import quiet_when_the_reader_left
 
+
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", help="a training run directory (holds config.yaml and checkpoints/)")

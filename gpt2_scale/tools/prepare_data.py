@@ -19,12 +19,13 @@ import sys
 
 from gpt2_scale.data import prepare as data  # the module
 from gpt2_scale.data.loader import parse_manifest, verify_shards
-from gpt2_scale.errors import UserError, report
+from gpt2_scale.errors import UserError, quiet_when_the_reader_left, report
 from gpt2_scale.eval import hellaswag
 from gpt2_scale.fileio import cache_dir
 from gpt2_scale.tools.args import positive
 
 
+@quiet_when_the_reader_left
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
