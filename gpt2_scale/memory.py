@@ -308,6 +308,12 @@ def measure_state_bytes(engine, step: Callable[[], object]) -> StateBytes:
     return seen[0]
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is a device running out of memory: CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError (a request larger than the machine can give)."""
+    return isinstance(error, torch.OutOfMemoryError) or (isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def peak_memory(device: torch.device) -> dict[str, int]:
     """Peak bytes so far: the CUDA caching allocator's max allocated/reserved, or on CPU the process peak RSS."""
     if device.type == "cuda":

@@ -20,8 +20,9 @@ import torch
 
 from gpt2_scale import checkpoint, tokenizer
 from gpt2_scale.device import DEVICE_CHOICES, resolve
-from gpt2_scale.errors import UserError, quiet_when_the_reader_left, report
+from gpt2_scale.errors import TrainingError, UserError, quiet_when_the_reader_left, report
 from gpt2_scale.generate import generate
+from gpt2_scale.memory import is_out_of_memory
 from gpt2_scale.model import GPT
 from gpt2_scale.tools.args import random_seed
 from gpt2_scale.zoo import ModelConfig
@@ -140,17 +141,23 @@ def main(argv: list[str] | None = None) -> int:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
-    with runtime.autocast():
-        out = generate(
-            model,
-            idx,
-            args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k or None,
-            generator=generator,
-            use_cache=not args.no_cache,
-        )
+    try:
+        idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
+        with runtime.autocast():
+            out = generate(
+                model,
+                idx,
+                args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k or None,
+                generator=generator,
+                use_cache=not args.no_cache,
+            )
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        return report(TrainingError(f"out of memory on {device} generating {args.num_samples} sample(s) of up to "
+                                    f"{len(ids) + args.max_new_tokens} tokens; lower --num-samples or --max-new-tokens"))
     for i, row in enumerate(out.tolist()):
         if i:
             print(SEPARATOR)

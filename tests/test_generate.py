@@ -328,3 +328,19 @@ def test_cli_stops_quietly_when_its_reader_leaves():
     assert proc.wait(timeout=300) == 0
     err = proc.stderr.read().decode()
     assert "Traceback" not in err and "Exception ignored" not in err, err
+
+
+def test_cli_out_of_memory_is_one_line_naming_what_to_lower(monkeypatch, capsys):
+    """Too many samples for the machine: the allocator's RuntimeError (on CPU) or CUDA's, as one line with exit 1."""
+    from gpt2_scale import sample
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(sample, "generate", no_room)
+    assert sample.main(["--model", "gpt2-tiny", "--num-samples", "3", "--max-new-tokens", "2", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == "error: out of memory on cpu generating 3 sample(s) of up to 3 tokens; lower --num-samples or --max-new-tokens"
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other failure keeps its traceback
+        sample.main(["--model", "gpt2-tiny", "--device", "cpu"])

@@ -18,6 +18,7 @@ import torch
 from gpt2_scale.device import resolve_device
 from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.generate import generate
+from gpt2_scale.memory import is_out_of_memory
 from gpt2_scale.model import GPT
 from gpt2_scale.tools.args import positive, random_seed
 from gpt2_scale.zoo import ModelConfig
@@ -62,10 +63,17 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = GPT(config).to(device).eval()
-    idx = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len), device=device)
     results = {}
-    for label, use_cache in (("no cache", False), ("kv cache", True)):
-        results[label] = time_generate(model, idx, args.new_tokens, use_cache, args.repeats, device)
+    try:
+        idx = torch.randint(0, config.vocab_size, (args.batch_size, args.prompt_len), device=device)
+        for label, use_cache in (("no cache", False), ("kv cache", True)):
+            results[label] = time_generate(model, idx, args.new_tokens, use_cache, args.repeats, device)
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory on {device} generating a batch of {args.batch_size} x {args.prompt_len + args.new_tokens} "
+              "tokens; lower --batch-size or --new-tokens", file=sys.stderr)
+        return 1
 
     total = args.prompt_len + args.new_tokens
     print(
