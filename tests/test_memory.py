@@ -438,12 +438,14 @@ def test_estimate_memory_fits_the_largest_micro_batch_to_a_gpu(capsys):
         assert peak(fits) <= (gib - reserve) * memory.GiB < peak(2 * fits), (gib, reserve, fits)
         assert f"B = {fits}, T = 1024" in out.stdout and f"{2 * fits} would need {peak(2 * fits) / memory.GiB:.2f} GiB" in out.stdout
     none = _tool(capsys, "--model", "gpt2-xl", "--fit", "20")
-    assert none.returncode == 1 and none.stdout == "" and none.stderr.startswith("no micro-batch fits: even 1 needs ")
+    assert none.returncode == 1 and none.stdout == "" and none.stderr.startswith("error: no micro-batch fits: even 1 needs ")
     for args, message in ((["--fit", "80", "--micro-batch", "4"], "give --micro-batch or --fit, not both"),
                           (["--fit", "nan"], "argument --fit: must be a size in GiB >= 0, got nan"),
                           (["--fit", "1e300"], "argument --fit: must be a size in GiB >= 0, got 1e300"),  # no byte count
                           (["--fit", "80", "--reserve", "-1"], "argument --reserve: must be a size in GiB >= 0"),
                           (["--reserve", "3"], "--reserve goes with --fit"),  # else silently ignored
+                          (["--fit", "80", "--reserve", "100"], "--reserve (100 GiB) leaves nothing of --fit (80 GiB)"),
+                          (["--engine", "zero1", "--ds-config", "/"], "DeepSpeed config / is a directory, not a JSON file"),
                           (["--engine", "fsdp", "--ds-config", "x.json"], "--ds-config goes with a zero engine")):
         bad = _tool(capsys, *args)
         assert bad.returncode == 2 and message in bad.stderr, (args, bad.stderr)

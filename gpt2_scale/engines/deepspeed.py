@@ -81,7 +81,8 @@ SIZES_WE_READ = ("reduce_bucket_size", "stage3_prefetch_bucket_size")
 def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -> dict:
     """A DeepSpeed JSON as a dict, or a ConfigError that names the file and ``flag``, the way to pass another."""
     if not path.is_file():
-        raise ConfigError(f"DeepSpeed config {path} does not exist; pass {flag}=PATH or use a file in {DS_CONFIG_DIR}")
+        what = "is a directory, not a JSON file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"DeepSpeed config {path} {what}; pass {flag}=PATH or use a file in {DS_CONFIG_DIR}")
     try:
         ds = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

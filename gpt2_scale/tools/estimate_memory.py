@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --micro-batch or --fit, not both")
     if args.reserve is not None and args.fit is None:
         parser.error("--reserve goes with --fit (it is what --fit leaves out of the GPU's memory)")
+    if args.fit is not None and args.reserve is not None and args.reserve >= args.fit:
+        parser.error(f"--reserve ({args.reserve / 2**30:g} GiB) leaves nothing of --fit ({args.fit / 2**30:g} GiB); reserve less than the GPU has")
     if args.ds_config is not None and not args.engine.startswith("zero"):
         parser.error(f"--ds-config goes with a zero engine; --engine {args.engine} reads no DeepSpeed JSON")
     args.reserve = memory.RESERVE if args.reserve is None else args.reserve
@@ -81,7 +83,7 @@ def _fit(model: ModelConfig, args: argparse.Namespace, options: dict) -> int:
     fits = memory.largest_micro_batch(peak, budget)
     room = f"{args.fit / memory.GiB:.1f} GiB less {args.reserve / memory.GiB:.1f} GiB reserved"
     if not fits:
-        print(f"no micro-batch fits: even 1 needs {peak(1) / memory.GiB:.2f} GiB of {room}; try --activation-checkpointing, "
+        print(f"error: no micro-batch fits: even 1 needs {peak(1) / memory.GiB:.2f} GiB of {room}; try --activation-checkpointing, "
               "--loss-chunk 4096, --offload, or a larger --world with a sharding engine", file=sys.stderr)
         return 0
     print(f"micro-batch {fits}: the largest power of two predicted to fit {room} "
