@@ -49,7 +49,8 @@ from gpt2_scale.fileio import LOCK, is_locked, publish_dir, sha256, write_atomic
 LATEST = "latest"
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in a checkpoint's directory checks a copy of it by hand
 SUMMED = "sha256sums"  # true in meta.json of a checkpoint saved with SUMS: without it, that one was lost
-DAMAGED = "the checkpoint was damaged or altered after it was written; resume from an earlier checkpoint (point checkpoints/latest at it)"
+EARLIER = "resume from an earlier checkpoint (point checkpoints/latest at it)"  # what to do about a damaged one (tools say theirs)
+DAMAGED = f"the checkpoint was damaged or altered after it was written; {EARLIER}"
 # What the saved state depends on: a resume must keep these, or the weights, the optimizer shards or
 # the data position would not mean what they meant when saved.
 RESUME_KEYS = ("model.name", "model.pad_vocab", "train.seq_len", "train.total_batch_tokens", "data.seed")
@@ -207,8 +208,7 @@ def check_layout(path: Path) -> None:
     """Checkpoint ``path`` holds weights in a layout we read; else a lost .metadata would be taken for a legacy one."""
     if not (layout.is_elastic(path) or legacy.holds(path)):
         lost = ".metadata, DCP's index of its *.distcp files," if any(path.glob("*.distcp")) else "its weights"
-        raise CheckpointError(f"checkpoint {path} has lost {lost} so it is incomplete; resume from an earlier checkpoint "
-                              "(point checkpoints/latest at it)")
+        raise CheckpointError(f"checkpoint {path} has lost {lost} so it is incomplete; {EARLIER}")
 
 
 def read_meta(path: Path) -> dict:
@@ -216,13 +216,12 @@ def read_meta(path: Path) -> dict:
         meta = json.loads((path / "meta.json").read_text())
         missing = [k for k in ("model", "engine", "step", "world_size") if k not in meta]
     except (OSError, ValueError, TypeError) as e:
-        raise CheckpointError(f"cannot read {path / 'meta.json'} ({e}); resume from another checkpoint of the run") from e
+        raise CheckpointError(f"cannot read {path / 'meta.json'} ({getattr(e, 'strerror', None) or e}); {EARLIER}") from e
     if missing:
-        raise CheckpointError(f"{path / 'meta.json'} lacks {', '.join(missing)}: it is damaged; resume from another checkpoint")
+        raise CheckpointError(f"{path / 'meta.json'} lacks {', '.join(missing)}: it is damaged; {EARLIER}")
     if (not isinstance(meta.get("config", {}), dict) or type(meta["step"]) is not int or meta["step"] < 1
             or not isinstance(meta["model"], str) or not isinstance(meta["engine"], str)):
-        raise CheckpointError(f"{path / 'meta.json'} holds a bad step, model, engine or config: it is damaged; "
-                              "resume from another checkpoint")
+        raise CheckpointError(f"{path / 'meta.json'} holds a bad step, model, engine or config: it is damaged; {EARLIER}")
     return meta
 
 
@@ -280,7 +279,7 @@ def _named_failures(path: Path) -> Iterator[None]:
     except (Exception, CheckpointException) as e:  # DCP's is a BaseException
         cause = _cause(e)
         raise CheckpointError(f"cannot load {path}: {type(cause).__name__}: {_first_line(cause)}; it is damaged, truncated or "
-                              "incomplete: resume from an earlier checkpoint (point checkpoints/latest at it)") from e
+                              f"incomplete: {EARLIER}") from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -291,7 +290,7 @@ def _first_line(e: BaseException) -> str:
 
 def _refuse(file: Path, what: str) -> CheckpointError:
     return CheckpointError(f"refusing to load {file}: it holds {what}, which no checkpoint of gpt2-scale holds (loading "
-                           "it could run code); it was altered or written by something else: resume from another checkpoint")
+                           f"it could run code); it was altered or written by something else: {EARLIER}")
 
 
 def _sha256_all(path: Path) -> dict[str, str]:
@@ -319,8 +318,7 @@ def read_sums(path: Path) -> dict[str, str] | None:
                 raise ValueError(f"line {number} is not a SHA-256 and a name inside the checkpoint")
             sums[name] = match[1]
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {file} ({e}): it is damaged; resume from an earlier checkpoint "
-                              "(point checkpoints/latest at it)") from e
+        raise CheckpointError(f"cannot read {file} ({e}): it is damaged; {EARLIER}") from e
     return sums
 
 
@@ -397,7 +395,7 @@ def _verify_dcp(path: Path) -> None:
         if not file.is_file() or file.stat().st_size < size:
             have = file.stat().st_size if file.is_file() else "no"
             raise CheckpointError(f"{file} has {have} bytes, its checkpoint's metadata needs {size}: it is truncated or missing; "
-                                  "resume from an earlier checkpoint (point checkpoints/latest at it)")
+                                  f"{EARLIER}")
     for index, info in metadata.storage_data.items():
         if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
             file = path / info.relative_path
@@ -416,7 +414,7 @@ def load(engine, path: Path) -> dict:
         state_file = legacy_trainer_file(path, 0)
         state_file = state_file if state_file.is_file() else state_file.with_suffix(".pt")  # JSON, or older, torch.save
     if not state_file.is_file():
-        raise CheckpointError(f"{path / TRAINER_FILE} is missing: the checkpoint is incomplete; resume from an earlier one")
+        raise CheckpointError(f"{path / TRAINER_FILE} is missing: the checkpoint is incomplete; {EARLIER}")
     with reading(path):
         if layout.is_elastic(path):
             engine.load(path)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from launch import TINY, env, run, run_module, spawned_world
+from launch import TINY, env, ok, run, run_module, spawned_world
 
 from gpt2_scale import checkpoint, fileio
 from gpt2_scale.data import default_source, prepare_shards
@@ -493,3 +493,14 @@ def test_a_tools_json_output_is_json_alone(runs, tmp_path):
     proc = run_module("gpt2_scale.tools.eval_hellaswag", ["--ckpt", str(runs["ddp"]), "--data", str(data), "--device", "cpu", "--json"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["n"] == 5
+
+
+def test_export_of_a_damaged_checkpoint_names_the_steps_to_export_instead(runs, tmp_path):
+    """For a training run the way on is to resume from an earlier checkpoint; for export it is --step."""
+    run_dir = copy_run(runs["ddp"], tmp_path / "run")
+    flip_a_bit(newest(run_dir) / "trainer.json")
+    line = one_error_line(run("tools/export.py", [str(run_dir), "--hf", str(tmp_path / "hf")], launcher="python"))
+    assert line.endswith("does not match its SHA-256 in SHA256SUMS: the checkpoint was damaged or altered after it was written; "
+                         "export another step with --step N (complete: 1)"), line
+    assert "resume" not in line and not (tmp_path / "hf").exists()
+    ok(run("tools/export.py", [str(run_dir), "--hf", str(tmp_path / "hf"), "--step", "1"], launcher="python"))

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_scale.errors import UserError, report
     from gpt2_scale.hf import check_export_target, export_hf
 
+    path = None
     try:
         path = checkpoint.find(args.run_dir, args.step)
         meta = checkpoint.read_meta(path)
@@ -37,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         check_export_target(args.hf, args.overwrite, how="--overwrite", run=source["run"])  # before loading, which takes minutes
         model = checkpoint.model_at(path, meta)
         out = export_hf(model, args.hf, overwrite=args.overwrite, source=source)
-    except (UserError, checkpoint.CheckpointError, ValueError, OSError) as e:  # OSError: no such run, a full disk
+    except checkpoint.CheckpointError as e:  # a damaged checkpoint: the way on is another step, not a resume
+        if checkpoint.EARLIER in str(e):
+            steps = ", ".join(str(int(p.name.removeprefix("step_"))) for p in checkpoint.complete_steps(Path(args.run_dir)) if p != path)
+            e = checkpoint.CheckpointError(str(e).replace(checkpoint.EARLIER, f"export another step with --step N (complete: {steps or 'none'})"))
+        return report(e)
+    except (UserError, ValueError, OSError) as e:  # OSError: no such run, a full disk
         return report(e)
     print(f"exported {model.config.name} ({model.num_params():,} parameters) from {path} to {out}")
     return 0
