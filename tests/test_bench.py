@@ -110,7 +110,7 @@ def test_a_failing_row_is_reported_and_the_sweep_goes_on(tmp_path):
     (["--model", "gpt2-huge"], "unknown model"),
     (["--steps", "0"], "error: argument --steps: must be >= 1"),
     (["--data", "/nonexistent"], "no token shards: directory /nonexistent not found"),
-    (["--data", "/"], "no token shards: manifest.json in directory / not found"),  # before any row, not in every row
+    (["--data", "/"], "no token shards: / holds no manifest.json, so nothing was prepared there"),  # before any row, not in every row
     (["--json", ""], "--json is empty (an unset shell variable?)"),
     (["--profile", f"{__file__}/profiles"], f"--profile {__file__}/profiles: Not a directory"),
     (["--engines", "ddp,ddp"], "the rows ddp would run twice"),

@@ -549,6 +549,16 @@ def test_verify_a_preparation_from_before_sha256s_or_one_not_finished(tmp_path, 
     assert "match the SHA-256" in out and "the preparation has not finished" in out
     assert prepare_data.main(["verify", str(tmp_path / "none"), "--quiet"]) == 2
     assert "no token shards" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("model: {}\n")
+    for path, says in ((tmp_path / "run", "is a training run's directory; pass the directory of its data"),
+                        (tmp_path / "run" / "config.yaml", "is a file; pass the directory a preparation wrote (its --out)"),
+                        (tmp_path, "holds no manifest.json, so nothing was prepared there; prepare it first, e.g. "
+                                   "`python tools/prepare_data.py default --out NEW_DIR`")):
+        assert prepare_data.main(["verify", str(path), "--quiet"]) == 2
+        assert f"error: no token shards: {path} {says}" in capsys.readouterr().err
+    assert prepare_data.main(["fineweb-edu", "--from-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "fw")]) == 2
+    assert f"--from-dir {tmp_path / 'nowhere'} is not a directory" in capsys.readouterr().err
 
 
 def test_a_second_preparation_into_the_same_directory_waits_for_the_first(tmp_path, capsys):

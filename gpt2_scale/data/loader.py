@@ -89,8 +89,7 @@ def parse_manifest(data_dir: str | Path) -> dict:
     path = data_dir / MANIFEST
     redo = f"delete {data_dir} and prepare it again"
     if not path.is_file():
-        missing = "directory" if not data_dir.is_dir() else f"{MANIFEST} in directory"
-        raise DataError(f"no token shards: {missing} {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}")
+        raise DataError(f"no token shards: {_not_shards(data_dir)}")
     try:
         manifest = json.loads(path.read_bytes())
     except OSError as e:
@@ -103,6 +102,19 @@ def parse_manifest(data_dir: str | Path) -> dict:
     if problem:
         raise DataError(f"{path} is damaged: {problem}; {redo}")
     return manifest
+
+
+def _not_shards(data_dir: Path) -> str:
+    """What ``data_dir``, which holds no manifest, is instead, and the way to token shards."""
+    if data_dir.is_file():
+        return f"{data_dir} is a file; pass the directory a preparation wrote (its --out)"
+    if (data_dir / "config.yaml").is_file():
+        return f"{data_dir} is a training run's directory; pass the directory of its data (data.dir in its config.yaml)"
+    if not data_dir.is_dir():
+        return f"directory {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}"
+    if any(data_dir.iterdir()):  # a preparation refuses it: another directory
+        return f"{data_dir} holds no {MANIFEST}, so nothing was prepared there; {PREPARE_HINT.format(dir='NEW_DIR')}"
+    return f"{MANIFEST} in directory {data_dir} not found; {PREPARE_HINT.format(dir=data_dir)}"
 
 
 def check_shards(data_dir: str | Path, manifest: dict) -> None:

@@ -186,6 +186,8 @@ def _iter_hub(config: str) -> Iterator[str]:
 def fineweb_edu_source(config: str = "sample-10BT", from_dir: str | Path | None = None) -> Source:
     """FineWeb-Edu streamed from the Hugging Face hub, or its parquet/jsonl files from a local directory."""
     if from_dir is not None:
+        if not Path(from_dir).is_dir():
+            raise DataError(f"--from-dir {from_dir} is not a directory; pass the directory the data set's files were downloaded to")
         files = _list_files([from_dir], (".parquet", ".jsonl"))
         fix = (f"it is not a file of {FINEWEB_EDU} (columns {', '.join(FINEWEB_EDU_COLUMNS)}); prepare other data with "
                "`python tools/prepare_data.py text DIR --field NAME --out OUT`")
