@@ -169,7 +169,8 @@ def _read_json(file: Path) -> object:
 def _read_config(path: Path) -> dict:
     file = path / CONFIG_FILE
     if not file.exists():
-        raise HFCheckpointError(f"{path} has no {CONFIG_FILE}: a Hugging Face GPT-2 checkpoint needs one")
+        run = " (it is a training run's directory: pass it as --ckpt)" if (path / "config.yaml").is_file() else ""
+        raise HFCheckpointError(f"{path} has no {CONFIG_FILE}: a Hugging Face GPT-2 checkpoint needs one{run}")
     cfg = _read_json(file)
     if not isinstance(cfg, dict) or cfg.get("model_type") != "gpt2":
         got = cfg.get("model_type") if isinstance(cfg, dict) else None
@@ -330,8 +331,9 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
             f"{out} is a non-empty directory that is not an export of this package (or holds other files too); "
             f"choose another directory or pass {how} to replace it"
         )
-    if out.is_dir() and (held := next((p.parent for p in out.rglob("metrics.jsonl")), None)):  # not even with overwrite
-        raise HFCheckpointError(f"{out} holds a training run ({held}); an export never replaces one: choose another directory")
+    for name, what in (("metrics.jsonl", "a training run"), ("manifest.json", "prepared token shards")):  # not even with overwrite
+        if out.is_dir() and (held := next((p.parent for p in out.rglob(name)), None)):
+            raise HFCheckpointError(f"{out} holds {what} ({held}); an export never replaces them: choose another directory")
     if run is not None and not overwrite and (marker or {}).get("run") not in (None, run):
         raise HFCheckpointError(f"{out} holds the export of another run ({marker['run']}, step {marker.get('step')}); "
                                 f"choose another directory or pass {how} to replace it")

@@ -211,6 +211,12 @@ def test_export_never_loses_a_file_it_did_not_write_nor_a_run(tmp_path):
         with pytest.raises(HFCheckpointError, match=f"holds a training run \\({re.escape(str(run))}\\)"):
             export_hf(model, target, overwrite=True)
     assert (run / "metrics.jsonl").read_text() == "{}\n"
+    data = tmp_path / "data" / "fineweb-edu"  # prepared shards: hours of tokenizing
+    data.mkdir(parents=True)
+    (data / "manifest.json").write_text("{}")
+    with pytest.raises(HFCheckpointError, match=f"holds prepared token shards \\({re.escape(str(data))}\\)"):
+        export_hf(model, tmp_path / "data", overwrite=True)
+    assert (data / "manifest.json").read_text() == "{}"
     (run / "config.yaml").write_text("model:\n  name: gpt2-tiny\n")
     (run / "checkpoints" / "step_00000001").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step_00000001")
@@ -489,3 +495,9 @@ def test_hub_download_loads_snapshot(monkeypatch, hf_dir, idx):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id, **kw: str(path))
     model = GPT.from_pretrained("gpt2")
     torch.testing.assert_close(_our_logits(model, idx), _hf_logits(hf, idx), atol=1e-5, rtol=0)
+
+
+def test_a_run_directory_given_as_a_hugging_face_one_is_told_to_use_ckpt(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(HFCheckpointError, match="has no config.json: .*needs one \\(it is a training run's directory: pass it as --ckpt\\)"):
+        GPT.from_pretrained(str(tmp_path))
