@@ -180,7 +180,7 @@ def read_metrics(path: Path) -> list[dict]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            why = "truncated, the run was probably killed mid-write" if lineno == len(lines) else "not JSON"
+            why = "cut off: the run is writing it, or was killed mid-write" if lineno == len(lines) else "not JSON"
         else:
             why = _record_problem(record)
         if why:
@@ -208,6 +208,8 @@ def load_run(run_dir: str | os.PathLike) -> Run:
     if not any(path.iterdir()):
         raise RunError(f"run directory {path} is empty ({expected}); has the run started?")
     for name in ("config.yaml", "metrics.jsonl"):
+        if (path / name).exists() and not (path / name).is_file():
+            raise RunError(f"{path / name} is not a file ({expected})")
         if not (path / name).is_file():
             raise RunError(f"{path} has no {name} ({expected})")
     try:
@@ -296,7 +298,7 @@ def format_comparison(results: list[dict]) -> str:
                 ref = f"{b['name']} [{sources.index(b['source']) + 1}]"
                 out.append(f"{head}  {ref:<22} {b['value']:>7.4f} {b['diff']:>+8.4f}  {'yes' if b['beats'] else 'no'}")
         if not r["metrics"]:
-            out.append("  (no val_loss or HellaSwag logged yet)")
+            out.append("  (no val_loss or HellaSwag logged" + (": the run evaluated neither)" if r["status"] == "finished" else " yet)"))
         if r["note"]:
             out.append(f"  {r['note']}")
         out.append("")

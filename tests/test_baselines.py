@@ -105,7 +105,7 @@ def test_a_summary_of_an_earlier_step_or_a_damaged_one_is_not_a_finish(tmp_path,
 
 def test_truncated_last_line_is_skipped_with_a_warning_and_run_is_in_progress(tmp_path):
     path = write_run(tmp_path / "run", records=RECORDS, finished=False, tail='{"step": 200, "train_lo')
-    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl:5: skipped \(truncated"):
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl:5: skipped \(cut off: the run is writing it"):
         run = baselines.load_run(path)
     assert len(run.records) == 4 and not run.finished
     assert baselines.compare(run)["status"] == "in progress"
@@ -198,7 +198,7 @@ def test_command_line_table_json_and_plot(tmp_path, capsys):
 
     proc = run_tool(a, b, tiny, "--plot", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "warning:" in proc.stderr and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+    assert "warning:" in proc.stderr and "cut off" in proc.stderr and "Traceback" not in proc.stderr
     assert "in progress" in proc.stdout and "GPT-3 Small (125M)" in proc.stdout and "no published baseline" in proc.stdout
     assert out.stat().st_size > 10_000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out.write_bytes(out.read_bytes() + b"earlier")
@@ -234,7 +234,7 @@ def test_command_line_garbage_metrics_prints_warnings_then_one_error(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert lines[:2] == [
         f"warning: {run / 'metrics.jsonl'}:1: skipped (train_loss is 'abc', not a finite number)",
-        f"warning: {run / 'metrics.jsonl'}:2: skipped (truncated, the run was probably killed mid-write)",
+        f"warning: {run / 'metrics.jsonl'}:2: skipped (cut off: the run is writing it, or was killed mid-write)",
     ]
     assert len(lines) == 3 and lines[2].startswith(f"error: {run / 'metrics.jsonl'} holds no valid metrics record")
     assert "has not logged a step" not in proc.stderr
@@ -248,3 +248,13 @@ def test_command_line_unknown_plot_format_is_one_line(tmp_path, capsys, name):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: cannot plot to {tmp_path / name}: give a name")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_metrics_path_that_is_a_directory_and_a_finished_run_without_evaluations_say_so(tmp_path):
+    run = write_run(tmp_path / "run", records=[{"step": 0, "tokens": 0, "train_loss": 11.0}])
+    (run / "summary.json").write_text(json.dumps({"step": 0, "finished": True}))
+    assert "(no val_loss or HellaSwag logged: the run evaluated neither)" in baselines.format_comparison([baselines.compare(baselines.load_run(run))])
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").mkdir()
+    with pytest.raises(baselines.RunError, match="metrics.jsonl is not a file"):
+        baselines.load_run(run)
