@@ -321,6 +321,15 @@ def peak_memory(device: torch.device) -> dict[str, int]:
     return {"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # KiB on Linux
 
 
+def host_available_bytes() -> int | None:
+    """The host memory a new process may use without swapping (Linux's MemAvailable); None where it is not known."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def device_bytes(device: torch.device) -> int | None:
     """A GPU's total memory, what ``too_large`` weighs the estimate against; None for the CPU."""
     return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None

@@ -278,3 +278,19 @@ def test_the_equivalence_tool_refuses_a_tolerance_or_setting_that_cannot_be_chec
     with pytest.raises(SystemExit) as e:
         parse_args([flag, value])
     assert e.value.code == 2 and f"argument {flag}: must be a finite number" in capsys.readouterr().err
+
+
+def test_the_equivalence_tool_refuses_ranks_the_host_cannot_hold(monkeypatch, capsys):
+    """gpt2-xl on 2 CPU ranks wants ~48 GiB: the kernel's OOM killer ended the tool (exit 137, no word) and took
+    memory from everything else on the machine. The refusal names the need and what is available."""
+    from gpt2_scale import memory
+    from gpt2_scale.tools import check_equivalence
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 16 * memory.GiB)
+    assert check_equivalence.main(["--model", "gpt2-xl", "--engines", "ddp", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 CPU ranks of gpt2-xl need about ") and "this host has 16.0 GiB available" in err
+    check_equivalence.parse_args(["--model", "gpt2-tiny"])  # a small model is left to run
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: None)  # unknown: not refused
+    check_equivalence.parse_args(["--model", "gpt2-xl"])

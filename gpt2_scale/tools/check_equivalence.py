@@ -21,6 +21,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gpt2_scale import memory
 from gpt2_scale.config import ENGINES
 from gpt2_scale.errors import quiet_when_the_reader_left
 from gpt2_scale.harness.case import Case
@@ -81,6 +82,13 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Case, list[s
     if args.resume_world is not None and (launched or case.total_sequences % (case.micro_batch * args.resume_world)):
         raise ValueError("--resume-world works without a launcher (under one, the world is the launcher's), and "
                          f"--micro-batch x --resume-world must divide the batch of {case.total_sequences} sequences")
+    if not launched:  # spawned CPU ranks, each with ddp's full states at most: the kernel's OOM killer says nothing
+        ranks = max(world, args.resume_world or 0)
+        per_rank = memory.estimate(case.model, "ddp", 1, case.micro_batch, case.seq_len, bf16=args.dtype == "bf16").total
+        if (available := memory.host_available_bytes()) is not None and ranks * per_rank > available:
+            raise ValueError(f"{ranks} CPU ranks of {args.model} need about {ranks * per_rank / memory.GiB:.1f} GiB "
+                             f"({per_rank / memory.GiB:.1f} GiB each), and this host has {available / memory.GiB:.1f} GiB "
+                             "available; use a smaller --model, fewer --world-size ranks, or GPUs under a launcher")
     if launched:
         try:  # on every rank: one that cannot write there stops with the others, before the process group
             Path(args.workdir).mkdir(parents=True, exist_ok=True)
