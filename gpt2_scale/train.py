@@ -31,7 +31,7 @@ from gpt2_scale.device import enable_tf32
 from gpt2_scale.engines import Engine
 from gpt2_scale.errors import TrainingError, UserError, exit_code, exit_code_recorded, report
 from gpt2_scale.fileio import write_atomic
-from gpt2_scale.memory import GiB, device_bytes, peak_memory
+from gpt2_scale.memory import GiB, device_bytes, is_out_of_memory, peak_memory
 from gpt2_scale.metrics import MetricsLogger, detect_peak_tflops, mfu, step_line
 from gpt2_scale.model import GPT
 from gpt2_scale.optim import lr_at, schedule_warning
@@ -170,7 +170,9 @@ def _train(cfg: Config, env: distributed.DistEnv, stop: StopFlag) -> dict:
     run = setup(cfg, env)
     try:
         return _run(run, stop)
-    except torch.OutOfMemoryError as e:  # the usual first failure on a GPU: what to change, not a traceback
+    except RuntimeError as e:  # out of memory, the usual first failure on a GPU: what to change, not a traceback
+        if not is_out_of_memory(e):
+            raise
         raise out_of_memory(e, run.engine) from None
     finally:
         run.engine.close()
@@ -203,10 +205,11 @@ def _run(run: Run, stop: StopFlag) -> dict:
         log.close()
 
 
-def out_of_memory(error: torch.OutOfMemoryError, engine: Engine, building: bool = False) -> TrainingError:
-    """The device's out-of-memory error as one line: what ran out, the estimate for these settings, and the settings
-    that lower the peak, those not already on. ``building``: while the weights moved to the device or the engine
-    allocated its states, which only offload, sharding and more ranks shrink (not the micro-batch's levers)."""
+def out_of_memory(error: RuntimeError, engine: Engine, building: bool = False) -> TrainingError:
+    """The device's out-of-memory error (CUDA's, or the CPU allocator's: memory.is_out_of_memory) as one line: what
+    ran out, the estimate for these settings, and the settings that lower the peak, those not already on. ``building``:
+    while the weights moved to the device or the engine allocated its states, which only offload, sharding and more
+    ranks shrink (not the micro-batch's levers)."""
     cfg, settings = engine.cfg, engine.cfg.engine
     changes = [] if building or cfg.train.micro_batch % 2 else [f"--train.micro_batch={cfg.train.micro_batch // 2} (accumulation keeps the batch)"]
     changes += [flag for flag, on in (("--engine.activation_checkpointing=true", building or settings.activation_checkpointing),
@@ -258,7 +261,9 @@ def setup(cfg: Config, env: distributed.DistEnv) -> Run:
         model = build_model(cfg).to(env.device)
         n_params = model.num_params()  # before an engine shards it (ZeRO-3 leaves empty placeholders)
         engine.setup(model)
-    except torch.OutOfMemoryError as e:  # the weights, or the states an engine allocates up front (ZeRO's fp32 copies)
+    except RuntimeError as e:  # out of memory for the weights, or the states an engine allocates up front (ZeRO's fp32 copies)
+        if not is_out_of_memory(e):
+            raise
         raise out_of_memory(e, engine, building=True) from None
     return Run(cfg, env, run_dir, engine, train_loader, val_loader, examples, accum, n_params, resume_from)
 

@@ -227,13 +227,16 @@ import runpy, sys, torch
 from gpt2_scale import train
 from gpt2_scale.engines.ddp import DDPEngine
 
-def out_of_memory(*args):  # what a step, or an engine's states, too large for the GPU raise
+def out_of_memory(*args):  # what an engine's states too large for the GPU raise
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB")
+
+def out_of_host_memory(*args):  # what a step too large for the machine raises on the CPU
+    raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried to allocate 2.00 GiB")
 
 if sys.argv.pop(1) == "setup":
     DDPEngine.setup = out_of_memory
 else:
-    train.loop = out_of_memory
+    train.loop = out_of_host_memory
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -249,7 +252,8 @@ def test_out_of_memory_is_one_line_naming_what_to_change_and_the_rerun_starts_ov
     line = proc.stderr.strip().splitlines()[-1]
     levers = (r"--engine zero3 \(or fsdp\), which shards the states" if where == "setup" else  # the micro-batch's levers cannot help
               r"--train\.micro_batch=1 \(accumulation keeps the batch\), --engine\.activation_checkpointing=true, --engine\.loss_chunk=4096")
-    assert re.fullmatch(r"error: rank 0 ran out of memory \(CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*\); these settings "
+    what = r"CUDA out of memory\. Tried to allocate 2\.00 GiB\. .*" if where == "setup" else r"\[enforce fail .* can't allocate memory: .*"
+    assert re.fullmatch(rf"error: rank 0 ran out of memory \({what}\); these settings "
                         rf"have an estimated peak of [0-9.]+ GiB per rank \(.*\); try {levers}", line), line
     if where == "setup":  # nothing written yet
         assert not run_dir.exists()
