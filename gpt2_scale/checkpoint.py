@@ -44,7 +44,7 @@ from gpt2_scale import safeload
 from gpt2_scale.distributed import DistEnv, all_ranks, barrier, from_main, peer_failure, share
 from gpt2_scale.engines import layout, legacy
 from gpt2_scale.errors import TrainingError, UserError
-from gpt2_scale.fileio import LOCK, is_locked, publish_dir, sha256, write_atomic
+from gpt2_scale.fileio import LOCK, is_locked, nearest_existing, publish_dir, sha256, write_atomic
 
 LATEST = "latest"
 SUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in a checkpoint's directory checks a copy of it by hand
@@ -150,7 +150,7 @@ def _disk_problem(error: BaseException, root: Path) -> bool:
 def _unwritable(path: Path, error: BaseException) -> TrainingError:
     """A checkpoint that could not be written, as the one line that stops the run: why, the room left, what to resume."""
     cause = _cause(error)
-    free = shutil.disk_usage(next(p for p in (path.parent, *path.parents) if p.exists())).free
+    free = shutil.disk_usage(nearest_existing(path.parent)).free
     run_dir = path.parent.parent
     kept = _latest_or_none(run_dir)
     after = (f"the last complete checkpoint is {kept}: continue with --resume {run_dir} (a job that auto-resumes: its same command)"

@@ -29,13 +29,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "gpt2_scale")
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` if it exists, else its nearest ancestor that does: where it would be made, or what is in the way."""
+    return next(p for p in (path, *path.parents) if p.exists())
+
+
 def make_dirs(path: Path, flag: str | None = None) -> Path:
     """Directory ``path`` and its parents, created where missing. A file in the way is one line naming where the
     path came from: ``flag`` (an --out), else the cache (``$GPT2_SCALE_CACHE``, which may name a file by mistake)."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        blocker = next(p for p in (path, *path.parents) if p.exists())
+        blocker = nearest_existing(path)
         where = f"{flag} {path}" if flag else f"the cache directory {path}" + (f" (from ${CACHE_ENV})" if os.environ.get(CACHE_ENV) else "")
         fix = f"pass a directory to {flag}" if flag else f"set {CACHE_ENV} to a directory" if os.environ.get(CACHE_ENV) else "move it out of the way"
         raise UserError(f"{where} cannot be made: {blocker} is a file; {fix}") from None

@@ -26,7 +26,7 @@ import torch
 
 from gpt2_scale.checkpoint import enclosing_run, weights_mismatch
 from gpt2_scale.errors import UserError
-from gpt2_scale.fileio import publish_dir
+from gpt2_scale.fileio import nearest_existing, publish_dir
 from gpt2_scale.model import GPT
 from gpt2_scale.zoo import HF_HUB_NAMES, ModelConfig, available_models
 
@@ -311,7 +311,7 @@ def check_export_target(out_dir: str | os.PathLike, overwrite: bool, how: str = 
     An earlier export is replaced without ``overwrite`` when it came from the same training ``run`` (a later step,
     say) or from no run; one of another run only with it, as that run's checkpoint may be gone."""
     out = Path(out_dir).expanduser().resolve()  # "." names the directory it is, which can be renamed into place
-    existing = next(p for p in (out, *out.parents) if p.exists())  # out, or the directory it would be made in
+    existing = nearest_existing(out)  # out, or the directory it would be made in
     if inside := enclosing_run(out):  # not even with overwrite
         raise HFCheckpointError(f"{out} is in the training run {inside}; an export never goes into a run's directory (it "
                                 "would replace the run's files): choose a directory outside it")
