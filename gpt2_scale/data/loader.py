@@ -348,7 +348,7 @@ class TokenLoader:
             self.load_state_dict(state)
 
     def reset(self) -> None:
-        """Back to the first batch of epoch 0: val loss is then always measured on the same batches."""
+        """Back to the first batch of epoch 0, as a fresh loader starts (validation reads its windows by position: batch_at)."""
         self.epoch, self.position = 0, 0
 
     def state_dict(self) -> dict:
