@@ -105,25 +105,20 @@ def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):
     assert "engine.compile_scope=block" in results.get("refused", "")
 
 
-def test_zero3_stays_eager_on_cuda_and_refuses_compile_there():
-    """Measured on an H200 (torch 2.11): ZeRO-3 with compiled blocks trained wrong on CUDA. Its likely cause is off
-    now (test_zero3_leaves_torchs_linear_as_it_was); until tests/test_cuda.py shows compiled ZeRO-3 right on a
-    GPU, the default leaves ZeRO-3 eager on CUDA and an explicit compile, of either scope, is refused."""
-    from gpt2_scale.config import ConfigError, EngineSection
-    from gpt2_scale.device import check_compile, compile_scope, resolve
+def test_zero3_stays_eager_on_cuda_unless_compile_is_asked_for():
+    """ZeRO-3 trains right compiled on a GPU since DeepSpeed's memory_efficient_linear is off
+    (tests/test_cuda.py::test_zero3_compiled_trains_as_eager, on an H200), so either scope is allowed; by default it
+    stays eager on CUDA, measured faster there than compiled (docs/benchmarks.md), while every other engine compiles."""
+    from gpt2_scale.config import EngineSection
+    from gpt2_scale.device import compile_scope, resolve
 
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cuda = torch.device("cuda")
     for engine in ["ddp", "fsdp", "zero1", "zero2"]:
         assert compile_scope(EngineSection(name=engine), cuda) == "block", engine
     assert compile_scope(EngineSection(name="zero3"), cuda) is None
-    check_compile(EngineSection(name="zero3"), cuda)
-    check_compile(EngineSection(name="zero3", compile=True), cpu)
-    check_compile(EngineSection(name="zero3", compile=True, compile_scope="model"), cpu)
+    assert compile_scope(EngineSection(name="zero3"), torch.device("cpu")) is None
     for scope in ("block", "model"):
-        with pytest.raises(ConfigError, match=f"compile_scope={scope}.*--engine.compile=false"):
-            check_compile(EngineSection(name="zero3", compile=True, compile_scope=scope), cuda)
-    with pytest.raises(ConfigError, match="--engine.compile=false"):  # every engine resolves its settings through it
-        resolve("train", cuda, EngineSection(name="zero3", compile=True))
+        assert resolve("train", cuda, EngineSection(name="zero3", compile=True, compile_scope=scope)).compile == scope
 
 
 def test_sampling_and_hellaswag_run_compiled_blocks_eagerly(tmp_path):

@@ -181,12 +181,11 @@ def test_the_optimizer_step_never_waits_for_the_device(engine):
 def _zero3_compiled_against_eager(rank: int, port: int, tmp: str) -> None:
     """Losses of 6 steps of gpt2-tiny under ZeRO-3 (fp32, one rank): eager, per-block and whole-model compile."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from gpt2_scale import device, distributed, engines
+    from gpt2_scale import distributed, engines
     from gpt2_scale.config import Config, EngineSection, ModelSection, TrainSection
     from gpt2_scale.model import GPT
     from gpt2_scale.step import optimizer_step
 
-    device.check_compile = lambda engine, dev: None  # measure what the CUDA refusal stands on
     env = distributed.init("cuda")
     small = ModelConfig.from_name("gpt2-tiny", pad_vocab=False)
     gen = torch.Generator().manual_seed(0)
@@ -208,10 +207,10 @@ def _zero3_compiled_against_eager(rank: int, port: int, tmp: str) -> None:
 
 
 def test_zero3_compiled_trains_as_eager(tmp_path):
-    """What the CUDA refusal of ZeRO-3 + compile (device.check_compile) stands on. On the H200 (torch 2.11) compiled
-    blocks trained wrong from the second step; on CPU under torch 2.11 the cause was DeepSpeed's memory_efficient_linear
-    (torch.nn.functional.linear swapped for an autograd.Function whose weights got zero gradients when compiled), now
-    off. If this passes on a GPU, the refusal can go."""
+    """Compiled ZeRO-3 trains as eager ZeRO-3 does. On an H200 (torch 2.11, 2026-11-26) compiled blocks trained wrong
+    from the second step: DeepSpeed's memory_efficient_linear swapped torch.nn.functional.linear for an
+    autograd.Function whose weights got zero gradients when compiled. With it off, this passed on an H200 on
+    2026-11-27, and compiling ZeRO-3 is allowed on CUDA since."""
     from launch import spawned_world
 
     losses = spawned_world(_zero3_compiled_against_eager, 1, tmp_path)

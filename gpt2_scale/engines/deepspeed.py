@@ -124,7 +124,7 @@ def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
         "zero_optimization.stage": int(cfg.engine.name.removeprefix("zero")),
         # On (DeepSpeed's default), ZeRO-3 swaps torch.nn.functional.linear for its own autograd.Function, for the
         # whole process and for good: torch 2.11's compile then gives every linear weight a zero gradient, in this
-        # run and in any model compiled later in the process (seen on CPU; likely the H200's zero3 divergence).
+        # run and in any model compiled later in the process (on CPU, and the H200's zero3 divergence of 2026-11-26).
         "zero_optimization.memory_efficient_linear": False,
     }
     return fill_auto(ds, values)
