@@ -8,7 +8,7 @@
 #   bash tools/gpu_session.sh autotune   # on the GPU: max-autotune-no-cudagraphs (minutes of tuning: its own call)
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs the walk-through's loop, then every engine at world 1
-#   bash tools/gpu_session.sh second     # on the GPU, one call: check again, gpt2-xl's largest B, ZeRO-1/2/3 against ddp
+#   bash tools/gpu_session.sh third      # on the GPU, one call: ZeRO-3 compiled against eager, ZeRO-1/2/3 profiled, the rest of check
 #
 # BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
 # deadline, so a part that hangs or runs long costs its box, not the call (and its tables up to then come back).
@@ -46,10 +46,11 @@ header() {
     $PY -c 'import sys, torch, deepspeed; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "deepspeed", deepspeed.__version__)'
     echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST-unset}"
 }
-# pytest on the GPU: xdist (4 workers) and a per-test timeout where the image has them
+# pytest on the GPU: xdist (6 workers) and a per-test timeout where the image has them; -v names each test as it
+# ends, so a box cut short still says which passed (2026-11-27: 12 dots, then the cut, and no name for the 13th)
 # check_tests SECONDS [-k EXPRESSION]: the per-test timeout, then pytest's own selection options
 check_tests() {
-    local opts=()
+    local opts=(-v)
     $PY -c 'import xdist' 2>/dev/null && opts+=(-n 6)
     $PY -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout "$1")
     $PY -m pytest -q -p no:cacheprovider "${opts[@]}" "${@:2}" tests/test_cuda.py
@@ -67,7 +68,7 @@ M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 export PY
 export -f bench check_tests build_op
 STAGE=${1:-}
-[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|second)$ ]] && use_wheels
+[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|third)$ ]] && use_wheels
 case "$STAGE" in
 wheels)
     # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
@@ -137,42 +138,26 @@ scale)
         $PY tools/estimate_memory.py --model gpt2-xl --world 1 --micro-batch 8 --seq-len 1024 $args | tee -a "$OUT/scale.md"
     done
     ;;
-second)
-    # After the H200 session of 2026-11-26 (docs/benchmarks.md), in priority order: the zero3 fix checked; gpt2-xl's
-    # largest micro-batch under ddp and fsdp with checkpointing and zero3 with offload, each at the estimator's
-    # largest power of two for this GPU and at twice that (predicted not to fit: an OOM row is recorded as failed);
-    # then ZeRO-1/2/3's overhead at world 1 (zero3 now eager on CUDA), each row profiled (where ZeRO-2's +17% goes).
-    # Every bench row prints the memory estimate and peak/estimate beside its measured peak.
+third)
+    # After the H200 session of 2026-11-27 (docs/benchmarks.md), in priority order: is compiled ZeRO-3 (right since
+    # that session) faster than eager, its CUDA default; where ZeRO-1/2/3's time goes at world 1 (each row profiled;
+    # ddp first, the reference for every ratio in this call); the test that the check's box cut; then the levers.
     header
     boxed 120 build_op FusedAdam
-    boxed 200 build_op CPUAdam > "$OUT/cpu_adam.log" 2>&1 &  # for the offload rows, built while the checks run
-    # First, what the CUDA refusal of ZeRO-3 + compile stands on: with DeepSpeed's memory_efficient_linear off
-    # (2026-11-27), compiled ZeRO-3 matches eager on CPU under torch 2.11; if it does here too, the refusal can go.
-    boxed 150 check_tests 140 -k zero3_compiled 2>&1 | tee "$OUT/zero3_compiled.log"
-    boxed 200 check_tests 180 -k "not zero3_compiled" 2>&1 | tee "$OUT/check.log"
-    GPU_GIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1 | awk '{print $1 / 1024}')
-    for row in "ddp --activation-checkpointing" "fsdp --activation-checkpointing" "zero3 --offload --activation-checkpointing"; do
-        [[ $row == *offload* ]] && { wait; cat "$OUT/cpu_adam.log"; }
-        # shellcheck disable=SC2086
-        $PY tools/estimate_memory.py --model gpt2-xl --seq-len 1024 --engine $row --fit "$GPU_GIB" > "$OUT/fit.txt" || true
-        B=$(sed -n '1s/^micro-batch \([0-9]*\):.*/\1/p' "$OUT/fit.txt")
-        echo "gpt2-xl --engine $row on $GPU_GIB GiB: $(head -1 "$OUT/fit.txt")" | tee -a "$OUT/scale.md"
-        [[ -n $B ]] || continue
-        # shellcheck disable=SC2086
-        boxed 150 bench --model gpt2-xl --seq-len 1024 --warmup 2 --steps 3 --compile off --engines $row --micro-batch "$B" \
-            --vary train.micro_batch=$(( 2 * B )) --json "$OUT/6-xl-${row%% *}.json" 2>&1 | tee -a "$OUT/scale.md"
-    done
     boxed 200 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines.json" \
         --profile "$OUT/profile" 2>&1 | tee "$OUT/speed.md"
+    boxed 120 bench "${M124[@]}" --engines zero3 --micro-batch 64 --set engine.compile=true --json "$OUT/4-zero3-compiled.json" \
+        2>&1 | tee -a "$OUT/speed.md"
     head -n 24 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/speed.md" || true
+    boxed 260 check_tests 240 -k "not zero3_compiled" 2>&1 | tee "$OUT/check.log"
     # ZeRO-2 without overlap_comm: at world 1 there is nothing to overlap, and with it DeepSpeed waits for the device
     $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
 ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
 json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero2_no_overlap.json"
     boxed 90 bench "${M124[@]}" --engines zero2 --micro-batch 64 --set engine.ds_config="$OUT/zero2_no_overlap.json" \
         --json "$OUT/4-zero2-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
-    # stage 4's first lever, if time is left: cuDNN's attention kernel against ddp's (FlashAttention) above
-    boxed 90 bench "${M124[@]}" --engines ddp --micro-batch 64 --set engine.attention=cudnn --profile "$OUT/profile" \
+    # stage 4's first lever: cuDNN's attention kernel against ddp's (FlashAttention) above
+    boxed 90 bench "${M124[@]}" --engines ddp --micro-batch 64 --set engine.attention=cudnn --profile "$OUT/profile-cudnn" \
         --json "$OUT/8-attention-cudnn.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
 *)
