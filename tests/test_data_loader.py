@@ -234,6 +234,8 @@ def test_corrupt_manifest_is_one_clear_error(tmp_path, content, message):
         (lambda m: m["shards"]["val"][0].update(file=None), r"shards.val\[0\] is not"),
         (lambda m: m["shards"]["val"][0].update(file="../elsewhere.bin"), r"shards.val\[0\] is not"),
         (lambda m: m["shards"]["train"].__setitem__(0, "train_000000.bin"), r"shards.train\[0\] is not"),
+        (lambda m: m["shards"]["val"].append(m["shards"]["train"][0]), "shard train_000000.bin is listed more than once"),
+        (lambda m: m["shards"]["train"].append(m["shards"]["train"][0]), "shard train_000000.bin is listed more than once"),
         (lambda m: m.update(tokenizer="gpt2"), "no tokenizer object"),
         (lambda m: m.pop("tokens"), "no token counts"),
         (lambda m: m.pop("documents"), "no document count"),

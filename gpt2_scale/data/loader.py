@@ -71,6 +71,10 @@ def _shape_problem(manifest: object) -> str | None:
         for i, shard in enumerate(shards[split]):
             if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
                 return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
+    listed = [shard["file"] for split in SPLITS for shard in shards[split]]
+    twice = sorted({file for file in listed if listed.count(file) > 1})
+    if twice:  # in both splits, validation would score text the model trained on; in one, read it twice per epoch
+        return f"shard {twice[0]} is listed more than once (each shard belongs to one split, once)"
     if not isinstance(manifest.get("complete"), bool):
         return "it has no complete flag (true or false)"
     if manifest["complete"]:
