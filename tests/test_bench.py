@@ -179,7 +179,7 @@ def test_loss_chunk_flag_reaches_the_engine_config():
 
 @pytest.mark.parametrize("argv, message", [(["--model", "gpt2-huge"], "argument --model: unknown model 'gpt2-huge'; valid names: gpt2-124m"),
                                            (["--seq-len", "0"], "argument --seq-len: must be >= 1"),
-                                           (["--model", "gpt2-tiny", "--seq-len", "300"], "seq_len 300 exceeds gpt2-tiny's context length 256")])
+                                           (["--model", "gpt2-tiny", "--seq-len", "300"], "--seq-len 300 exceeds gpt2-tiny's context length 256")])
 def test_bench_resume_refuses_bad_flags_before_it_builds_anything(argv, message, capsys, monkeypatch):
     from gpt2_scale.tools import bench_resume
 

@@ -74,14 +74,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt2_scale import checkpoint, distributed, engines
     from gpt2_scale.config import Config, ConfigError, validate
+    from gpt2_scale.zoo import ModelConfig
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
 
+    block_size = ModelConfig.from_name(args.model).block_size
+    if args.seq_len > block_size:
+        p.error(f"--seq-len {args.seq_len} exceeds {args.model}'s context length {block_size}")
     cfg = Config()
     cfg.model.name, cfg.engine.compile = args.model, False
     cfg.train.micro_batch, cfg.train.seq_len, cfg.train.total_batch_tokens = 1, args.seq_len, args.seq_len
     try:
-        validate(cfg)  # --seq-len within the model's context
+        validate(cfg)
     except ConfigError as e:
         p.error(str(e))
     env = distributed.init("auto")
