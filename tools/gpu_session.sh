@@ -53,7 +53,7 @@ check_tests() {
     local opts=(-v)
     $PY -c 'import xdist' 2>/dev/null && opts+=(-n 6)
     $PY -c 'import pytest_timeout' 2>/dev/null && opts+=(--timeout "$1")
-    $PY -m pytest -q -p no:cacheprovider "${opts[@]}" "${@:2}" tests/test_cuda.py
+    $PY -m pytest -p no:cacheprovider "${opts[@]}" "${@:2}" tests/test_cuda.py
 }
 # DeepSpeed JIT-builds its ops on first use (FusedAdam with nvcc; CPUAdam, ZeRO-Offload's, with the host compiler):
 # build_op FusedAdam|CPUAdam times the build once, so later runs find it cached
