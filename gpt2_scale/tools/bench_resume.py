@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from gpt2_scale import checkpoint, distributed, engines
     from gpt2_scale.config import Config, ConfigError, validate
-    from gpt2_scale.zoo import ModelConfig
     from gpt2_scale.step import optimizer_step
     from gpt2_scale.train import build_model
+    from gpt2_scale.zoo import ModelConfig
 
     block_size = ModelConfig.from_name(args.model).block_size
     if args.seq_len > block_size:
