@@ -106,10 +106,11 @@ def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope |
     """What torch.compile covers for a training run: "block", "model", or None (eager).
 
     By default (engine.compile unset) compile is on for CUDA, except under ZeRO-3, which stays eager there until
-    compiled ZeRO-3 is timed faster. It trains right compiled (on an H200 on 2026-11-27, once DeepSpeed's
-    memory_efficient_linear was off: tests/test_cuda.py::test_zero3_compiled_trains_as_eager), but its only timing
-    on a GPU (2026-11-26, then with that linear) was 1.80x DDP's step, against eager's 1.57x (2026-11-27); DeepSpeed's parameter hooks around each
-    compiled block, and the whole-model compile's recompiles (46 per rank in 8 steps on CPU), are the likely cost."""
+    compiled ZeRO-3 is timed faster. Compiled, it trains right (an H200, 2026-11-27, with DeepSpeed's
+    memory_efficient_linear off: tests/test_cuda.py::test_zero3_compiled_trains_as_eager). Its only GPU timing,
+    still with that linear on (2026-11-26), was 1.80x DDP's step against eager's 1.57x (2026-11-27): DeepSpeed's
+    parameter hooks run around each compiled block, and the whole-model compile recompiles (46 per rank in 8
+    steps on CPU)."""
     default = device.type == "cuda" and engine.name != "zero3"
     on = engine.compile if engine.compile is not None else default
     return engine.compile_scope if on else None

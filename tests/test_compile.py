@@ -108,7 +108,7 @@ def test_fsdp_whole_model_compile_with_checkpointing_is_refused(results):
 def test_zero3_stays_eager_on_cuda_unless_compile_is_asked_for():
     """ZeRO-3 trains right compiled on a GPU since DeepSpeed's memory_efficient_linear is off
     (tests/test_cuda.py::test_zero3_compiled_trains_as_eager, on an H200), so either scope is allowed; by default it
-    stays eager on CUDA, measured faster there than compiled (docs/benchmarks.md), while every other engine compiles."""
+    stays eager on CUDA until compiled ZeRO-3 is timed faster there (docs/benchmarks.md); every other engine compiles."""
     from gpt2_scale.config import EngineSection
     from gpt2_scale.device import compile_scope, resolve
 
