@@ -255,8 +255,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if not value > 0 or value == math.inf:  # NaN fails every comparison
             raise ConfigError(f"{key} must be > 0 and finite, got {value}")
-    if cfg.train.seq_len > model.block_size:  # before the batch arithmetic, whose advice would keep this seq_len
-        raise ConfigError(f"train.seq_len {cfg.train.seq_len} exceeds {model.name}'s context length {model.block_size}")
+    if problem := model.context_problem(cfg.train.seq_len, "train.seq_len"):  # before the batch arithmetic, whose advice would keep it
+        raise ConfigError(problem)
     non_negative = {key: _get(cfg, key) for key in ("engine.loss_chunk", "optim.warmup_steps", "optim.weight_decay", "optim.grad_clip",
                                                     "train.seed", "data.seed", "log.val_every", "log.sample_every",
                                                     "log.hellaswag_every", "checkpoint.every")}

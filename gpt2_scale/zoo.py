@@ -54,6 +54,13 @@ class ModelConfig:
         T = seq_len or self.block_size
         return 6 * self.num_params(include_position_embeddings=False) + 12 * self.n_layer * self.n_embd * T
 
+    def context_problem(self, seq_len: int, flag: str) -> str | None:
+        """Why sequences of ``seq_len`` tokens (set by ``flag``) cannot run on this model, or None: a position past
+        the context has no embedding."""
+        if seq_len > self.block_size:
+            return f"{flag} {seq_len} exceeds {self.name}'s context length {self.block_size}"
+        return None
+
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 

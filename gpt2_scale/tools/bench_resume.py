@@ -78,9 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpt2_scale.train import build_model
     from gpt2_scale.zoo import ModelConfig
 
-    block_size = ModelConfig.from_name(args.model).block_size
-    if args.seq_len > block_size:
-        p.error(f"--seq-len {args.seq_len} exceeds {args.model}'s context length {block_size}")
+    if problem := ModelConfig.from_name(args.model).context_problem(args.seq_len, "--seq-len"):
+        p.error(problem)
     cfg = Config()
     cfg.model.name, cfg.engine.compile = args.model, False
     cfg.train.micro_batch, cfg.train.seq_len, cfg.train.total_batch_tokens = 1, args.seq_len, args.seq_len

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args.reserve = memory.RESERVE if args.reserve is None else args.reserve
     try:
         model = ModelConfig.from_name(args.model, pad_vocab=not args.no_pad_vocab)
-        if args.seq_len > model.block_size:
-            raise ValueError(f"--seq-len {args.seq_len} exceeds {model.name}'s context length {model.block_size}")
+        if problem := model.context_problem(args.seq_len, "--seq-len"):
+            raise ValueError(problem)
         options = dict(bf16=args.dtype == "bf16", checkpointing=args.activation_checkpointing, offload=args.offload,
                        loss_chunk=args.loss_chunk, accumulation=args.accumulation, ds_config=_ds_config(args),
                        compiled=args.compile)
