@@ -275,6 +275,30 @@ def test_deepspeed_default_configs_are_package_data(engine, offload):
     assert ds["zero_optimization"]["memory_efficient_linear"] is False  # DeepSpeed's default is on: see build_ds_config
 
 
+def test_overlap_comm_auto_is_on_across_ranks_and_off_for_one():
+    """The shipped ZeRO-2 JSON's overlap_comm is "auto": with one rank there is nothing to overlap, and DeepSpeed's
+    waits for its side stream cost ZeRO-2 a seventh of its step on an H100; a value the JSON sets is kept."""
+    import torch
+
+    from gpt2_scale.distributed import DistEnv
+    from gpt2_scale.engines.deepspeed import build_ds_config, resolve_overlap_comm
+
+    ds = {"zero_optimization": {"stage": 2, "overlap_comm": "auto"}}
+    assert resolve_overlap_comm(ds, 1)["zero_optimization"] == {"stage": 2, "overlap_comm": False}
+    assert resolve_overlap_comm(ds, 8)["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["zero_optimization"]["overlap_comm"] == "auto"  # the JSON read is not changed
+    for value in (True, False):
+        assert resolve_overlap_comm({"zero_optimization": {"overlap_comm": value}}, 1)["zero_optimization"]["overlap_comm"] is value
+    assert resolve_overlap_comm({"bf16": {"enabled": "auto"}}, 1) == {"bf16": {"enabled": "auto"}}
+
+    def built(engine: str, world: int):
+        cfg = parse_args(Config(), ["--engine", engine, "--micro-batch", "4", "--seq-len", "64", "--total-batch-tokens", str(256 * world)])
+        return build_ds_config(cfg, DistEnv(0, 0, world, torch.device("cpu")), bf16=False)["zero_optimization"].get("overlap_comm")
+
+    assert (built("zero2", 1), built("zero2", 2)) == (False, True)
+    assert (built("zero3", 1), built("zero1", 1)) == (True, None)  # zero3's JSON sets it; zero1's leaves DeepSpeed's off
+
+
 def test_deepspeed_reads_an_arch_list_with_suffixes_as_plain_archs(monkeypatch):
     """CUDA images set TORCH_CUDA_ARCH_LIST entries such as 9.0a, which DeepSpeed 0.19's JIT builder cannot parse
     (seen on an H200: FusedAdam failed to build for every ZeRO stage); the builder sees the plain archs."""

@@ -425,6 +425,17 @@ def test_estimate_memory_tool(tmp_path, capsys):
         assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "ds.json" in bad.stderr
 
 
+def test_estimate_memory_tool_counts_zero2s_buckets_for_its_world(capsys):
+    """The shipped ZeRO-2 JSON overlaps communication ("auto") across ranks only: two buckets then, one for one rank."""
+    m = ModelConfig.from_name("gpt2-124m", pad_vocab=True)
+    for world, overlap in ((1, False), (2, True)):
+        out = _tool(capsys, "--model", "gpt2-124m", "--engine", "zero2", "--world", str(world), "--micro-batch", "8")
+        ds = {"zero_optimization": {"reduce_bucket_size": 50_000_000, "overlap_comm": overlap}}
+        est = memory.estimate(m, "zero2", world, 8, 1024, ds_config=ds)
+        assert out.returncode == 0 and f"{est.total / memory.GiB:.2f} GiB" in out.stdout, out.stdout
+        assert f"{sum(est.buckets) / memory.GiB:.2f} GiB   DeepSpeed's gradient buckets" in out.stdout
+
+
 def test_estimate_memory_fits_the_largest_micro_batch_to_a_gpu(capsys):
     """--fit GIB: the largest power of two whose estimate fits GIB less --reserve, in the first line (tools/gpu_session.sh
     reads it) and then its terms; nothing fits: one line of what to change, exit 1."""

@@ -104,8 +104,19 @@ def read_ds_config(path: Path | Traversable, flag: str = "--engine.ds_config") -
     return ds
 
 
+def resolve_overlap_comm(ds: dict, world_size: int) -> dict:
+    """zero_optimization.overlap_comm "auto" (the shipped ZeRO-2 JSON): on across ranks, off for one. With one rank
+    there is no reduction to overlap, and DeepSpeed still waits on its side stream at every backward's end: ZeRO-2's
+    step took 1.24x DDP's with it and 1.09x without (GPT-2 124M on an H100, 2026-11-27, docs/benchmarks.md)."""
+    zero = ds.get("zero_optimization", {})
+    if zero.get("overlap_comm") != "auto":
+        return ds
+    return {**ds, "zero_optimization": {**zero, "overlap_comm": world_size > 1}}
+
+
 def build_ds_config(cfg: Config, env: DistEnv, bf16: bool) -> dict:
     ds = read_ds_config(Path(cfg.engine.ds_config) if cfg.engine.ds_config else default_ds_config_path(cfg))
+    ds = resolve_overlap_comm(ds, env.world_size)
     accum = grad_accum_steps(cfg, env.world_size)
     o = cfg.optim
     values = {

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loss-chunk", type=non_negative, default=0,
                         help="tokens per chunk of the fused lm_head + cross-entropy (engine.loss_chunk); 0 = full logits")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile on, as the trainer does on CUDA except under ZeRO-3: the loss fused")
+                        help="torch.compile on, as the trainer does on CUDA (ZeRO-3: the loss only): the loss fused")
     parser.add_argument("--accumulation", type=positive, default=1, help="micro-batches per optimizer step")
     parser.add_argument("--ds-config", type=Path, help="the DeepSpeed JSON of a zero engine (default: the shipped one)")
     parser.add_argument("--fit", type=gib, metavar="GIB",
@@ -95,10 +95,10 @@ def _ds_config(args: argparse.Namespace) -> dict | None:
     """The DeepSpeed JSON the run would use: --ds-config, or the shipped one for the engine and offload."""
     if not args.engine.startswith("zero"):
         return None
-    from gpt2_scale.engines.deepspeed import default_ds_config_path, read_ds_config  # DeepSpeed itself is imported only to train
+    from gpt2_scale.engines.deepspeed import default_ds_config_path, read_ds_config, resolve_overlap_comm  # DeepSpeed: only to train
 
-    return read_ds_config(args.ds_config or default_ds_config_path(Config(engine=EngineSection(name=args.engine, offload=args.offload))),
-                          "--ds-config")
+    path = args.ds_config or default_ds_config_path(Config(engine=EngineSection(name=args.engine, offload=args.offload)))
+    return resolve_overlap_comm(read_ds_config(path, "--ds-config"), args.world)
 
 
 if __name__ == "__main__":
