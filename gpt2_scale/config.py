@@ -75,8 +75,9 @@ class OptimSection:
 class EngineSection:
     name: Annotated[EngineName, short("--engine")] = "ddp"  # DDP, FSDP2 or DeepSpeed ZeRO stage 1/2/3
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    compile: bool | None = None  # torch.compile (see compile_scope); null = on CUDA, except ZeRO-3
-    compile_scope: Literal["block", "model"] = "block"  # block: each transformer block and the loss | model: the whole GPT (as the walk-through)
+    compile: bool | None = None  # torch.compile (see compile_scope); null = on CUDA (ZeRO-3: the loss only)
+    # block: each transformer block and the loss | model: the whole GPT (as the walk-through) | loss: the loss only
+    compile_scope: Literal["block", "model", "loss"] = "block"
     compile_mode: CompileMode | None = None  # torch.compile's mode; null = its default; reduce-overhead adds CUDA graphs
     offload: bool = False  # optimizer state on CPU (ZeRO-Offload / FSDP CPU offload)
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~1/3 more compute

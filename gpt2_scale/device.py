@@ -7,8 +7,8 @@
     device    cuda, else cpu              cuda, else mps, else cpu    cuda, else mps, else cpu
     dtype     bf16 autocast on CUDA,      bf16 autocast on CUDA,      fp32 on every device
               fp32 elsewhere              fp32 elsewhere
-    compile   on CUDA, except ZeRO-3      never                       never
-              (``compile_scope``)
+    compile   on CUDA (``compile_scope``;  never                       never
+              ZeRO-3: the loss only)
     TF32      on for CUDA (enable_tf32)   not set (PyTorch's default) not set (PyTorch's default)
 
 Training never picks Apple's MPS: its process groups are NCCL (CUDA) or gloo (CPU), and neither runs on MPS.
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 Purpose = Literal["train", "evaluate", "sample"]
-CompileScope = Literal["block", "model"]
+CompileScope = Literal["block", "model", "loss"]
 
 
 @dataclass(frozen=True)
@@ -103,17 +103,18 @@ def resolve_device(name: str = "auto", purpose: Purpose = "sample") -> torch.dev
 
 
 def compile_scope(engine: EngineSection, device: torch.device) -> CompileScope | None:
-    """What torch.compile covers for a training run: "block", "model", or None (eager).
+    """What torch.compile covers for a training run: "block", "model", "loss", or None (eager).
 
-    By default (engine.compile unset) compile is on for CUDA, except under ZeRO-3, which stays eager there until
-    compiled ZeRO-3 is timed faster. Compiled, it trains right (an H200, 2026-11-27, with DeepSpeed's
-    memory_efficient_linear off: tests/test_cuda.py::test_zero3_compiled_trains_as_eager). Its only GPU timing,
-    still with that linear on (2026-11-26), was 1.80x DDP's step against eager's 1.57x (2026-11-27): DeepSpeed's
-    parameter hooks run around each compiled block, and the whole-model compile recompiles (46 per rank in 8
-    steps on CPU)."""
-    default = device.type == "cuda" and engine.name != "zero3"
-    on = engine.compile if engine.compile is not None else default
-    return engine.compile_scope if on else None
+    By default (engine.compile unset) compile is on for CUDA. ZeRO-3 then compiles the loss only: its compiled
+    blocks train right (tests/test_cuda.py::test_zero3_compiled_trains_as_eager, an H200) but are slower than eager
+    blocks, since DeepSpeed's parameter hooks run around each one and recompile past dynamo's limit. The loss is two
+    functions of tensors, no module and no hook, and eager its softmax over B·T·V logits costs twice the compiled
+    one. GPT-2 124M on an H100 (2026-11-27, docs/benchmarks.md): ZeRO-3's step took 1.61x DDP's eager, 1.71x with
+    compiled blocks, 1.27x with the loss compiled."""
+    on = engine.compile if engine.compile is not None else device.type == "cuda"
+    if not on:
+        return None
+    return "loss" if engine.compile is None and engine.name == "zero3" else engine.compile_scope
 
 
 def check_attention(engine: EngineSection, device: torch.device) -> None:

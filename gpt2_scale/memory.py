@@ -31,9 +31,10 @@ Gradients live through forward only where they are kept between steps: DDP's are
 buckets, the other engines free theirs after the update (``zero_grad(set_to_none)``) unless accumulating, when
 FSDP2 holds them whole: it reduce-scatters only after the last micro-batch.
 The constants are eager PyTorch's, each measured in tests/test_memory.py (saved tensors, and the whole step's
-peak against an allocation tracker on CPU). Compiled (``compiled``: torch.compile of either scope, on CUDA by default
-except under ZeRO-3) the blocks save within 6% of eager's (34.25, 32.19 and 64.25 bytes per B·T·d against 36, 32 and
-64, measured on CPU), but the loss is one fused kernel each way: COMPILED_LOSS_BYTES.
+peak against an allocation tracker on CPU). Compiled (``compiled``: torch.compile of any scope, on CUDA by default;
+ZeRO-3's default compiles only the loss) the loss is one fused kernel each way: COMPILED_LOSS_BYTES. Compiled blocks
+save within 6% of eager's (34.25, 32.19 and 64.25 bytes per B·T·d against 36, 32 and 64, measured on CPU), so the
+estimate counts eager's for them.
 
 Not counted: DDP's communication buckets, ZeRO-3's persistent (``stage3_param_persistence_threshold``) full
 parameters, the CUDA context and the allocator's fragmentation: budget 1-3 GiB for them on a GPU.

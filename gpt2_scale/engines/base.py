@@ -30,14 +30,16 @@ def prepare_model(model: GPT, engine: EngineSection, runtime: Runtime, compile_m
     Compiling in place (``nn.Module.compile``, not ``torch.compile(module)``) keeps parameter and state-dict names
     those of the plain model (no ``_orig_mod.``), so checkpoints do not depend on it. Scope "block" compiles each
     transformer block and the two loss functions (outside the blocks but B·T·V wide: the loss of the full logits
-    and the fused loss's per-chunk softmax); scope "model" the whole GPT, unless ``compile_model`` is False because
-    the engine compiles it itself (DeepSpeed: ``engine.compile()``, after its hooks exist).
+    and the fused loss's per-chunk softmax); scope "loss" those two functions only; scope "model" the whole GPT,
+    unless ``compile_model`` is False because the engine compiles it itself (DeepSpeed: ``engine.compile()``, after
+    its hooks exist).
     """
     options = Options(activation_checkpointing=engine.activation_checkpointing, loss_chunk=engine.loss_chunk, attention=engine.attention)
     compile_kwargs = compile_options(engine)
     if runtime.compile == "block":
         for block in model.transformer.h:
             block.compile(**compile_kwargs)
+    if runtime.compile in ("block", "loss"):
         options = dataclasses.replace(options, cross_entropy=torch.compile(cross_entropy, **compile_kwargs),
                                       chunk_loss=torch.compile(chunk_loss, **compile_kwargs))
     elif runtime.compile == "model" and compile_model:
