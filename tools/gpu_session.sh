@@ -9,6 +9,7 @@
 #   bash tools/gpu_session.sh scale      # on the GPU: gpt2-xl on one GPU, memory estimate vs measured
 #   bash tools/gpu_session.sh first      # on the GPU, one call: check, then ours vs the walk-through's loop, then every engine at world 1
 #   bash tools/gpu_session.sh third      # on the GPU, one call: ZeRO-3 compiled against eager, ZeRO-1/2/3 profiled, the rest of check
+#   bash tools/gpu_session.sh fourth     # on the GPU, one call: ZeRO-1/2/3 at world 1 with the levers `third` found
 #
 # BUDGET=SECONDS (default 450) bounds a whole stage: each part runs in its own time box, cut at the stage's
 # deadline, so a part that hangs or runs long costs its box, not the call (and its tables up to then come back).
@@ -68,7 +69,7 @@ M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 export PY
 export -f bench check_tests build_op
 STAGE=${1:-}
-[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|third)$ ]] && use_wheels
+[[ $STAGE =~ ^(check|speed|levers|autotune|scale|first|third|fourth)$ ]] && use_wheels
 case "$STAGE" in
 wheels)
     # DeepSpeed ships no wheel (its sdist builds one that JIT-compiles ops at first use); the rest are plain wheels.
@@ -159,6 +160,18 @@ json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero2_no_overlap.json"
     # stage 4's first lever: cuDNN's attention kernel against ddp's (FlashAttention) above
     boxed 90 bench "${M124[@]}" --engines ddp --micro-batch 64 --set engine.attention=cudnn --profile "$OUT/profile-cudnn" \
         --json "$OUT/8-attention-cudnn.json" 2>&1 | tee -a "$OUT/speed.md"
+    ;;
+fourth)
+    # The two levers stage `third` (an H100, 2026-11-27) pointed to, now defaults: ZeRO-2 without overlap_comm at
+    # world 1, ZeRO-3 with its loss compiled (its blocks eager); then ZeRO-3 without overlap_comm as well.
+    header
+    boxed 120 build_op FusedAdam
+    boxed 150 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines-defaults.json" 2>&1 | tee "$OUT/speed.md"
+    $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
+json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero3_no_overlap.json"
+    boxed 80 bench "${M124[@]}" --engines zero3 --micro-batch 64 --set engine.ds_config="$OUT/zero3_no_overlap.json" \
+        --json "$OUT/4-zero3-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
 *)
     sed -n '2,/^set -euo/p' "$0" | sed '$d'
