@@ -64,6 +64,12 @@ t = time.time()
 with archs(): getattr(op_builder, sys.argv[1] + "Builder")().load()
 print(f"{sys.argv[1]} JIT build: {time.time() - t:.0f} s")' "$1"
 }
+# no_overlap_config ENGINE FILE: the shipped JSON of a zero ENGINE with overlap_comm off, written to FILE (for --set engine.ds_config)
+no_overlap_config() {
+    $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
+ds = json.loads((DS_CONFIG_DIR / f"{sys.argv[1]}.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
+json.dump(ds, open(sys.argv[2], "w"), indent=2)' "$1" "$2"
+}
 M124=(--model gpt2-124m --seq-len 1024 --dtype bf16 --warmup 5 --steps 20)
 
 export PY
@@ -152,9 +158,7 @@ third)
     head -n 24 "$OUT"/profile/*.txt 2>/dev/null | tee -a "$OUT/speed.md" || true
     boxed 260 check_tests 240 -k "not zero3_compiled" 2>&1 | tee "$OUT/check.log"
     # ZeRO-2 without overlap_comm: at world 1 there is nothing to overlap, and with it DeepSpeed waits for the device
-    $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
-ds = json.loads((DS_CONFIG_DIR / "zero2.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
-json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero2_no_overlap.json"
+    no_overlap_config zero2 "$OUT/zero2_no_overlap.json"
     boxed 90 bench "${M124[@]}" --engines zero2 --micro-batch 64 --set engine.ds_config="$OUT/zero2_no_overlap.json" \
         --json "$OUT/4-zero2-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
     # stage 4's first lever: cuDNN's attention kernel against ddp's (FlashAttention) above
@@ -167,9 +171,7 @@ fourth)
     header
     boxed 120 build_op FusedAdam
     boxed 150 bench "${M124[@]}" --engines ddp,zero1,zero2,zero3 --micro-batch 64 --json "$OUT/4-engines-defaults.json" 2>&1 | tee "$OUT/speed.md"
-    $PY -c 'import json, sys; from gpt2_scale.engines.deepspeed import DS_CONFIG_DIR
-ds = json.loads((DS_CONFIG_DIR / "zero3.json").read_text()); ds["zero_optimization"]["overlap_comm"] = False
-json.dump(ds, open(sys.argv[1], "w"), indent=2)' "$OUT/zero3_no_overlap.json"
+    no_overlap_config zero3 "$OUT/zero3_no_overlap.json"
     boxed 80 bench "${M124[@]}" --engines zero3 --micro-batch 64 --set engine.ds_config="$OUT/zero3_no_overlap.json" \
         --json "$OUT/4-zero3-no-overlap.json" 2>&1 | tee -a "$OUT/speed.md"
     ;;
