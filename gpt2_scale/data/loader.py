@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,7 +73,7 @@ def _shape_problem(manifest: object) -> str | None:
             if not (isinstance(shard, dict) and _is_file_name(shard.get("file")) and is_count(shard.get("tokens"))):
                 return f'shards.{split}[{i}] is not a {{"file": NAME, "tokens": COUNT}} entry'
     listed = [shard["file"] for split in SPLITS for shard in shards[split]]
-    twice = sorted({file for file in listed if listed.count(file) > 1})
+    twice = sorted(file for file, n in Counter(listed).items() if n > 1)
     if twice:  # in both splits, validation would score text the model trained on; in one, read it twice per epoch
         return f"shard {twice[0]} is listed more than once (each shard belongs to one split, once)"
     if not isinstance(manifest.get("complete"), bool):
